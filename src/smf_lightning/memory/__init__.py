@@ -1,0 +1,29 @@
+"""Product-key memory layers and retrofitting them into pretrained LMs."""
+
+from .layer import MemoryConfig, ProductKeyMemory, SlotAccess
+from .retrofit import (
+    MemoryMLP,
+    decoder_layers,
+    freeze_all_but_values,
+    load_retrofitted,
+    memory_layers,
+    memory_value_params,
+    param_counts,
+    retrofit,
+    save_retrofitted,
+)
+
+__all__ = [
+    "MemoryConfig",
+    "MemoryMLP",
+    "ProductKeyMemory",
+    "SlotAccess",
+    "decoder_layers",
+    "freeze_all_but_values",
+    "load_retrofitted",
+    "memory_layers",
+    "memory_value_params",
+    "param_counts",
+    "retrofit",
+    "save_retrofitted",
+]

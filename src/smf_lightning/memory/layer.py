@@ -1,0 +1,184 @@
+"""Product-key memory layer ("Memory+"), read top to bottom.
+
+Lample et al. 2019 ("Large Memory Layers with Product Keys") and Berges et al. 2024
+("Memory Layers at Scale") define the layer; Lin et al. 2025 ("Continual Learning via
+Sparse Memory Finetuning") and the seed paper ("Improving Sparse Memory Finetuning")
+finetune only its value rows. design.md §2 is the spec this file implements:
+
+    q = norm(W_q x)                           per head, k_dim
+    q1, q2 = halves of q                      k_dim / 2 each
+    top-knn of q1·K1 and of q2·K2             K1, K2: sqrt(N) sub-keys per head
+    best knn of the knn² sums s1_i + s2_j     slot id = i·sqrt(N) + j
+    w = softmax(scores) in fp32               per head
+    y = Σ_heads Σ_knn w · V[slot]             EmbeddingBag gather-and-sum, V: N × v_dim
+    out = W_o (y ⊙ silu(W_g x))               gated ("swilu") output
+
+All heads share one value table, so slot ids live in [0, N) whichever head picked them.
+Every forward leaves the picked slots in ``self.last_access`` for slot statistics and
+slot selection (selection/), with the padding mask attached by the retrofit hook.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class MemoryConfig:
+    """Shape and placement of the memory layers. Defaults live in conf/model/*.yaml."""
+
+    layers: list[int] = field(default_factory=lambda: [12])  # decoder layer indices that get a memory
+    n_slots: int = 16384  # N, a perfect square: sqrt(N) sub-keys per half
+    heads: int = 4  # query heads; all share the value table
+    knn: int = 16  # slots read per head and token (also the sub-key top-k)
+    k_dim: int = 256  # query / full key dim per head (halves are k_dim / 2)
+    v_dim: int | None = None  # value dim; None = the model's hidden size (seed paper)
+    mode: str = "additive"  # "additive": mlp(x) + mem(x), values start at 0; "replace": mem(x) only
+    query_norm: bool = True  # layer-norm the query halves (stabilises sub-key scores)
+    seed: int = 0  # seeds keys and projections, so the same config gives the same memory
+    sparse_grad: bool = True  # EmbeddingBag(sparse=True): value grads touch only accessed rows
+
+    def validate(self, n_layers: int | None = None) -> None:
+        root = math.isqrt(self.n_slots)
+        if self.n_slots < 1 or root * root != self.n_slots:
+            raise ValueError(
+                f"memory.n_slots={self.n_slots} is not a perfect square; product keys need "
+                f"N = s*s (e.g. 16384 = 128^2, 1048576 = 1024^2)."
+            )
+        if not 1 <= self.knn <= root:
+            raise ValueError(
+                f"memory.knn={self.knn} must be between 1 and sqrt(n_slots)={root}: each half "
+                f"picks its top-knn of {root} sub-keys."
+            )
+        if self.k_dim < 2 or self.k_dim % 2:
+            raise ValueError(f"memory.k_dim={self.k_dim} must be an even number >= 2 (it is split in halves).")
+        if self.heads < 1:
+            raise ValueError(f"memory.heads={self.heads} must be >= 1.")
+        if self.mode not in ("additive", "replace"):
+            raise ValueError(f"memory.mode={self.mode!r}; allowed: 'additive', 'replace'.")
+        if not self.layers:
+            raise ValueError("memory.layers is empty; give at least one decoder layer index, e.g. [12].")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"memory.layers={list(self.layers)} has duplicates.")
+        if n_layers is not None:
+            bad = [i for i in self.layers if not 0 <= i < n_layers]
+            if bad:
+                raise ValueError(
+                    f"memory.layers={list(self.layers)}: index {bad} out of range; this model has "
+                    f"{n_layers} decoder layers (valid: 0..{n_layers - 1})."
+                )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = list(d["layers"])
+        return d
+
+
+@dataclass
+class SlotAccess:
+    """The slots one memory forward read: ids and softmax weights per token, head and knn."""
+
+    indices: torch.Tensor  # [B, T, heads, knn] int64 slot ids in [0, N)
+    weights: torch.Tensor  # [B, T, heads, knn] float32 softmax weights
+    token_mask: torch.Tensor | None = None  # [B, T] bool, True = real token (None = all real)
+
+    def mask(self, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T] bool: tokens that count (not padding, and ``extra`` where given)."""
+        B, T = self.indices.shape[:2]
+        m = torch.ones(B, T, dtype=torch.bool, device=self.indices.device)
+        if self.token_mask is not None:
+            m &= _last_columns(self.token_mask, T).bool()
+        if extra is not None:
+            m &= _last_columns(extra, T).bool()
+        return m
+
+    def slot_ids(self, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Flat slot ids (with multiplicity) over counted tokens; padding is excluded."""
+        return self.indices[self.mask(mask)].reshape(-1)
+
+
+def _last_columns(mask: torch.Tensor, T: int) -> torch.Tensor:
+    # During cached generation the attention mask covers the whole prefix while the
+    # memory only sees the newest T positions: align on the right.
+    return mask[:, -T:] if mask.shape[-1] != T else mask
+
+
+class ProductKeyMemory(nn.Module):
+    def __init__(self, hidden_size: int, cfg: MemoryConfig, layer_idx: int = -1):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.layer_idx = layer_idx
+        self.n_slots = cfg.n_slots
+        self.n_sub = math.isqrt(cfg.n_slots)
+        self.heads, self.knn, self.k_dim = cfg.heads, cfg.knn, cfg.k_dim
+        self.v_dim = cfg.v_dim or hidden_size
+        half = cfg.k_dim // 2
+
+        self.query = nn.Linear(hidden_size, cfg.heads * cfg.k_dim, bias=False)
+        # sub-keys: [heads, 2 halves, sqrt(N), k_dim/2]
+        self.keys = nn.Parameter(torch.empty(cfg.heads, 2, self.n_sub, half))
+        self.values = nn.EmbeddingBag(cfg.n_slots, self.v_dim, mode="sum", sparse=cfg.sparse_grad)
+        self.gate = nn.Linear(hidden_size, self.v_dim, bias=False)
+        self.out = nn.Linear(self.v_dim, hidden_size, bias=False)
+        self.last_access: SlotAccess | None = None
+        self.token_mask: torch.Tensor | None = None  # set per model call by the retrofit hook
+        self.record_weights = True  # statistics need only ids; keep weights for analysis by default
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        g = torch.Generator().manual_seed(self.cfg.seed * 1000 + max(self.layer_idx, 0))
+        half = self.k_dim // 2
+        bound = 1 / math.sqrt(half)  # uniform sub-keys as in Lample et al. 2019
+        self.keys.copy_(torch.rand(self.keys.shape, generator=g) * 2 * bound - bound)
+        for lin in (self.query, self.gate, self.out):
+            b = 1 / math.sqrt(lin.in_features)  # nn.Linear's default scale, but seeded
+            lin.weight.copy_(torch.rand(lin.weight.shape, generator=g) * 2 * b - b)
+        if self.cfg.mode == "additive":
+            # Zero values: the retrofitted model is the base model at step 0 (design.md §2).
+            self.values.weight.zero_()
+        else:
+            self.values.weight.normal_(0.0, self.v_dim**-0.5, generator=g)
+
+    def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot ids and fp32 softmax weights, each [B, T, heads, knn]."""
+        B, T, _ = x.shape
+        half = self.k_dim // 2
+        q = self.query(x).view(B * T, self.heads, 2, half)
+        if self.cfg.query_norm:
+            q = F.layer_norm(q, (half,))
+        keys = self.keys.to(q.dtype)
+        s1 = torch.einsum("bhd,hnd->bhn", q[:, :, 0], keys[:, 0])  # [BT, H, sqrt N]
+        s2 = torch.einsum("bhd,hnd->bhn", q[:, :, 1], keys[:, 1])
+        s1, i1 = s1.topk(self.knn, dim=-1)
+        s2, i2 = s2.topk(self.knn, dim=-1)
+        # The best knn of the knn*knn sums are exactly the best knn over all N slots:
+        # any slot outside both top-knn lists is beaten by knn candidates in the grid.
+        pair = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # [BT, H, knn*knn]
+        scores, best = pair.topk(self.knn, dim=-1)
+        idx = i1.gather(-1, best // self.knn) * self.n_sub + i2.gather(-1, best % self.knn)
+        weights = torch.softmax(scores.float(), dim=-1)
+        return idx.view(B, T, self.heads, self.knn), weights.view(B, T, self.heads, self.knn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, n = x.shape
+        idx, w = self.lookup(x)
+        self.last_access = SlotAccess(
+            indices=idx.detach(),
+            weights=w.detach() if self.record_weights else w.new_empty(0),
+            token_mask=self.token_mask,
+        )
+        flat_idx = idx.view(B * T, self.heads * self.knn)
+        flat_w = w.view(B * T, self.heads * self.knn).to(self.values.weight.dtype)
+        y = self.values(flat_idx, per_sample_weights=flat_w).view(B, T, self.v_dim)
+        return self.out(y.to(x.dtype) * F.silu(self.gate(x)))
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return f"layer={self.layer_idx}, N={c.n_slots}, heads={c.heads}, knn={c.knn}, k_dim={c.k_dim}, v_dim={self.v_dim}"
