@@ -1,0 +1,5 @@
+"""Sparse-slot optimizers: only the selected memory value rows change (design.md §5)."""
+
+from .sparse import SlotAdam, SlotSGD
+
+__all__ = ["SlotAdam", "SlotSGD"]

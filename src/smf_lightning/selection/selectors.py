@@ -1,0 +1,167 @@
+"""Which memory slots a batch may update: slot counts, scores and top-t selection.
+
+design.md §4. For one memory layer and one optimizer step let ``c`` be the batch's slot
+access counts (non-padding tokens, optionally only the tokens that carry loss). Only slots
+with ``c > 0`` are candidates; the ``top_t`` best by score are selected:
+
+- ``kl`` (the seed paper, "Improving Sparse Memory Finetuning"):
+  ``p = c/Σc``, ``p_bg = (bg_count+1)/Σ(bg_count+1)``, score ``p·log(p/p_bg)`` — slot i's term
+  of KL(p ‖ p_bg), so slots the batch uses far more than the background corpus win.
+- ``tfidf`` (Lin et al. 2025, "Continual Learning via Sparse Memory Finetuning"):
+  ``(c/Σc)·log((n_bg+1)/(df+1))`` — frequent in the batch, touched by few background batches.
+- ``tf``: ``c/Σc`` (no background; ablation).
+- ``random``: ``top_t`` slots uniformly among the accessed ones (same budget; ablation).
+- ``all``: every accessed slot, no budget (ablation: dense-within-batch updates).
+
+Ties are broken towards the **lower slot id** (a stable sort over candidates in ascending id
+order), so a selection is a pure function of (counts, background, selector, top_t) and runs
+are reproducible. Scores are computed in float64 so that equal inputs give exactly equal
+scores (e.g. two slots with the same count and the same background statistics tie exactly).
+
+Everything here is a pure function of tensors; nothing reads a model.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:  # imported only for annotations: background.py imports this module's names
+    from .background import BackgroundStats
+
+SELECTORS = ("kl", "tfidf", "tf", "random", "all")
+SCORED_SELECTORS = ("kl", "tfidf", "tf")  # selectors that rank slots by a per-slot score
+BACKGROUND_SELECTORS = ("kl", "tfidf")  # selectors that need background statistics
+
+
+def slot_counts(slot_ids: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """Access count per slot: LongTensor[n_slots] from flat slot ids (with multiplicity).
+
+    ``slot_ids`` is what ``SlotAccess.slot_ids(mask)`` returns: one id per counted token ×
+    head × knn. Ids outside ``[0, n_slots)`` are a wiring bug (wrong layer / N) and raise.
+    """
+    ids = slot_ids.reshape(-1)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n_slots):
+        raise ValueError(
+            f"slot ids span [{int(ids.min())}, {int(ids.max())}] but n_slots={n_slots}; pass the "
+            f"n_slots of the memory layer these ids came from."
+        )
+    return torch.bincount(ids.long(), minlength=n_slots)
+
+
+def loss_position_mask(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """[B, T] bool: positions whose hidden state is scored by the causal-LM loss.
+
+    Hugging Face shifts inside the loss: the output at position ``i`` predicts
+    ``labels[:, i+1]``. So the memory reads at position ``i`` carry loss iff
+    ``labels[:, i+1] != ignore_index``; the last position never does. Pass the result as the
+    ``mask`` of ``SlotAccess.slot_ids`` to count only loss-carrying tokens (design.md §9: slots
+    hit by template tokens like "Question:" otherwise look fact-specific).
+    """
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be [batch, seq] token ids, got shape {tuple(labels.shape)}.")
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != ignore_index
+    return mask
+
+
+def _check_selector(selector: str) -> None:
+    if selector not in SELECTORS:
+        raise ValueError(f"unknown slot selector {selector!r}; allowed: {', '.join(SELECTORS)}.")
+
+
+def _check_background(selector: str, counts: torch.Tensor, bg: BackgroundStats | None) -> None:
+    if selector not in BACKGROUND_SELECTORS:
+        return
+    if bg is None:
+        raise ValueError(
+            f"selector {selector!r} needs background statistics (bg=...); compute them with "
+            f"smf_lightning.selection.load_or_compute_background_stats, or use selector 'tf'."
+        )
+    if bg.bg_count.numel() != counts.numel() or bg.df.numel() != counts.numel():
+        raise ValueError(
+            f"background statistics cover {bg.bg_count.numel()} slots but the counts cover "
+            f"{counts.numel()}; they must come from the same memory layer (same n_slots)."
+        )
+    if bg.n_bg < 1:
+        raise ValueError("background statistics hold n_bg=0 batches; the background corpus was empty.")
+
+
+def score_slots(counts: torch.Tensor, selector: str, bg: BackgroundStats | None = None) -> torch.Tensor:
+    """Per-slot score (float64 [N]) for a scored selector (``kl``, ``tfidf``, ``tf``).
+
+    Slots with ``c = 0`` score exactly 0 for every selector (their ``p`` is 0); callers
+    that rank must restrict to ``c > 0`` as :func:`select_slots` does. The ``kl`` scores
+    summed over all slots are KL(p_batch ‖ p_bg) with the add-one smoothed background.
+    ``random`` and ``all`` have no score and raise.
+    """
+    _check_selector(selector)
+    if selector not in SCORED_SELECTORS:
+        raise ValueError(
+            f"selector {selector!r} does not rank slots by a score; scored selectors: "
+            f"{', '.join(SCORED_SELECTORS)}."
+        )
+    if counts.dim() != 1:
+        raise ValueError(f"counts must be a 1-D tensor [n_slots], got shape {tuple(counts.shape)}.")
+    _check_background(selector, counts, bg)
+    c = counts.to(torch.float64)
+    total = c.sum()
+    p = c / total if total > 0 else c  # an empty batch scores all zeros
+    if selector == "tf":
+        return p
+    if selector == "tfidf":
+        # Lin et al. 2025: idf = log((n_bg + 1) / (df + 1)); a slot no background batch
+        # touched gets the largest idf, log(n_bg + 1).
+        df = bg.df.to(device=c.device, dtype=torch.float64)
+        return p * torch.log((bg.n_bg + 1.0) / (df + 1.0))
+    # kl (seed paper): slot i's term of KL(p || p_bg), p_bg add-one smoothed so that slots
+    # never seen in the background have finite (large) scores. 0·log 0 := 0.
+    bgc = bg.bg_count.to(device=c.device, dtype=torch.float64) + 1.0
+    p_bg = bgc / bgc.sum()
+    safe_p = torch.where(p > 0, p, torch.ones_like(p))
+    return torch.where(p > 0, p * torch.log(safe_p / p_bg), torch.zeros_like(p))
+
+
+def select_slots(
+    counts: torch.Tensor,
+    selector: str,
+    top_t: int | None,
+    bg: BackgroundStats | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The slots this step may update: sorted LongTensor of slot ids (design.md §4).
+
+    Args:
+        counts: LongTensor[N], the batch's access counts (see :func:`slot_counts`); under
+            gradient accumulation pass the sum over the accumulated micro-batches.
+        selector: one of ``kl``, ``tfidf``, ``tf``, ``random``, ``all``.
+        top_t: the slot budget (int >= 1). Ignored by ``all`` (may be None there). A budget
+            larger than the number of accessed slots selects every accessed slot.
+        bg: this layer's :class:`BackgroundStats`; required by ``kl`` and ``tfidf``.
+        generator: RNG for ``random`` (seed it for reproducible runs; None = torch's global RNG).
+
+    Only accessed slots (``c > 0``) are ever selected. Ties in score go to the lower slot id.
+    """
+    _check_selector(selector)
+    if counts.dim() != 1:
+        raise ValueError(f"counts must be a 1-D tensor [n_slots], got shape {tuple(counts.shape)}.")
+    if selector != "all":
+        if top_t is None or isinstance(top_t, bool) or int(top_t) != top_t or top_t < 1:
+            raise ValueError(
+                f"slot budget top_t={top_t!r} is invalid for selector {selector!r}; give an integer "
+                f">= 1 (e.g. method.top_t=500), or use selector 'all' for no budget."
+            )
+        top_t = int(top_t)
+    _check_background(selector, counts, bg)
+
+    candidates = torch.nonzero(counts > 0).squeeze(1)  # ascending slot ids
+    if selector == "all" or candidates.numel() <= top_t:
+        return candidates
+    if selector == "random":
+        pick = torch.randperm(candidates.numel(), generator=generator, device="cpu")[:top_t]
+        return candidates[pick.to(candidates.device)].sort().values
+    scores = score_slots(counts, selector, bg)[candidates]
+    # Stable descending sort over ascending ids: equal scores keep the lower slot id first.
+    order = torch.sort(scores, descending=True, stable=True).indices[:top_t]
+    return candidates[order].sort().values
