@@ -1,0 +1,75 @@
+"""Hydra callback: when a multirun sweep ends, collect every job's summary.json into
+``sweep_summary.csv`` and draw the learning-vs-forgetting plot in the sweep directory."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from .plots import plot_pareto
+
+log = logging.getLogger(__name__)
+
+COLUMNS = [
+    "job", "method", "selector", "top_t", "lr", "fact_recall", "fact_recall_heldout_template",
+    "acc", "bwt", "forgetting", "heldout_degradation_pct", "steps", "seconds_per_step",
+    "peak_rss_mb", "trainable_params", "updated_params_per_step",
+]
+
+
+def heldout_degradation_pct(heldout: dict) -> float | None:
+    """Mean over suites of how much worse the primary metric got, in % (positive = worse)."""
+    vals = []
+    for h in heldout.values():
+        rc = h.get("rel_change")
+        if rc is None:
+            continue
+        vals.append(-100.0 * rc if h.get("higher_is_better", True) else 100.0 * rc)
+    return sum(vals) / len(vals) if vals else None
+
+
+def summarize_sweep(sweep_dir: Path) -> list[dict]:
+    rows = []
+    for f in sorted(sweep_dir.glob("*/summary.json"), key=lambda p: (len(p.parent.name), p.parent.name)):
+        s = json.loads(f.read_text())
+        row = {k: s.get(k) for k in COLUMNS}
+        row["job"] = f.parent.name
+        row["lr"] = s.get("lr")
+        row["heldout_degradation_pct"] = heldout_degradation_pct(s.get("heldout", {}))
+        for suite, h in s.get("heldout", {}).items():
+            row[f"{suite}_rel_change"] = h.get("rel_change")
+        rows.append(row)
+    if not rows:
+        return rows
+    cols = COLUMNS + sorted({k for r in rows for k in r} - set(COLUMNS))
+    with (sweep_dir / "sweep_summary.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    points = [
+        {
+            "fact_recall": r["fact_recall"],
+            "forgetting_pct": r["heldout_degradation_pct"],
+            "label": f"{r['method']}" + (f" {r['selector']} t={r['top_t']}" if r["method"] == "smf" else "") + f" lr={r['lr']}",
+        }
+        for r in rows
+        if r["fact_recall"] is not None and r["heldout_degradation_pct"] is not None
+    ]
+    if points:
+        plot_pareto(points, sweep_dir / "learning_vs_forgetting.png")
+    return rows
+
+
+class SweepSummary(Callback):
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = summarize_sweep(sweep_dir)
+        if rows:
+            log.info("sweep summary of %d jobs: %s", len(rows), sweep_dir / "sweep_summary.csv")
+        else:
+            log.warning("no job of the sweep in %s wrote a summary.json; nothing to summarise", sweep_dir)

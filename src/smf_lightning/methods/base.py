@@ -1,0 +1,90 @@
+"""The LightningModule every method shares: forward, loss, manual optimisation, checkpoints.
+
+Methods differ only in which parameters train and how the optimizer step is taken
+(``smf.py``: selected memory rows; ``baselines.py``: full finetuning, LoRA). Everything
+else — data, loss, evaluation, logging — is the same code, so comparisons are fair.
+
+Optimisation is manual (``automatic_optimization = False``) because SMF must pick its slot
+selection *between* backward and step, from the slots the forward pass read; baselines use
+the same path so gradient accumulation and clipping mean the same for all methods.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import nn
+
+
+class ContinualLM(L.LightningModule):
+    method_name = "base"
+
+    def __init__(self, model: nn.Module, method_cfg: dict):
+        super().__init__()
+        self.model = model
+        self.mcfg = dict(method_cfg)
+        self.automatic_optimization = False
+        # Checkpoints hold only trainable weights (2.5 GB of frozen base per task is waste);
+        # the frozen rest is rebuilt from the same config on resume, hence non-strict loading.
+        self.strict_loading = False
+        self.accumulate = int(self.mcfg.get("accumulate", 1) or 1)
+        self.updated_params_history: list[int] = []
+        self._micro = 0
+
+    # ---- parameters -------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def trainable_param_count(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    # ---- forward / loss ---------------------------------------------------------------
+    def forward(self, **batch):
+        return self.model(**batch)
+
+    def lm_loss(self, batch: dict) -> torch.Tensor:
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        logits = out.logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+
+    def training_step(self, batch: dict, batch_idx: int):
+        opt = self.optimizers()
+        if self._micro == 0:
+            opt.zero_grad(set_to_none=True)
+            self.on_accumulation_start()
+        loss = self.lm_loss(batch)
+        self.manual_backward(loss / self.accumulate)
+        self.after_backward(batch)
+        self._micro += 1
+        if self._micro == self.accumulate:
+            self._micro = 0
+            updated = self.take_optimizer_step(opt)
+            self.updated_params_history.append(int(updated))
+            self.log("train/updated_params", float(updated), on_step=True, prog_bar=False)
+        self.log("train/loss", loss.detach(), on_step=True, prog_bar=True)
+        return loss.detach()
+
+    # hooks for subclasses
+    def on_accumulation_start(self) -> None:
+        pass
+
+    def after_backward(self, batch: dict) -> None:
+        pass
+
+    def take_optimizer_step(self, opt) -> int:
+        """Clip, step; return how many parameters this step may have changed."""
+        clip = self.mcfg.get("grad_clip")
+        if clip:
+            torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), float(clip))
+        opt.step()
+        return self.trainable_param_count()
+
+    # ---- checkpoints: trainable weights only ------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["updated_params_history"] = list(self.updated_params_history)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.updated_params_history = list(checkpoint.get("updated_params_history", []))
