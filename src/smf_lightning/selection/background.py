@@ -152,11 +152,13 @@ def fingerprint_model(model: nn.Module, base_samples_per_tensor: int = 64) -> st
     sample would miss); and, for every other parameter and buffer, its name, dtype, shape
     and ``base_samples_per_tensor`` evenly strided elements. Base weights are frozen under
     SMF, so the sample distinguishes different checkpoints without reading ~2 GB; an
-    edit to a few base weights that the sample misses is *not* detected.
+    edit to a few base weights that the sample misses is *not* detected. Cost: hashing
+    the memory layers, ~0.2 s for the seed paper's 3 layers of 16,384 × 896 (about 4 s for
+    one N = 1M × 1024 layer).
     """
     from smf_lightning.memory.retrofit import memory_layers
 
-    h = hashlib.blake2b(digest_size=16)
+    h = hashlib.sha256()  # hardware-accelerated on x86/ARM: ~1 GB/s, ~0.2 s for 3 layers of N=16,384 x 896
     h.update(type(model).__name__.encode())
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_json_string"):

@@ -105,22 +105,31 @@ def score_slots(counts: torch.Tensor, selector: str, bg: BackgroundStats | None 
     if counts.dim() != 1:
         raise ValueError(f"counts must be a 1-D tensor [n_slots], got shape {tuple(counts.shape)}.")
     _check_background(selector, counts, bg)
-    c = counts.to(torch.float64)
-    total = c.sum()
-    p = c / total if total > 0 else c  # an empty batch scores all zeros
+    candidates = torch.nonzero(counts > 0).squeeze(1)
+    scores = torch.zeros(counts.shape, dtype=torch.float64, device=counts.device)
+    scores[candidates] = _candidate_scores(counts, candidates, selector, bg)
+    return scores
+
+
+def _candidate_scores(
+    counts: torch.Tensor, candidates: torch.Tensor, selector: str, bg: BackgroundStats | None
+) -> torch.Tensor:
+    """Scores of the accessed slots only: O(#accessed) float work plus O(N) integer sums."""
+    c = counts[candidates].to(torch.float64)
+    p = c / counts.sum().to(torch.float64)
     if selector == "tf":
         return p
     if selector == "tfidf":
         # Lin et al. 2025: idf = log((n_bg + 1) / (df + 1)); a slot no background batch
         # touched gets the largest idf, log(n_bg + 1).
-        df = bg.df.to(device=c.device, dtype=torch.float64)
+        df = bg.df.to(counts.device)[candidates].to(torch.float64)
         return p * torch.log((bg.n_bg + 1.0) / (df + 1.0))
     # kl (seed paper): slot i's term of KL(p || p_bg), p_bg add-one smoothed so that slots
-    # never seen in the background have finite (large) scores. 0·log 0 := 0.
-    bgc = bg.bg_count.to(device=c.device, dtype=torch.float64) + 1.0
-    p_bg = bgc / bgc.sum()
-    safe_p = torch.where(p > 0, p, torch.ones_like(p))
-    return torch.where(p > 0, p * torch.log(safe_p / p_bg), torch.zeros_like(p))
+    # never seen in the background have finite (large) scores.
+    bg_count = bg.bg_count.to(counts.device)
+    bg_total = bg_count.sum().to(torch.float64) + bg_count.numel()  # Σ (bg_count + 1)
+    p_bg = (bg_count[candidates].to(torch.float64) + 1.0) / bg_total
+    return p * torch.log(p / p_bg)
 
 
 def select_slots(
@@ -161,7 +170,7 @@ def select_slots(
     if selector == "random":
         pick = torch.randperm(candidates.numel(), generator=generator, device="cpu")[:top_t]
         return candidates[pick.to(candidates.device)].sort().values
-    scores = score_slots(counts, selector, bg)[candidates]
+    scores = _candidate_scores(counts, candidates, selector, bg)
     # Stable descending sort over ascending ids: equal scores keep the lower slot id first.
     order = torch.sort(scores, descending=True, stable=True).indices[:top_t]
     return candidates[order].sort().values

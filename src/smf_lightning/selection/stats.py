@@ -14,7 +14,7 @@ import math
 import torch
 
 from .background import BackgroundStats
-from .selectors import score_slots
+from .selectors import _candidate_scores, _check_background
 
 
 def hub_share(counts: torch.Tensor, top_frac: float = 0.01) -> float:
@@ -30,7 +30,11 @@ def hub_share(counts: torch.Tensor, top_frac: float = 0.01) -> float:
 
 def kl_batch_background(counts: torch.Tensor, bg: BackgroundStats) -> float:
     """KL(p_batch ‖ p_bg) in nats, with the add-one smoothed background of the ``kl`` selector."""
-    return float(score_slots(counts, "kl", bg).sum())
+    _check_background("kl", counts, bg)
+    candidates = torch.nonzero(counts > 0).squeeze(1)
+    if candidates.numel() == 0:
+        return 0.0
+    return float(_candidate_scores(counts, candidates, "kl", bg).sum())
 
 
 class SlotHistory:
@@ -107,7 +111,7 @@ def slot_step_stats(
         "hub_share_batch": hub_share(counts, top_frac),
     }
     if bg is not None:
-        out["kl_batch_bg"] = kl_batch_background(counts, bg) if int(counts.sum()) else 0.0
+        out["kl_batch_bg"] = kl_batch_background(counts, bg)
         out["hub_share_bg"] = hub_share(bg.bg_count, top_frac)
     if history is not None:
         if layer is None:
