@@ -136,7 +136,7 @@ def test_cache_loads_unchanged_key_and_recomputes_changed_ones(tiny_tok, tmp_pat
     assert files == [".json", ".safetensors"]  # no pickle
     t0 = time.perf_counter()
     again = load_or_compute_background_stats(model, batches_fn, tmp_path, key, progress=False)
-    assert time.perf_counter() - t0 < 0.5
+    assert time.perf_counter() - t0 < 1.0  # tiny model: ~10 ms; the bound leaves room for a loaded CI box
     assert calls == [2]  # loaded, corpus not even built
     _assert_same(first, again)
 

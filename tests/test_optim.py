@@ -73,6 +73,20 @@ def test_unselected_rows_and_their_state_are_bit_identical(make_opt, sparse):
     _run_invariant(make_opt, sparse)
 
 
+def test_dense_adamw_with_masked_gradients_is_not_sparse():
+    """Why these optimizers exist (design.md §5): masked dense AdamW keeps moving old rows."""
+    p = _param()
+    opt = torch.optim.AdamW([p], lr=0.1, weight_decay=0.0)
+    p.grad = torch.zeros(N, V)
+    p.grad[3] = 1.0  # step 1: only row 3 has a gradient
+    opt.step()
+    before = p.detach().clone()
+    p.grad = torch.zeros(N, V)
+    p.grad[7] = 1.0  # step 2: row 3 masked out, yet its momentum moves it again
+    opt.step()
+    assert not torch.equal(p.detach()[3], before[3])
+
+
 def test_sgd_selected_rows_match_torch_sgd_exactly():
     p = _param()
     opt = SlotSGD([p], lr=0.3, weight_decay=0.01)

@@ -170,6 +170,12 @@ def test_slot_history_overlap_with_earlier_tasks():
     assert h.overlap(0, torch.tensor([2, 8, 9])) == {"jaccard_earlier": 2 / 6, "overlap_earlier": 2 / 3}
     assert h.overlap(5, torch.tensor([2])) == {"jaccard_earlier": 0.0, "overlap_earlier": 0.0}
     assert h.tasks_ended == 2
+    h.record(0, torch.tensor([4]), n_slots=10)  # current, unfinished task
+    restored = SlotHistory()
+    restored.load_state_dict(h.state_dict())
+    assert restored.earlier(0).tolist() == [1, 2, 3, 7, 8] and restored.tasks_ended == 2
+    restored.end_task()
+    assert restored.earlier(0).tolist() == [1, 2, 3, 4, 7, 8]
 
 
 def test_slot_step_stats_is_a_dict_of_floats():

@@ -69,6 +69,20 @@ class SlotHistory:
         self._current = {}
         self.tasks_ended += 1
 
+    def state_dict(self) -> dict:
+        """Plain, checkpointable state: selected slot ids (sorted LongTensors) per layer."""
+        ids = lambda store: {layer: torch.nonzero(m).squeeze(1) for layer, m in store.items()}  # noqa: E731
+        n_slots = {layer: m.numel() for store in (self._earlier, self._current) for layer, m in store.items()}
+        return {"earlier": ids(self._earlier), "current": ids(self._current), "n_slots": n_slots,
+                "tasks_ended": self.tasks_ended}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._earlier, self._current = {}, {}
+        for key, store in (("earlier", self._earlier), ("current", self._current)):
+            for layer, ids in state[key].items():
+                self._mark(store, int(layer), torch.as_tensor(ids, dtype=torch.long), int(state["n_slots"][layer]))
+        self.tasks_ended = int(state["tasks_ended"])
+
     def earlier(self, layer: int) -> torch.Tensor:
         """Sorted slot ids selected for any earlier (ended) task of ``layer``."""
         mask = self._earlier.get(layer)
