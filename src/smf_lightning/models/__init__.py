@@ -1,0 +1,6 @@
+"""Pretrained base models: loading from hub / local dir / GGUF / offline catalogue (loading.py),
+and a tiny random Qwen2 for unit tests (tiny.py)."""
+
+from smf_lightning.models.loading import OFFLINE_EQUIVALENTS, LoadedModel, ModelLoadError, load_base_model
+
+__all__ = ["LoadedModel", "ModelLoadError", "OFFLINE_EQUIVALENTS", "load_base_model"]
