@@ -129,6 +129,10 @@ def run(cfg: DictConfig) -> dict:
     from .loggers import build_loggers, close_loggers
 
     validate_config(cfg)
+    if cfg.get("stage", "continual") == "heal":  # the seed paper's recovery stage (replace mode)
+        from .heal import run_healing
+
+        return run_healing(cfg)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.trainer.get("threads"):
@@ -156,7 +160,7 @@ def run(cfg: DictConfig) -> dict:
         limit_val_batches=0,
         log_every_n_steps=int(cfg.trainer.log_every_n_steps),
         enable_progress_bar=bool(cfg.trainer.enable_progress_bar),
-        enable_checkpointing=bool(cfg.callbacks.checkpoint.enabled),
+        enable_checkpointing=False,  # our TaskCheckpoint writes last.ckpt after each task
         enable_model_summary=False,
         logger=loggers or False,
         callbacks=callbacks,

@@ -58,9 +58,8 @@ class SlotStatsLogger(L.Callback):
 
     # resume: keep the statistics of completed tasks
     def state_dict(self) -> dict:
-        return {"rows": self.rows, "earlier": dict(self.history._earlier), "tasks_ended": self.history.tasks_ended}
+        return {"rows": self.rows, "history": self.history.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.rows = list(state["rows"])
-        self.history._earlier = dict(state["earlier"])
-        self.history.tasks_ended = int(state["tasks_ended"])
+        self.history.load_state_dict(state["history"])

@@ -1,0 +1,26 @@
+"""``checkpoints/last.ckpt`` after every task: the resume point of an interrupted run.
+
+Written atomically (temp file, then rename), so a kill during the write leaves the
+previous task's checkpoint intact. The methods strip frozen weights from it (see
+``ContinualLM.on_save_checkpoint``); it carries trainable weights, optimizer state and
+every callback's state (evaluation history, slot statistics)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+
+
+class TaskCheckpoint(L.Callback):
+    def __init__(self, dirpath: Path):
+        self.path = Path(dirpath) / "last.ckpt"
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        # Runs after the evaluation callback (it is last in the callback list), so the
+        # checkpoint includes this task's results.
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".ckpt.tmp")
+        trainer.save_checkpoint(tmp)
+        os.replace(tmp, self.path)

@@ -1,0 +1,174 @@
+"""The training front door on the tiny model: the real CLI end to end (single run and a
+2-job multirun), the output contract of design.md §8, resume after a kill, bad overrides,
+and SMF's core invariant (only selected memory rows move)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SUMMARY_KEYS = {
+    "method", "selector", "top_t", "model", "n_tasks", "facts_per_task", "fact_recall",
+    "fact_recall_heldout_template", "acc", "bwt", "forgetting", "heldout", "steps",
+    "seconds_per_step", "peak_rss_mb", "trainable_params", "updated_params_per_step",
+}
+TINY = ["experiment=tiny", "logger.wandb.mode=offline"]
+
+
+def cli(args: list[str], **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, WANDB_SILENT="true", HYDRA_FULL_ERROR="0", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "smf_lightning.train", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900, **kw)
+
+
+def check_contract(run_dir: Path) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary), SUMMARY_KEYS - set(summary)
+    assert summary["n_tasks"] == 2 and summary["facts_per_task"] == 2
+    assert summary["model"]["source"] == "tiny"
+    assert set(summary["heldout"]) == {"nq_open", "hellaswag", "gsm8k", "lambada"}
+    for h in summary["heldout"].values():
+        assert {"metric", "before", "after", "rel_change"} <= set(h)
+    # 2 tasks x 2 facts x 4 training templates / batch 2 x 2 repeats = 8 steps per task
+    assert summary["steps"] == 16
+    rows = list(csv.reader((run_dir / "accuracy_matrix.csv").open()))
+    assert rows[0] == ["eval_point", "task_0", "task_1"]
+    assert [r[0] for r in rows[1:]] == ["before", "after task 0", "after task 1"]
+    assert rows[2][2] == ""  # task 1 not evaluated after task 0 (lower triangle only)
+    heldout = list(csv.DictReader((run_dir / "heldout.csv").open()))
+    assert {r["eval_point"] for r in heldout} == {"0", "1", "2"}
+    assert (run_dir / "csv" / "metrics.csv").is_file()
+    for png in ("accuracy_matrix.png", "forgetting_curves.png", "slot_stats.png"):
+        assert (run_dir / png).stat().st_size > 1000, png
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    return summary
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("run")
+    res = cli([*TINY, f"hydra.run.dir={run_dir}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    return run_dir
+
+
+def test_cli_run_writes_output_contract(tiny_run):
+    s = check_contract(tiny_run)
+    assert s["method"] == "smf" and s["selector"] == "kl" and s["top_t"] == 16
+    # SMF updates at most top_t rows per memory layer (2 layers, v_dim 64)
+    assert 0 < s["updated_params_per_step"] <= 16 * 64 * 2
+    assert s["trainable_params"] == 2 * 256 * 64  # the two value tables
+    # the checkpoint holds only trainable weights, not the frozen base
+    ckpt = torch.load(tiny_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert set(ckpt["state_dict"]) == {"model.model.layers.1.mlp.memory.values.weight", "model.model.layers.2.mlp.memory.values.weight"}
+    assert list((tiny_run / "wandb").glob("offline-run-*")), "wandb offline run missing"
+
+
+def test_multirun_sweep_writes_summary_and_plot(tmp_path):
+    res = cli(["-m", *TINY, "method.selector=kl,tfidf", f"hydra.sweep.dir={tmp_path}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    for job in ("0", "1"):
+        check_contract(tmp_path / job)
+    rows = list(csv.DictReader((tmp_path / "sweep_summary.csv").open()))
+    assert [r["selector"] for r in rows] == ["kl", "tfidf"]
+    assert (tmp_path / "learning_vs_forgetting.png").stat().st_size > 1000
+    # each job closed its own wandb run
+    runs = [p for job in ("0", "1") for p in (tmp_path / job / "wandb").glob("offline-run-*")]
+    assert len(runs) == 2
+
+
+def test_resume_after_kill_gives_same_results(tiny_run, tmp_path):
+    first = tmp_path / "killed"
+    env = dict(os.environ, WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "smf_lightning.train", *TINY, f"hydra.run.dir={first}"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = first / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 600
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.5)  # let the checkpoint file finish writing
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (first / "summary.json").exists(), "run finished before it could be killed"
+    # completed task 0 results survived the kill
+    rows = list(csv.reader((first / "accuracy_matrix.csv").open()))
+    assert [r[0] for r in rows[1:]] == ["before", "after task 0"]
+
+    resumed = tmp_path / "resumed"
+    res = cli([*TINY, f"hydra.run.dir={resumed}", f"ckpt_path={ckpt}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    s = check_contract(resumed)
+    ref = json.loads((tiny_run / "summary.json").read_text())
+    assert s["accuracy_matrix"] == ref["accuracy_matrix"]
+    assert s["steps"] == ref["steps"]
+    for suite, h in ref["heldout"].items():
+        assert s["heldout"][suite]["after"] == pytest.approx(h["after"], rel=1e-5), suite
+    assert (resumed / "accuracy_matrix.csv").read_text() == (tiny_run / "accuracy_matrix.csv").read_text()
+
+
+@pytest.mark.parametrize(
+    "override,expect",
+    [
+        ("method.selector=bogus", "method.selector"),
+        ("method.top_t=0", "method.top_t"),
+        ("model.memory.n_slots=1000", "model.memory.n_slots"),
+        ("model.memory.mode=sideways", "model.memory.mode"),
+        ("method=bogus", "method"),
+    ],
+)
+def test_bad_override_fails_fast_with_clear_message(override, expect, tmp_path):
+    t0 = time.time()
+    res = cli([*TINY, override, f"hydra.run.dir={tmp_path}"])
+    assert res.returncode != 0
+    out = res.stdout + res.stderr
+    assert expect in out
+    assert "loading model" not in out  # rejected before any model is loaded
+    assert time.time() - t0 < 60
+
+
+def test_smf_changes_only_selected_value_rows(tiny_tok):
+    import lightning as L
+
+    from smf_lightning.memory import MemoryConfig, memory_layers, retrofit
+    from smf_lightning.methods import SparseMemoryFinetune
+    from smf_lightning.models.tiny import tiny_qwen2
+    from smf_lightning.selection.background import BackgroundStats
+
+    model = retrofit(tiny_qwen2(), MemoryConfig(layers=[1, 2], n_slots=256, heads=2, knn=4, k_dim=16))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    bg = {i: BackgroundStats.empty(256) for i in (1, 2)}
+    for stats in bg.values():
+        stats.add_batch(torch.bincount(torch.arange(0, 256, 3), minlength=256))
+    module = SparseMemoryFinetune(model, {"selector": "kl", "top_t": 8, "optimizer": "adam", "lr": 0.1}, background=bg)
+    texts = ["Question: Who wrote Hamlet?\nAnswer: Shakespeare", "Q: What is 2+2? A: 4"]
+    enc = tiny_tok(texts, return_tensors="pt", padding=True)
+    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+    batch = {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "labels": labels}
+    selected: dict[int, set] = {1: set(), 2: set()}
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            for i, s in pl_module.last_selection.items():
+                assert s.numel() <= 8
+                selected[i] |= set(s.tolist())
+
+    trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[Record()])
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch] * 4, batch_size=None))
+    for name, p in model.named_parameters():
+        if not name.endswith("values.weight"):
+            assert torch.equal(p, before[name]), f"{name} changed"
+    for i, mem in memory_layers(model).items():
+        w, w0 = mem.values.weight.detach(), before[f"model.layers.{i}.mlp.memory.values.weight"]
+        changed = set(torch.nonzero((w != w0).any(1)).squeeze(1).tolist())
+        assert changed and changed <= selected[i]
