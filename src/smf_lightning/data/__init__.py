@@ -1,0 +1,1 @@
+"""Continual-learning data: benchmark sources, fact-injection streams, the Lightning DataModule."""

@@ -1,0 +1,397 @@
+"""FactStreamDataModule: the continual-learning data of one run.
+
+Holds the fact stream (tasks of facts the base model does not know), serves the current
+task's training batches, and hands out everything evaluation and slot statistics need:
+fact-recall suites per task and template, the held-out capability suites, and the
+background corpus. Constructor keyword arguments are exactly the keys of
+conf/data/*.yaml (the defaults live there, not here), plus the tokenizer and the model
+to probe, which the training script passes in.
+
+    dm = FactStreamDataModule(tokenizer=tok, probe_model=base_model, **data_cfg)
+    dm.setup()                         # loads data, probes the model (cached), builds the stream
+    for i in range(dm.n_tasks):
+        dm.set_task(i)
+        trainer.fit(module, train_dataloaders=dm.train_dataloader())
+        for j in dm.seen_tasks: dm.recall_suites(j)["qa"].evaluate(model, tok, dm.eval_batch_size)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from functools import partial
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from smf_lightning.data.facts import (
+    DEFAULT_PROBE_PROMPT,
+    LOSS_ON,
+    Fact,
+    TrainingExample,
+    collate_examples,
+    check_stream_size,
+    default_cache_dir,
+    encode_example,
+    make_templates,
+    model_fingerprint,
+    probe_cache_file,
+    probe_model,
+    qa_item_to_fact,
+    seeded_order,
+    split_into_tasks,
+    split_templates,
+    synthetic_facts,
+)
+from smf_lightning.data.sources import PassageItem, QAItem, load_source
+from smf_lightning.eval.scoring import pad_token_id
+from smf_lightning.eval.suites import SUITE_NAMES, FactRecallSuite, build_suite, suite_subset_order
+
+log = logging.getLogger(__name__)
+
+FACT_SOURCES = ("triviaqa", "synthetic")
+BACKGROUND_SOURCES = ("lambada", "triviaqa", "nq_open", "synthetic")
+
+
+class FactStreamDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        tokenizer=None,
+        probe_model=None,
+        *,
+        facts: str,
+        n_tasks: int,
+        facts_per_task: int,
+        seed: int,
+        templates: Mapping[str, str],
+        heldout_templates: Sequence[str],
+        loss_on: str,
+        train_batch_size: int,
+        repeats_per_batch: int,
+        max_seq_len: int,
+        probe_prompt: str,
+        probe_pool_size: int,
+        probe_max_new_tokens: int,
+        probe_batch_size: int,
+        max_answer_words: int,
+        recall_max_new_tokens: int,
+        eval_batch_size: int,
+        generation_batch_size: int,
+        suites: Mapping[str, Mapping],
+        background: Mapping[str, int],
+        background_batch_size: int,
+        background_max_len: int,
+        source: str = "auto",
+        data_root: str | None = None,
+        cache_dir: str | None = None,
+        model_fingerprint: str | None = None,
+    ):
+        """
+        tokenizer, probe_model: the run's tokenizer and its *base* model (probed for
+            unknown TriviaQA facts; not needed for facts=synthetic or a cached probe with
+            `model_fingerprint` given).
+        The other arguments are documented in conf/data/facts_triviaqa.yaml.
+        """
+        super().__init__()
+        if facts not in FACT_SOURCES:
+            raise ValueError(f"Unknown fact source {facts!r}. Allowed: {', '.join(FACT_SOURCES)}.")
+        check_stream_size(n_tasks, facts_per_task)
+        if loss_on not in LOSS_ON:
+            raise ValueError(f"Unknown loss_on {loss_on!r}; use one of: {', '.join(LOSS_ON)}.")
+        for name in suites:
+            if name not in SUITE_NAMES:
+                raise ValueError(f"Unknown held-out suite {name!r}. Allowed suites: {', '.join(SUITE_NAMES)}.")
+        for name in background:
+            if name not in BACKGROUND_SOURCES:
+                raise ValueError(f"Unknown background source {name!r}. Allowed: {', '.join(BACKGROUND_SOURCES)}.")
+        for key, value in dict(train_batch_size=train_batch_size, repeats_per_batch=repeats_per_batch,
+                               eval_batch_size=eval_batch_size, generation_batch_size=generation_batch_size,
+                               background_batch_size=background_batch_size,
+                               probe_batch_size=probe_batch_size, max_seq_len=max_seq_len).items():
+            if value < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}")
+        self.tokenizer = tokenizer
+        self.probe_model = probe_model
+        self.facts_source = facts
+        self.n_tasks = n_tasks
+        self.facts_per_task = facts_per_task
+        self.seed = seed
+        self.templates = make_templates(dict(templates))
+        self.train_templates, self.heldout_templates = split_templates(self.templates, list(heldout_templates))
+        self.loss_on = loss_on
+        self.train_batch_size = train_batch_size
+        self.repeats_per_batch = repeats_per_batch
+        self.max_seq_len = max_seq_len
+        self.probe_prompt = probe_prompt or DEFAULT_PROBE_PROMPT
+        self.probe_pool_size = probe_pool_size
+        self.probe_max_new_tokens = probe_max_new_tokens
+        self.probe_batch_size = probe_batch_size
+        self.max_answer_words = max_answer_words
+        self.recall_max_new_tokens = recall_max_new_tokens
+        self.eval_batch_size = eval_batch_size
+        self.generation_batch_size = generation_batch_size
+        self.suite_options = {name: dict(opts) for name, opts in suites.items()}
+        self.background_sizes = {name: int(n) for name, n in background.items() if int(n) > 0}
+        self.background_batch_size = background_batch_size
+        self.background_max_len = background_max_len
+        self.source = source
+        self.data_root = data_root
+        self.cache_dir = cache_dir
+        self.model_fingerprint = model_fingerprint
+        self.current_task = 0
+        self.tasks: tuple[tuple[Fact, ...], ...] | None = None
+        self.info: dict = {}
+        self._train_examples: dict[int, list[TrainingExample]] = {}
+        self._background_facts: list[Fact] = []
+        self._background_passages: list[PassageItem] = []
+        self._heldout_suites: dict | None = None
+
+    # ------------------------------------------------------------------ building
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the stream (idempotent): load or invent facts, probe, split into tasks."""
+        if self.tasks is not None:
+            return
+        if self.tokenizer is None:
+            raise ValueError("FactStreamDataModule needs the run's tokenizer (tokenizer=...).")
+        if self.facts_source == "synthetic":
+            needed = self.n_tasks * self.facts_per_task
+            candidates = synthetic_facts(needed, self.seed)
+            self.info = {"facts": "synthetic", "facts_origin": f"synthetic(seed={self.seed})"}
+            where = " from the synthetic generator"
+        else:
+            candidates, where = self._probe_triviaqa()
+        self.tasks = split_into_tasks(candidates, self.n_tasks, self.facts_per_task, self.seed, where)
+        self._build_background()
+        self.info.update(
+            n_tasks=self.n_tasks, facts_per_task=self.facts_per_task, seed=self.seed,
+            train_templates=list(self.train_templates), heldout_templates=list(self.heldout_templates),
+            loss_on=self.loss_on,
+            background={name: n for name, n in self.background_sizes.items()},
+        )
+
+    def _eligible(self, item: QAItem) -> bool:
+        """Short answers, and every template's sequence fits max_seq_len tokens."""
+        if len(item.answers[0].split()) > self.max_answer_words:
+            return False
+        fact = qa_item_to_fact(item)
+        return all(len(self._encode(fact, name).input_ids) <= self.max_seq_len for name in self.templates)
+
+    def _probe_triviaqa(self) -> tuple[list[Fact], str]:
+        data = load_source("triviaqa", source=self.source, data_root=self.data_root)
+        order = seeded_order(len(data), self.seed, "triviaqa/pool")
+        n_bg = self.background_sizes.get("triviaqa", 0)
+        if self.probe_pool_size + n_bg > len(data):
+            raise ValueError(
+                f"probe_pool_size ({self.probe_pool_size}) + background triviaqa ({n_bg}) exceed the "
+                f"{len(data)} TriviaQA questions; lower one of them."
+            )
+        pool_positions, pool = [], []
+        for pos in order[: len(data) - n_bg]:
+            if len(pool) == self.probe_pool_size:
+                break
+            if self._eligible(data.items[pos]):
+                pool.append(data.items[pos])
+        # Background QA (see _build_background) takes questions from the other end of this order.
+        fingerprint = self.model_fingerprint
+        if fingerprint is None:
+            if self.probe_model is None:
+                raise ValueError(
+                    "facts=triviaqa needs the base model to probe which facts it does not know: pass "
+                    "probe_model=<base model> (or model_fingerprint=<fingerprint of a cached probe>)."
+                )
+            fingerprint = model_fingerprint(self.probe_model)
+        cache_file = probe_cache_file(
+            self.cache_dir or default_cache_dir(), fingerprint, self.probe_prompt, self.probe_max_new_tokens, "triviaqa"
+        )
+        if self.probe_model is None and not cache_file.exists():
+            raise ValueError(
+                f"No cached probe at {cache_file} for model_fingerprint={fingerprint[:16]}...; pass probe_model=<base model>."
+            )
+        records = probe_model(
+            self.probe_model, self.tokenizer, pool, prompt=self.probe_prompt, max_new_tokens=self.probe_max_new_tokens,
+            batch_size=self.probe_batch_size, cache_file=cache_file, fingerprint=fingerprint,
+        )
+        misses = [qa_item_to_fact(it) for it in pool if not records[it.id].known]
+        self.info = {
+            "facts": "triviaqa",
+            "facts_origin": f"{data.origin}:{data.location}",
+            "probe": {"pool": len(pool), "known": len(pool) - len(misses), "unknown": len(misses),
+                      "model_fingerprint": fingerprint, "cache_file": str(cache_file)},
+        }
+        log.info("Probe: %d of %d TriviaQA questions unknown to the model", len(misses), len(pool))
+        where = f" (the probe found {len(misses)} unknown among {len(pool)} probed TriviaQA questions)"
+        return misses, where
+
+    def _build_background(self) -> None:
+        self._background_passages, self._background_facts = [], []
+        n_synthetic = self.background_sizes.get("synthetic", 0)
+        if n_synthetic:
+            # The generator is sequential: facts after the stream's first n_tasks*facts_per_task
+            # are new inventions, never stream facts (whatever the fact source).
+            needed = self.n_tasks * self.facts_per_task
+            self._background_facts += synthetic_facts(needed + n_synthetic, self.seed)[needed:]
+        n_trivia = self.background_sizes.get("triviaqa", 0)
+        if n_trivia:
+            # The end of the probe pool's seeded order: never probed, never stream facts.
+            data = load_source("triviaqa", source=self.source, data_root=self.data_root)
+            order = seeded_order(len(data), self.seed, "triviaqa/pool")
+            self._background_facts += [qa_item_to_fact(data.items[p]) for p in reversed(order[len(data) - n_trivia:])]
+        n_lambada = self.background_sizes.get("lambada", 0)
+        if n_lambada:
+            data = load_source("lambada", source=self.source, data_root=self.data_root)
+            order = self._background_order("lambada", len(data), n_lambada)
+            self._background_passages = [data.items[i] for i in order]
+        n_nq = self.background_sizes.get("nq_open", 0)
+        if n_nq:
+            data = load_source("nq_open", source=self.source, data_root=self.data_root)
+            order = self._background_order("nq_open", len(data), n_nq)
+            self._background_facts += [qa_item_to_fact(data.items[i]) for i in order]
+
+    def _background_order(self, name: str, n_total: int, n_background: int) -> list[int]:
+        """The last items of the suite's seeded permutation: disjoint from the suite's first items."""
+        n_suite = int(self.suite_options.get(name, {}).get("n_items", 0))
+        if n_suite + n_background > n_total:
+            raise ValueError(
+                f"{name}: suite n_items ({n_suite}) + background ({n_background}) exceed the {n_total} items; lower one."
+            )
+        order = suite_subset_order(name, n_total, self.seed)
+        return list(reversed(order[n_total - n_background:]))
+
+    def _encode(self, fact: Fact, template_name: str, loss_on: str | None = None) -> TrainingExample:
+        return encode_example(
+            self.tokenizer, self.templates[template_name], fact.question, fact.answer, loss_on or self.loss_on, fact.id
+        )
+
+    def _require_stream(self) -> tuple[tuple[Fact, ...], ...]:
+        if self.tasks is None:
+            self.setup()
+        return self.tasks  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ training
+
+    def set_task(self, task_index: int) -> None:
+        """Make `task_index` (0-based) the current task: train_dataloader serves its facts."""
+        if not 0 <= task_index < self.n_tasks:
+            raise IndexError(f"task_index must be in [0, {self.n_tasks - 1}], got {task_index}")
+        self.current_task = task_index
+
+    @property
+    def seen_tasks(self) -> range:
+        """Tasks trained so far, including the current one."""
+        return range(self.current_task + 1)
+
+    def task_facts(self, task_index: int) -> tuple[Fact, ...]:
+        return self._require_stream()[task_index]
+
+    def training_examples(self, task_index: int) -> list[TrainingExample]:
+        """The task's training sequences, fact by fact, each fact under every *training*
+        template (held-out templates never appear here)."""
+        if task_index not in self._train_examples:
+            self._train_examples[task_index] = [
+                self._encode(fact, name) for fact in self.task_facts(task_index) for name in self.train_templates
+            ]
+        return self._train_examples[task_index]
+
+    def train_batches(self, task_index: int) -> list[list[TrainingExample]]:
+        """Consecutive chunks of train_batch_size examples, each repeated repeats_per_batch
+        times in a row (several optimizer steps per batch, as in design.md §9)."""
+        examples = self.training_examples(task_index)
+        chunks = [examples[i:i + self.train_batch_size] for i in range(0, len(examples), self.train_batch_size)]
+        return [chunk for chunk in chunks for _ in range(self.repeats_per_batch)]
+
+    def train_dataloader(self) -> DataLoader:
+        # Under a Trainer, one epoch is one task (reload_dataloaders_every_n_epochs=1): the
+        # loader is requested at the start of each epoch, before any epoch hook runs.
+        if self.trainer is not None:
+            self.set_task(self.trainer.current_epoch)
+        return DataLoader(
+            self.train_batches(self.current_task), batch_size=None, shuffle=False,
+            collate_fn=partial(collate_examples, pad_id=pad_token_id(self.tokenizer)),
+        )
+
+    # ------------------------------------------------------------------ evaluation
+
+    def recall_suites(self, task_index: int) -> dict[str, FactRecallSuite]:
+        """Fact-recall suites for one task: one per template (training and held-out), keyed by
+        template name; see train_templates / heldout_templates."""
+        facts = self.task_facts(task_index)
+        return {
+            name: FactRecallSuite(facts, self.templates[name], self.recall_max_new_tokens, self.generation_batch_size,
+                                  name=f"task{task_index}/{name}")
+            for name in (*self.train_templates, *self.heldout_templates)
+        }
+
+    def evaluate_recall(self, model, tokenizer, tasks: Sequence[int], batch_size: int | None = None) -> dict[int, dict[str, dict[str, float]]]:
+        """Recall of every fact of `tasks` under every template, in as few greedy batches as
+        possible (all prompts of all tasks and templates together): task -> template ->
+        {"em", "contains"}. Same numbers as recall_suites(j)[t].evaluate(...), faster when
+        tasks are small."""
+        from smf_lightning.eval.scoring import generate_greedy
+
+        jobs = [(j, name) for j in tasks for name in (*self.train_templates, *self.heldout_templates)]
+        suites = {(j, name): self.recall_suites(j)[name] for j, name in jobs}
+        prompts = [s.template.prompt(f.question) for s in suites.values() for f in s.facts]
+        predictions = generate_greedy(
+            model, tokenizer, prompts, self.recall_max_new_tokens, batch_size or self.generation_batch_size
+        )
+        results: dict[int, dict[str, dict[str, float]]] = {j: {} for j in tasks}
+        pos = 0
+        for (j, name), suite in suites.items():
+            n = len(suite.facts)
+            results[j][name] = suite.score_predictions(predictions[pos:pos + n])
+            pos += n
+        return results
+
+    def heldout_suites(self) -> dict:
+        """The held-out capability suites configured in `suites`, built once."""
+        if self._heldout_suites is None:
+            self._heldout_suites = {}
+            for name, opts in self.suite_options.items():
+                opts = dict(opts)
+                n_items = int(opts.pop("n_items"))
+                if name == "nq_open":
+                    opts.setdefault("generation_batch_size", self.generation_batch_size)
+                self._heldout_suites[name] = build_suite(
+                    name, n_items, self.seed, source=self.source, data_root=self.data_root, **opts
+                )
+            self.info["suites"] = {n: s.origin for n, s in self._heldout_suites.items()}
+        return self._heldout_suites
+
+    # ------------------------------------------------------------------ background
+
+    def background_examples(self) -> list[TrainingExample]:
+        """The background corpus (design.md §3, §9): QA text in the stream's *training*
+        templates but about other questions (so template tokens look ordinary, not
+        fact-specific), plus LAMBADA passages, in a seeded shuffled order. loss_mask follows
+        loss_on for QA text and covers every passage token for LAMBADA; sequences are
+        truncated to background_max_len tokens."""
+        self._require_stream()
+        examples = [
+            self._encode(fact, self.train_templates[i % len(self.train_templates)])
+            for i, fact in enumerate(self._background_facts)
+        ]
+        for passage in self._background_passages:
+            ids = self.tokenizer(passage.text, add_special_tokens=True)["input_ids"]
+            examples.append(TrainingExample(tuple(ids), (False,) + (True,) * (len(ids) - 1), f"lambada-{passage.id}", "passage"))
+        examples = [
+            TrainingExample(e.input_ids[: self.background_max_len], e.loss_mask[: self.background_max_len], e.fact_id, e.template)
+            for e in examples
+        ]
+        order = seeded_order(len(examples), self.seed, "background")
+        return [examples[i] for i in order]
+
+    def background_batches(self, batch_size: int | None = None) -> list[dict]:
+        """Collated background batches (same keys as training batches)."""
+        size = batch_size or self.background_batch_size
+        examples = self.background_examples()
+        if not examples:
+            raise ValueError("The background corpus is empty: set at least one count in `background`.")
+        pad_id = pad_token_id(self.tokenizer)
+        return [collate_examples(examples[i:i + size], pad_id) for i in range(0, len(examples), size)]
+
+    def background_key(self) -> dict:
+        """What determines the background corpus (for the background-statistics cache key)."""
+        return {"background": dict(self.background_sizes), "seed": self.seed, "templates": list(self.train_templates),
+                "template_texts": [self.templates[n].text for n in self.train_templates], "loss_on": self.loss_on,
+                "max_len": self.background_max_len, "facts": self.facts_source}

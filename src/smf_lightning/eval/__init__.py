@@ -1,0 +1,1 @@
+"""Evaluation: pure metrics, batched model scoring, held-out capability suites and fact recall."""

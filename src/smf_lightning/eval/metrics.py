@@ -1,0 +1,136 @@
+"""Pure metric functions: answer matching, choice accuracy, continual-learning summaries.
+
+Nothing here touches a model; everything takes plain Python values so it can be
+checked against hand-computed cases (tests/test_eval.py).
+
+Answer matching follows the SQuAD v1.1 evaluation script (Rajpurkar et al. 2016), which
+TriviaQA and NaturalQuestions-open evaluation reuse: lower-case, drop punctuation, drop
+the articles a/an/the, collapse whitespace; exact match and token-level F1 take the best
+score over the gold aliases.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+from collections.abc import Sequence
+
+_PUNCTUATION = set(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD-style normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, golds: Sequence[str]) -> float:
+    """1.0 if the normalised prediction equals any normalised gold answer, else 0.0.
+
+    Strict on purpose: a degenerate repeat such as "Niger Niger Niger" does not match
+    "Niger" (design.md §9: substring matching counted such repeats as correct).
+    """
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(g) for g in golds))
+
+
+def contains_answer(prediction: str, golds: Sequence[str]) -> float:
+    """1.0 if any normalised gold answer occurs as a whole-word span inside the normalised
+    prediction. Lenient (counts "Niger Niger Niger" for "Niger"): report it next to
+    exact_match, never instead of it. An empty gold never matches."""
+    pred = f" {normalize_answer(prediction)} "
+    for gold in golds:
+        norm = normalize_answer(gold)
+        if norm and f" {norm} " in pred:
+            return 1.0
+    return 0.0
+
+
+def token_f1(prediction: str, golds: Sequence[str]) -> float:
+    """SQuAD token-level F1 (bag of normalised tokens), best over the gold answers."""
+    pred_tokens = normalize_answer(prediction).split()
+    best = 0.0
+    for gold in golds:
+        gold_tokens = normalize_answer(gold).split()
+        if not pred_tokens or not gold_tokens:
+            # SQuAD v2 convention: both empty -> 1, one empty -> 0.
+            best = max(best, float(pred_tokens == gold_tokens))
+            continue
+        common = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
+        if common == 0:
+            continue
+        precision = common / len(pred_tokens)
+        recall = common / len(gold_tokens)
+        best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+def normalized_choice(logprob_sums: Sequence[float], lengths: Sequence[float]) -> int:
+    """Index of the choice with the highest log-likelihood per unit of length.
+
+    `lengths` is whatever unit normalises the choice (characters for HellaSwag here, as
+    lm-evaluation-harness's acc_norm does, so the score does not depend on the tokenizer).
+    Ties go to the lowest index.
+    """
+    if len(logprob_sums) != len(lengths) or not logprob_sums:
+        raise ValueError(
+            f"normalized_choice needs one length per choice and at least one choice; got "
+            f"{len(logprob_sums)} log-likelihoods and {len(lengths)} lengths"
+        )
+    scores = [lp / max(float(n), 1.0) for lp, n in zip(logprob_sums, lengths)]
+    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+
+def normalized_choice_accuracy(
+    logprob_sums: Sequence[Sequence[float]],
+    lengths: Sequence[Sequence[float]],
+    labels: Sequence[int],
+) -> float:
+    """Fraction of items whose length-normalised best choice is the gold label."""
+    if not labels:
+        raise ValueError("normalized_choice_accuracy needs at least one item")
+    hits = [normalized_choice(lp, n) == y for lp, n, y in zip(logprob_sums, lengths, labels, strict=True)]
+    return sum(hits) / len(hits)
+
+
+def continual_learning_metrics(after_task: Sequence[Sequence[float]]) -> dict[str, float]:
+    """ACC, BWT and forgetting from an accuracy matrix (design.md §7).
+
+    `after_task[i][j]` is the recall on task j measured after training on task i
+    (0-based, square T x T). Only the lower triangle (j <= i) is used; entries above
+    the diagonal may be anything (e.g. NaN). Do not pass the pre-training row.
+
+    - ACC = mean_j R[T-1][j]                                   (Lopez-Paz & Ranzato 2017)
+    - BWT = mean_{j<T-1} (R[T-1][j] - R[j][j])                 (Lopez-Paz & Ranzato 2017)
+    - forgetting = mean_{j<T-1} (max_{j<=l<T-1} R[l][j] - R[T-1][j])   (Chaudhry et al. 2018)
+
+    With a single task BWT and forgetting are undefined and returned as NaN.
+    """
+    n_tasks = len(after_task)
+    if n_tasks == 0 or any(len(row) != n_tasks for row in after_task):
+        raise ValueError(
+            "continual_learning_metrics needs a square T x T matrix (row i = after training task i); "
+            f"got {n_tasks} rows of lengths {[len(r) for r in after_task]}"
+        )
+    final = after_task[-1]
+    acc = sum(final) / n_tasks
+    if n_tasks == 1:
+        return {"acc": acc, "bwt": math.nan, "forgetting": math.nan}
+    earlier = range(n_tasks - 1)
+    bwt = sum(final[j] - after_task[j][j] for j in earlier) / (n_tasks - 1)
+    forgetting = sum(
+        max(after_task[l][j] for l in range(j, n_tasks - 1)) - final[j] for j in earlier
+    ) / (n_tasks - 1)
+    return {"acc": acc, "bwt": bwt, "forgetting": forgetting}
+
+
+def relative_change(before: float, after: float) -> float:
+    """(after - before) / |before|; NaN when before is 0 (the change has no scale)."""
+    if before == 0:
+        return math.nan
+    return (after - before) / abs(before)

@@ -1,0 +1,312 @@
+"""Batched model scoring: continuation log-probabilities and greedy generation.
+
+Both work on any HF causal LM whose forward takes `input_ids`, `attention_mask`,
+`position_ids` (and, when supported, `logits_to_keep`) and returns `.logits` — base,
+retrofitted, LoRA-wrapped. Batches are LEFT-padded: every sequence then ends at the last
+column, so the scored continuation tokens sit in the last K columns and only those
+logits need to be materialised (`logits_to_keep`), which keeps the 151,936-way vocabulary
+of Qwen2.5 affordable on a CPU. Position ids are computed from the attention mask, so
+left padding does not shift positions. Items are sorted by length inside the call to
+keep padding small; results come back in input order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ScoredContinuation:
+    """Per-token log-probabilities of a scored continuation and whether each token was the
+    argmax (all(greedy) = "the greedy continuation reproduces it", e.g. LAMBADA accuracy)."""
+
+    logprobs: torch.Tensor  # [n_scored] float32
+    greedy: torch.Tensor  # [n_scored] bool
+
+    @property
+    def sum_logprob(self) -> float:
+        return float(self.logprobs.sum())
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.logprobs.numel())
+
+    @property
+    def is_greedy(self) -> bool:
+        return bool(self.greedy.all())
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, else its eos id (padding is masked out either way)."""
+    for tok_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tok_id is not None:
+            return int(tok_id)
+    return 0
+
+
+def encode_context_continuation(
+    tokenizer, contexts: Sequence[str], continuations: Sequence[str], max_length: int = 1024
+) -> list[tuple[list[int], int]]:
+    """Token ids of context+continuation and the number of continuation tokens to score.
+
+    The two parts are tokenised separately and concatenated (as lm-evaluation-harness does),
+    so the boundary is exact; the continuation should carry its own leading space. Special
+    tokens (e.g. a BOS) are added to the context only. Over-long inputs lose context tokens
+    from the left; the continuation is always kept whole.
+    """
+    ctx_ids = tokenizer(list(contexts), add_special_tokens=True)["input_ids"]
+    cont_ids = tokenizer(list(continuations), add_special_tokens=False)["input_ids"]
+    encoded = []
+    for ctx, cont in zip(ctx_ids, cont_ids, strict=True):
+        if not cont:
+            raise ValueError("cannot score an empty continuation")
+        keep_ctx = max(1, max_length - len(cont))
+        encoded.append((list(ctx[-keep_ctx:]) + list(cont), len(cont)))
+    return encoded
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, width - len(seq):] = torch.as_tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+def _forward_last_logits(model, ids, mask, positions, keep: int) -> torch.Tensor:
+    """Logits of the last `keep` columns ([B, keep, V]); falls back to full logits for models
+    whose forward does not accept `logits_to_keep`."""
+    try:
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+    except TypeError:
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    return logits[:, -keep:]
+
+
+def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.inference_mode()
+def score_sequences(
+    model, sequences: Sequence[Sequence[int]], n_scored: Sequence[int], batch_size: int, pad_id: int
+) -> list[ScoredContinuation]:
+    """Log-probabilities of the last `n_scored[i]` tokens of each `sequences[i]`, one forward
+    per batch. `n_scored[i]` may be at most len(sequences[i]) - 1 (the first token has no
+    prediction)."""
+    for seq, n in zip(sequences, n_scored, strict=True):
+        if not 1 <= n < len(seq):
+            raise ValueError(f"n_scored must be in [1, len(sequence)-1]; got {n} for a sequence of {len(seq)} tokens")
+    results: list[ScoredContinuation | None] = [None] * len(sequences)
+    device = _device(model)
+    with _eval_mode(model):
+        for batch in _length_sorted_batches([len(s) for s in sequences], batch_size):
+            ids, mask, positions = _left_pad([sequences[i] for i in batch], pad_id, device)
+            n = torch.tensor([n_scored[i] for i in batch], device=device)
+            keep = int(n.max()) + 1
+            logits = _forward_last_logits(model, ids, mask, positions, keep)[:, :-1].float()  # predicts last keep-1 tokens
+            targets = ids[:, -(keep - 1):]
+            token_logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+            greedy = logits.argmax(-1) == targets
+            for row, i in enumerate(batch):
+                k = n_scored[i]
+                results[i] = ScoredContinuation(token_logprobs[row, -k:].cpu(), greedy[row, -k:].cpu())
+    return results  # type: ignore[return-value]
+
+
+def score_continuations(
+    model, tokenizer, contexts: Sequence[str], continuations: Sequence[str], batch_size: int, max_length: int = 1024
+) -> list[ScoredContinuation]:
+    """log p(continuation | context) per token, batched; see encode_context_continuation."""
+    encoded = encode_context_continuation(tokenizer, contexts, continuations, max_length)
+    return score_sequences(model, [e[0] for e in encoded], [e[1] for e in encoded], batch_size, pad_token_id(tokenizer))
+
+
+@torch.inference_mode()
+def score_choices(
+    model, tokenizer, contexts: Sequence[str], choices: Sequence[Sequence[str]], batch_size: int, max_length: int = 1024
+) -> list[list[ScoredContinuation]]:
+    """log p(choice | context) per token for every choice of every context (multiple choice).
+
+    Each context is run once; its KV cache is then copied to one row per choice and only
+    the choice tokens are run (HellaSwag: one ~50-token context, four ~25-token endings, so
+    about half the tokens of scoring the four full sequences). `batch_size` counts choice
+    rows per forward. Tokenisation as in encode_context_continuation; the result equals
+    score_continuations on the repeated contexts up to float rounding.
+    """
+    flat = [c for group in choices for c in group]
+    choice_ids = tokenizer(flat, add_special_tokens=False)["input_ids"]
+    grouped, pos = [], 0
+    for group in choices:
+        grouped.append(choice_ids[pos:pos + len(group)])
+        pos += len(group)
+    if any(not ids for group in grouped for ids in group) or any(not group for group in grouped):
+        raise ValueError("score_choices needs at least one non-empty choice per context")
+    ctx_ids = []
+    for ctx, group in zip(tokenizer(list(contexts), add_special_tokens=True)["input_ids"], grouped, strict=True):
+        keep = max(1, max_length - max(len(c) for c in group))
+        ctx_ids.append(list(ctx[-keep:]))
+    per_batch = max(1, batch_size // max(len(g) for g in grouped))
+    results: list[list[ScoredContinuation] | None] = [None] * len(contexts)
+    device = _device(model)
+    pad_id = pad_token_id(tokenizer)
+    cache_kwarg = _cache_kwarg_name(model)
+    with _eval_mode(model):
+        for batch in _length_sorted_batches([len(c) for c in ctx_ids], per_batch):
+            ids, mask, positions = _left_pad([ctx_ids[i] for i in batch], pad_id, device)
+            try:
+                out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+            except TypeError:
+                out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+            cache = _returned_cache(out)
+            rows = [(b, cont) for b, i in enumerate(batch) for cont in grouped[i]]
+            row_ctx = torch.tensor([b for b, _ in rows], device=device)
+            if not hasattr(cache, "batch_select_indices"):  # no shareable cache: score full sequences
+                for i in batch:
+                    results[i] = score_sequences(
+                        model, [ctx_ids[i] + c for c in grouped[i]], [len(c) for c in grouped[i]], batch_size, pad_id
+                    )
+                continue
+            cache.batch_select_indices(row_ctx)
+            width = max(len(c) for _, c in rows)
+            cont = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            cont_mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, (_, c) in enumerate(rows):
+                cont[r, : len(c)] = torch.as_tensor(c)
+                cont_mask[r, : len(c)] = 1
+            cont, cont_mask = cont.to(device), cont_mask.to(device)
+            cont_positions = positions[row_ctx, -1:] + 1 + torch.arange(width, device=device)
+            logits = out.logits[row_ctx, -1:].float()  # predicts the first choice token
+            if width > 1:
+                out2 = model(
+                    input_ids=cont[:, :-1], attention_mask=torch.cat([mask[row_ctx], cont_mask[:, :-1]], dim=-1),
+                    position_ids=cont_positions[:, :-1], use_cache=True, **{cache_kwarg: cache},
+                )
+                logits = torch.cat([logits, out2.logits.float()], dim=1)  # [R, width, V]
+            token_logprobs = logits.gather(-1, cont.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+            greedy = logits.argmax(-1) == cont
+            r = 0
+            for i in batch:
+                scored = []
+                for c in grouped[i]:
+                    scored.append(ScoredContinuation(token_logprobs[r, : len(c)].cpu(), greedy[r, : len(c)].cpu()))
+                    r += 1
+                results[i] = scored
+    return results  # type: ignore[return-value]
+
+
+@torch.inference_mode()
+def generate_greedy(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int,
+    stop_at_newline: bool = True,
+) -> list[str]:
+    """Greedy continuations of `prompts` (decoded text, special tokens dropped).
+
+    Left-padded batches with a KV cache; a row stops at eos, and — with `stop_at_newline` —
+    at its first newline (answers are one line; the text after it is cut off). The
+    decoding loop is our own rather than `model.generate` so that a checkpoint's sampling
+    defaults (temperature, repetition penalty in e.g. Qwen2.5-Instruct's
+    generation_config) can never leak into "greedy" evaluation.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    pad_id = pad_token_id(tokenizer)
+    eos_ids = _eos_ids(model, tokenizer)
+    encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    outputs: list[str | None] = [None] * len(prompts)
+    device = _device(model)
+    with _eval_mode(model):
+        for batch in _length_sorted_batches([len(e) for e in encoded], batch_size):
+            ids, mask, positions = _left_pad([encoded[i] for i in batch], pad_id, device)
+            new_tokens = _greedy_decode(model, tokenizer, ids, mask, positions, max_new_tokens, eos_ids, stop_at_newline)
+            for row, i in enumerate(batch):
+                text = tokenizer.decode(new_tokens[row], skip_special_tokens=True)
+                outputs[i] = text.split("\n", 1)[0] if stop_at_newline else text
+    return outputs  # type: ignore[return-value]
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def _cache_kwarg_name(model) -> str:
+    """transformers >= 5.x calls the KV cache argument `cache`, older versions `past_key_values`."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrappers
+    params = inspect.signature(type(inner).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _returned_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def _greedy_decode(model, tokenizer, ids, mask, positions, max_new_tokens, eos_ids, stop_at_newline) -> list[list[int]]:
+    batch = ids.shape[0]
+    generated: list[list[int]] = [[] for _ in range(batch)]
+    done = torch.zeros(batch, dtype=torch.bool)
+    try:  # prefill: only the last column's logits are needed
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    except TypeError:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    cache_kwarg = _cache_kwarg_name(model)
+    past = _returned_cache(out)
+    next_positions = positions[:, -1:] + 1
+    for step in range(max_new_tokens):
+        next_ids = out.logits[:, -1].argmax(-1)
+        for row, tok in enumerate(next_ids.tolist()):
+            if done[row]:
+                continue
+            if tok in eos_ids:
+                done[row] = True
+                continue
+            generated[row].append(tok)
+            if stop_at_newline and "\n" in tokenizer.decode([tok]):
+                done[row] = True
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+        out = model(
+            input_ids=next_ids.unsqueeze(-1), attention_mask=mask, position_ids=next_positions,
+            use_cache=True, **{cache_kwarg: past},
+        )
+        past = _returned_cache(out)
+        next_positions = next_positions + 1
+    return generated

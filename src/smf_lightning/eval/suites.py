@@ -1,0 +1,223 @@
+"""Held-out capability suites (the forgetting probes of the SMF papers) and fact recall.
+
+Every suite has the same interface:
+
+    suite.name, suite.primary_metric, suite.higher_is_better
+    suite.evaluate(model, tokenizer, batch_size) -> dict[str, float]
+
+All scoring is batched (one forward per batch of left-padded sequences; greedy decoding
+with a KV cache), see smf_lightning.eval.scoring. Subsets are fixed by a seed: the first
+`n_items` of a seeded permutation of the dataset, so growing `n_items` keeps the smaller
+subset as a prefix, and other users of the same dataset (the background corpus) take
+items from the *end* of the same permutation and never overlap.
+
+| suite       | metrics (primary first)                                  | what it is |
+|-------------|-----------------------------------------------------------|------------|
+| `nq_open`   | f1 ↑, em ↑, answer_nll ↓                                 | greedy answer vs gold answers, SQuAD normalisation (Lin et al. 2025 report NQ F1); NLL per token of the first gold answer |
+| `hellaswag` | acc_norm ↑, acc ↑                                         | choice with the best log-likelihood per *character* of the ending (lm-evaluation-harness acc_norm: independent of the tokenizer, so Qwen and SmolLM numbers compare); acc = unnormalised sum |
+| `gsm8k`     | nll ↓, bits_per_byte ↓                                   | NLL per token of the gold worked solution and final answer given the question |
+| `lambada`   | last_word_ppl ↓, last_word_acc ↑, (passage_ppl ↓)         | exp(mean NLL of the last word), greedy reproduces the last word, token perplexity of the whole passage (with score_passage=True) |
+| fact recall | em ↑, contains ↑                                         | greedy answer under one template; em = normalised exact match (no credit for "Niger Niger Niger"), contains = lenient alias containment |
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from smf_lightning.data.facts import Fact, FactTemplate, recall_scores, seeded_order
+from smf_lightning.data.sources import ChoiceItem, MathItem, PassageItem, QAItem, load_source
+from smf_lightning.eval.metrics import exact_match, normalized_choice, token_f1
+from smf_lightning.eval.scoring import (
+    encode_context_continuation,
+    generate_greedy,
+    pad_token_id,
+    score_choices,
+    score_continuations,
+    score_sequences,
+)
+
+SUITE_NAMES = ("nq_open", "hellaswag", "gsm8k", "lambada")
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+@dataclass
+class NQOpenSuite:
+    """NaturalQuestions-open: greedy answer F1/EM and the NLL of the gold answer."""
+
+    items: Sequence[QAItem]
+    prompt: str = "Question: {question}?\nAnswer:"
+    max_new_tokens: int = 12
+    generation_batch_size: int | None = None  # rows per greedy batch (None: batch_size); decoding is
+    #   bound by reading the weights once per step, so larger batches are nearly free per row
+    max_length: int = 512
+    name: str = "nq_open"
+    origin: str = ""  # where the items came from (hub/offline location)
+    primary_metric: str = "f1"
+    higher_is_better: bool = True
+    last_predictions: list[str] = field(default_factory=list, repr=False)
+
+    def _prompt(self, item: QAItem) -> str:
+        return self.prompt.replace("{question}", item.question.rstrip("?"))
+
+    def evaluate(self, model, tokenizer, batch_size: int) -> dict[str, float]:
+        prompts = [self._prompt(it) for it in self.items]
+        predictions = generate_greedy(
+            model, tokenizer, prompts, self.max_new_tokens, self.generation_batch_size or batch_size
+        )
+        self.last_predictions = predictions
+        scored = score_continuations(
+            model, tokenizer, prompts, [" " + it.answers[0] for it in self.items], batch_size, self.max_length
+        )
+        nll = -sum(s.sum_logprob for s in scored) / sum(s.n_tokens for s in scored)
+        return {
+            "f1": _mean([token_f1(p, it.answers) for p, it in zip(predictions, self.items)]),
+            "em": _mean([exact_match(p, it.answers) for p, it in zip(predictions, self.items)]),
+            "answer_nll": nll,
+        }
+
+
+@dataclass
+class HellaSwagSuite:
+    """HellaSwag: length-normalised (per character) log-likelihood choice accuracy."""
+
+    items: Sequence[ChoiceItem]
+    max_length: int = 512
+    name: str = "hellaswag"
+    origin: str = ""  # where the items came from (hub/offline location)
+    primary_metric: str = "acc_norm"
+    higher_is_better: bool = True
+
+    def evaluate(self, model, tokenizer, batch_size: int) -> dict[str, float]:
+        endings = [[" " + e for e in it.endings] for it in self.items]
+        scored = score_choices(model, tokenizer, [it.ctx for it in self.items], endings, batch_size, self.max_length)
+        hits_norm, hits_raw = [], []
+        for it, ends, choice_scores in zip(self.items, endings, scored):
+            sums = [s.sum_logprob for s in choice_scores]
+            hits_norm.append(normalized_choice(sums, [len(e) for e in ends]) == it.label)
+            hits_raw.append(normalized_choice(sums, [1] * len(ends)) == it.label)
+        return {"acc_norm": _mean(hits_norm), "acc": _mean(hits_raw)}
+
+
+@dataclass
+class GSM8KSuite:
+    """GSM8K: NLL of the gold worked solution (and final answer) given the question."""
+
+    items: Sequence[MathItem]
+    prompt: str = "Question: {question}\nAnswer:"
+    max_length: int = 768
+    name: str = "gsm8k"
+    origin: str = ""  # where the items came from (hub/offline location)
+    primary_metric: str = "nll"
+    higher_is_better: bool = False
+
+    def continuation(self, item: MathItem) -> str:
+        return f" {item.solution}\nThe answer is {item.answer}."
+
+    def evaluate(self, model, tokenizer, batch_size: int) -> dict[str, float]:
+        prompts = [self.prompt.replace("{question}", it.question) for it in self.items]
+        continuations = [self.continuation(it) for it in self.items]
+        scored = score_continuations(model, tokenizer, prompts, continuations, batch_size, self.max_length)
+        total_nll = -sum(s.sum_logprob for s in scored)
+        n_bytes = sum(len(c.encode("utf-8")) for c in continuations)
+        return {"nll": total_nll / sum(s.n_tokens for s in scored), "bits_per_byte": total_nll / math.log(2) / n_bytes}
+
+
+@dataclass
+class LambadaSuite:
+    """LAMBADA (OpenAI version): last-word perplexity and accuracy, passage perplexity.
+
+    One forward per batch; with `score_passage` it scores every passage token, so the last
+    word's and the whole passage's numbers come from the same pass. Last-word accuracy = the greedy prediction
+    reproduces all of the last word's tokens (lm-evaluation-harness `acc`)."""
+
+    items: Sequence[PassageItem]
+    score_passage: bool = False
+    max_length: int = 512
+    name: str = "lambada"
+    origin: str = ""  # where the items came from (hub/offline location)
+    primary_metric: str = "last_word_ppl"
+    higher_is_better: bool = False
+
+    def evaluate(self, model, tokenizer, batch_size: int) -> dict[str, float]:
+        encoded = encode_context_continuation(
+            tokenizer, [it.context for it in self.items], [" " + it.last_word for it in self.items], self.max_length
+        )
+        sequences = [ids for ids, _ in encoded]
+        # Scoring every passage token needs the vocabulary projection at every position
+        # (about a quarter more compute for Qwen2.5-0.5B), so it is opt-in.
+        n_scored = [len(ids) - 1 if self.score_passage else n for ids, n in encoded]
+        scored = score_sequences(model, sequences, n_scored, batch_size, pad_token_id(tokenizer))
+        word_logprob = [float(s.logprobs[-n:].sum()) for s, (_, n) in zip(scored, encoded)]
+        word_greedy = [bool(s.greedy[-n:].all()) for s, (_, n) in zip(scored, encoded)]
+        metrics = {"last_word_ppl": math.exp(-_mean(word_logprob)), "last_word_acc": _mean(word_greedy)}
+        if self.score_passage:
+            metrics["passage_ppl"] = math.exp(-sum(s.sum_logprob for s in scored) / sum(s.n_tokens for s in scored))
+        return metrics
+
+
+@dataclass
+class FactRecallSuite:
+    """Recall of `facts` under one template: greedy answer to the template's prompt."""
+
+    facts: Sequence[Fact]
+    template: FactTemplate
+    max_new_tokens: int = 12
+    generation_batch_size: int | None = None  # rows per greedy batch (None: batch_size)
+    name: str = "fact_recall"
+    primary_metric: str = "em"
+    higher_is_better: bool = True
+    last_predictions: list[str] = field(default_factory=list, repr=False)
+
+    def evaluate(self, model, tokenizer, batch_size: int) -> dict[str, float]:
+        prompts = [self.template.prompt(f.question) for f in self.facts]
+        predictions = generate_greedy(
+            model, tokenizer, prompts, self.max_new_tokens, self.generation_batch_size or batch_size
+        )
+        return self.score_predictions(predictions)
+
+    def score_predictions(self, predictions: Sequence[str]) -> dict[str, float]:
+        """{"em", "contains"} of greedy continuations (one per fact, in order); kept as
+        last_predictions for per_fact()."""
+        self.last_predictions = list(predictions)
+        _, _, suffix = self.template.render("", "")
+        scores = [recall_scores(p, suffix, f.aliases) for p, f in zip(predictions, self.facts, strict=True)]
+        return {"em": _mean([s[0] for s in scores]), "contains": _mean([s[1] for s in scores])}
+
+    def per_fact(self) -> list[tuple[str, str, float]]:
+        """(fact id, last prediction, exact match) from the last evaluate call."""
+        _, _, suffix = self.template.render("", "")
+        return [(f.id, p, recall_scores(p, suffix, f.aliases)[0]) for f, p in zip(self.facts, self.last_predictions)]
+
+
+_SUITE_CLASSES = {"nq_open": NQOpenSuite, "hellaswag": HellaSwagSuite, "gsm8k": GSM8KSuite, "lambada": LambadaSuite}
+
+
+def suite_subset_order(name: str, n_total: int, seed: int) -> list[int]:
+    """The seeded permutation a suite takes its first items from (background takes the last)."""
+    return seeded_order(n_total, seed, f"suite/{name}")
+
+
+def build_suite(
+    name: str,
+    n_items: int,
+    seed: int,
+    source: str = "auto",
+    data_root: str | None = None,
+    **options,
+):
+    """A held-out suite over a fixed seeded subset of `n_items` items of dataset `name`.
+
+    `options` go to the suite class (e.g. `prompt`, `max_new_tokens`, `max_length`).
+    """
+    if name not in _SUITE_CLASSES:
+        raise ValueError(f"Unknown held-out suite {name!r}. Allowed suites: {', '.join(SUITE_NAMES)}.")
+    data = load_source(name, source=source, data_root=data_root)
+    if not 1 <= n_items <= len(data):
+        raise ValueError(f"Suite {name!r}: n_items must be in [1, {len(data)}] (the dataset size); got {n_items}.")
+    order = suite_subset_order(name, len(data), seed)[:n_items]
+    return _SUITE_CLASSES[name](items=[data.items[i] for i in order], origin=f"{data.origin}:{data.location}", **options)
