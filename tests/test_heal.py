@@ -178,3 +178,14 @@ def test_lambada_healing_text_avoids_the_suite_items():
     suite_ids = {tuple(tok(item.text)["input_ids"]) for item in suite.items}
     used = {e.input_ids for e in corpus.train + corpus.heldout}
     assert len(used) == 350 and not suite_ids & used
+
+
+def test_fixed_routing_ablation_trains_only_the_chosen_kinds(corpus, tiny_tok):
+    model = retrofit(tiny_qwen2(seed=1), MemoryConfig(**MEM))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _heal(model, corpus, tiny_tok, steps=2, trainable=("values", "gate", "out"))
+    for name, p in model.named_parameters():
+        changed = not torch.equal(p, before[name])
+        assert changed == any(f"memory.{k}" in name for k in ("values", "gate", "out")), name
+    with pytest.raises(ValueError, match="non-empty subset"):
+        memory_parameters(model, ("keys", "mlp"))

@@ -182,22 +182,34 @@ def training_batches(examples: Sequence[TrainingExample], batch_size: int, pad_i
 # ----------------------------------------------------------------------------- model side
 
 
-def memory_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Every parameter of every memory layer: query, keys, values, gate, out."""
+MEMORY_PARAM_KINDS = ("query", "keys", "values", "gate", "out")  # every parameter of a memory layer
+
+
+def _memory_param(memory, kind: str) -> nn.Parameter:
+    obj = getattr(memory, kind)
+    return obj.weight if isinstance(obj, nn.Module) else obj
+
+
+def memory_parameters(model: nn.Module, kinds: Sequence[str] = MEMORY_PARAM_KINDS) -> list[nn.Parameter]:
+    """The memory layers' parameters of the given kinds (default: all of query, keys, values, gate, out)."""
+    unknown = [k for k in kinds if k not in MEMORY_PARAM_KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"memory parameter kinds {list(kinds)}: choose a non-empty subset of {list(MEMORY_PARAM_KINDS)}.")
     params, seen = [], set()
     for mem in memory_layers(model).values():
-        for p in mem.parameters():
+        for kind in kinds:
+            p = _memory_param(mem, kind)
             if id(p) not in seen:
                 seen.add(id(p))
                 params.append(p)
     return params
 
 
-def freeze_all_but_memory(model: nn.Module) -> list[nn.Parameter]:
-    """requires_grad only on memory parameters (healing); returns them."""
-    params = memory_parameters(model)
-    if not params:
+def freeze_all_but_memory(model: nn.Module, kinds: Sequence[str] = MEMORY_PARAM_KINDS) -> list[nn.Parameter]:
+    """requires_grad only on memory parameters of ``kinds`` (healing: all of them); returns those."""
+    if not memory_layers(model):
         raise ValueError("the model has no memory layers to heal; retrofit it first (model.memory, method.retrofit=true).")
+    params = memory_parameters(model, kinds)
     keep = {id(p) for p in params}
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
@@ -269,20 +281,23 @@ def heal_memory(
     max_steps: int,
     eval_every: int,
     target_ppl: float | None,
+    trainable: Sequence[str] = MEMORY_PARAM_KINDS,
     progress: bool = True,
 ) -> HealingResult:
     """Train all memory parameters (everything else frozen) with AdamW on ``train_batches``.
 
     Evaluates held-out perplexity before the first step, every ``eval_every`` steps and after
     the last; stops early once it is ``<= target_ppl`` (``None``: run all ``max_steps``).
-    Only memory parameters can change: the others have ``requires_grad=False`` and are not
-    given to the optimizer (tested bit for bit).
+    Only memory parameters of the ``trainable`` kinds can change (default: all five; a subset
+    is an ablation, e.g. without ``keys`` and ``query`` the routing of tokens to slots stays
+    fixed): the others have ``requires_grad=False`` and are not given to the optimizer
+    (tested bit for bit).
     """
     from tqdm.auto import tqdm
 
     if max_steps < 0 or eval_every < 1:
         raise ValueError(f"need max_steps >= 0 and eval_every >= 1; got {max_steps}, {eval_every}.")
-    params = freeze_all_but_memory(model)
+    params = freeze_all_but_memory(model, trainable)
     optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
     start = time.perf_counter()
     ppl = perplexity(model, heldout_batches)
@@ -376,6 +391,9 @@ def _check_heal_config(cfg) -> None:
          "null (run max_steps) or a ratio >= 1.0 to the base perplexity, e.g. 1.05")
     need(h.grad_clip is None or float(h.grad_clip) > 0, "grad_clip", "null or a positive number")
     need(all(k in HEAL_SOURCES for k in h.corpus), "corpus", f"a mapping from {', '.join(HEAL_SOURCES)} to counts")
+    trainable = list(h.get("trainable", MEMORY_PARAM_KINDS))
+    need(bool(trainable) and all(k in MEMORY_PARAM_KINDS for k in trainable), "trainable",
+         f"a non-empty subset of {list(MEMORY_PARAM_KINDS)}")
     if cfg.model.get("init_checkpoint"):
         raise ConfigError(
             f"stage=heal starts from the base model, but model.init_checkpoint={cfg.model.init_checkpoint!r} is set: "
@@ -430,14 +448,15 @@ def run_healing(cfg) -> dict:
 
     # 2. train -------------------------------------------------------------------------
     target = None if h.target_ppl_ratio is None else float(h.target_ppl_ratio) * base_ppl
-    trainable = sum(p.numel() for p in memory_parameters(model))
+    kinds = tuple(h.get("trainable", MEMORY_PARAM_KINDS))
+    trainable = sum(p.numel() for p in memory_parameters(model, kinds))
     result = heal_memory(
         model,
         training_batches(corpus.train, int(h.batch_size), pad_id, seed=int(cfg.seed)),
         heldout,
         lr=float(h.lr), betas=tuple(h.betas), weight_decay=float(h.weight_decay),
         grad_clip=None if h.grad_clip is None else float(h.grad_clip),
-        max_steps=int(h.max_steps), eval_every=int(h.eval_every), target_ppl=target, progress=progress,
+        max_steps=int(h.max_steps), eval_every=int(h.eval_every), target_ppl=target, trainable=kinds, progress=progress,
     )
     usage_after = slot_usage_stats(model, heldout)
     log.info("held-out perplexity: base %.3f, retrofitted %.3f -> healed %.3f after %d steps",
