@@ -51,6 +51,7 @@ def validate_config(cfg: DictConfig) -> None:
         _need(root * root == int(mem.n_slots) and root > 0, "model.memory.n_slots", mem.n_slots, "a perfect square, e.g. 16384 (=128^2)")
         _need(1 <= int(mem.knn) <= root, "model.memory.knn", mem.knn, f"1..sqrt(n_slots)={root}")
         _need(mem.mode in MEMORY_MODES, "model.memory.mode", mem.mode, " | ".join(MEMORY_MODES))
+        _need(mem.get("key_init", "random") in ("random", "kmeans"), "model.memory.key_init", mem.get("key_init"), "random | kmeans")
         _need(len(mem.layers) >= 1 and all(int(i) >= 0 for i in mem.layers), "model.memory.layers", OmegaConf.to_container(mem.layers), "a non-empty list of decoder layer indices >= 0")
         if m.name == "smf" and m.selector != "all":
             _need(int(m.top_t) <= int(mem.n_slots), "method.top_t", m.top_t, f"<= model.memory.n_slots={mem.n_slots}")

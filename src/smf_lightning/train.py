@@ -144,6 +144,12 @@ def run(cfg: DictConfig) -> dict:
     dm = build_datamodule(cfg, model, tokenizer)
     model = maybe_retrofit(cfg, model, model_info)
     log.info("parameters: %s", model_info["param_counts"])
+    if cfg.method.get("retrofit") and cfg.model.memory.get("key_init", "random") == "kmeans" and not cfg.model.get("init_checkpoint"):
+        from .memory.key_init import init_keys_kmeans
+
+        model_info["key_init"] = init_keys_kmeans(
+            model, dm.background_batches(), seed=int(cfg.model.memory.seed), progress=bool(cfg.trainer.enable_progress_bar)
+        )
 
     background = background_stats(cfg, model, dm) if cfg.method.name == "smf" else None
     module = build_method(cfg, model, background=background)
@@ -187,7 +193,8 @@ def _hydra_main(cfg: DictConfig) -> None:
     except ConfigError as e:
         log.error("%s", e)
         raise SystemExit(2) from None
-    log.info("summary: %s", {k: summary[k] for k in ("method", "fact_recall", "acc", "bwt", "forgetting") if k in summary})
+    keys = ("stage", "method", "fact_recall", "acc", "bwt", "forgetting", "base_ppl", "before_ppl", "after_ppl", "steps")
+    log.info("summary: %s", {k: summary[k] for k in keys if k in summary})
 
 
 def main() -> None:

@@ -105,11 +105,7 @@ def spherical_kmeans(points: torch.Tensor, k: int, *, seed: int, iters: int = 20
 
 def query_halves(memory: ProductKeyMemory, x: torch.Tensor) -> torch.Tensor:
     """[..., heads, 2, k_dim/2]: the query halves ``memory.lookup`` scores against its sub-keys."""
-    half = memory.k_dim // 2
-    q = memory.query(x).view(*x.shape[:-1], memory.heads, 2, half)
-    if memory.cfg.query_norm:
-        q = F.layer_norm(q, (half,))
-    return q
+    return memory.query_halves(x)
 
 
 @torch.no_grad()

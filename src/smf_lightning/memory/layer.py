@@ -42,6 +42,7 @@ class MemoryConfig:
     query_norm: bool = True  # layer-norm the query halves (stabilises sub-key scores)
     seed: int = 0  # seeds keys and projections, so the same config gives the same memory
     sparse_grad: bool = True  # EmbeddingBag(sparse=True): value grads touch only accessed rows
+    key_init: str = "random"  # random | kmeans (data-driven sub-keys, memory/key_init.py)
 
     def validate(self, n_layers: int | None = None) -> None:
         root = math.isqrt(self.n_slots)
@@ -59,6 +60,8 @@ class MemoryConfig:
             raise ValueError(f"memory.k_dim={self.k_dim} must be an even number >= 2 (it is split in halves).")
         if self.heads < 1:
             raise ValueError(f"memory.heads={self.heads} must be >= 1.")
+        if self.key_init not in ("random", "kmeans"):
+            raise ValueError(f"memory.key_init={self.key_init!r}; allowed: 'random', 'kmeans'.")
         if self.mode not in ("additive", "replace"):
             raise ValueError(f"memory.mode={self.mode!r}; allowed: 'additive', 'replace'.")
         if not self.layers:
@@ -146,13 +149,16 @@ class ProductKeyMemory(nn.Module):
         else:
             self.values.weight.normal_(0.0, self.v_dim**-0.5, generator=g)
 
+    def query_halves(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., heads, 2, k_dim/2]: the (normalised) query halves scored against the sub-keys."""
+        half = self.k_dim // 2
+        q = self.query(x).view(*x.shape[:-1], self.heads, 2, half)
+        return F.layer_norm(q, (half,)) if self.cfg.query_norm else q
+
     def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Slot ids and fp32 softmax weights, each [B, T, heads, knn]."""
         B, T, _ = x.shape
-        half = self.k_dim // 2
-        q = self.query(x).view(B * T, self.heads, 2, half)
-        if self.cfg.query_norm:
-            q = F.layer_norm(q, (half,))
+        q = self.query_halves(x).view(B * T, self.heads, 2, self.k_dim // 2)
         keys = self.keys.to(q.dtype)
         s1 = torch.einsum("bhd,hnd->bhn", q[:, :, 0], keys[:, 0])  # [BT, H, sqrt N]
         s2 = torch.einsum("bhd,hnd->bhn", q[:, :, 1], keys[:, 1])
