@@ -172,3 +172,9 @@ def test_smf_changes_only_selected_value_rows(tiny_tok):
         w, w0 = mem.values.weight.detach(), before[f"model.layers.{i}.mlp.memory.values.weight"]
         changed = set(torch.nonzero((w != w0).any(1)).squeeze(1).tolist())
         assert changed and changed <= selected[i]
+
+
+def test_missing_checkpoint_fails_fast(tmp_path):
+    res = cli([*TINY, f"hydra.run.dir={tmp_path}", f"ckpt_path={tmp_path}/nope.ckpt"])
+    assert res.returncode != 0
+    assert "ckpt_path" in res.stdout + res.stderr and "does not exist" in res.stdout + res.stderr

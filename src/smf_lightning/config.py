@@ -7,6 +7,7 @@ inside groups, each error naming the key, the value and what is allowed.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -60,5 +61,11 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("n_tasks", "facts_per_task", "repeats_per_batch", "train_batch_size", "eval_batch_size"):
         if key in d:
             _need(int(d[key]) >= 1, f"data.{key}", d[key], "an integer >= 1")
+    ckpt = cfg.get("ckpt_path")
+    if ckpt and not Path(ckpt).is_file():
+        raise ConfigError(
+            f"bad config: ckpt_path={ckpt!r} does not exist. Pass the checkpoints/last.ckpt of the "
+            f"interrupted run (with the same overrides as that run), or drop ckpt_path to start afresh."
+        )
     w = cfg.logger.wandb
     _need(w.mode in ("offline", "online", "disabled"), "logger.wandb.mode", w.mode, "offline | online | disabled")

@@ -173,7 +173,8 @@ def run(cfg: DictConfig) -> dict:
         default_root_dir=str(out_dir),
     )
     try:
-        trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
+        # weights_only: a checkpoint holds tensors and plain containers only; nothing is unpickled
+        trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
     finally:
         close_loggers(loggers)
     if trainer.interrupted or not evaluator.finished:
