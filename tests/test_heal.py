@@ -22,15 +22,6 @@ MEM = dict(layers=[1, 2], n_slots=64, heads=2, knn=4, k_dim=16, mode="replace")
 HEAL = dict(lr=1e-2, betas=(0.9, 0.999), weight_decay=0.0, grad_clip=1.0, eval_every=5, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls: extra threads only contend with other processes on a small machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def corpus(tiny_tok):
     return build_healing_corpus(tiny_tok, {"synthetic": 64}, n_heldout=16, max_len=32, seed=0, reserved=8)

@@ -29,16 +29,6 @@ def _batches(tok, texts, bs=16):
     return out
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tiny model's matmuls are too small to share: with several processes on a 2-core
-    # machine, extra threads only contend (measured 5x slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def fit_and_heldout(tiny_tok):
     return _batches(tiny_tok, _texts(0, 128)), _batches(tiny_tok, _texts(128, 128))
