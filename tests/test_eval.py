@@ -149,13 +149,33 @@ def test_batched_scoring_equals_unpadded_reference(tiny_model, tiny_tok):
         torch.testing.assert_close(s.logprobs, ref, atol=1e-5, rtol=0)
 
 
-def test_shared_context_choice_scoring_equals_full_sequences(tiny_model, tiny_tok):
+@pytest.mark.parametrize("batch_size", [1, 2, 4])
+def test_shared_context_choice_scoring_equals_full_sequences(tiny_model, tiny_tok, batch_size):
     choices = [[" Paris", " London town"], [" wrote Hamlet? A: William", " x", " is it"], [" sleeps"]]
-    shared = score_choices(tiny_model, tiny_tok, CONTEXTS, choices, batch_size=4)
+    shared = score_choices(tiny_model, tiny_tok, CONTEXTS, choices, batch_size=batch_size)
     for ctx, group, scored in zip(CONTEXTS, choices, shared):
         assert len(scored) == len(group)
         for cont, sc in zip(group, scored):
             torch.testing.assert_close(sc.logprobs, _reference_logprobs(tiny_model, tiny_tok, ctx, cont), atol=1e-5, rtol=0)
+
+
+def test_logit_budget_splits_batches_without_changing_results(tiny_model, tiny_tok, monkeypatch):
+    import smf_lightning.eval.scoring as scoring
+
+    choices = [[" Paris", " London town"], [" wrote Hamlet? A: William", " x", " is it"], [" sleeps"]]
+    wide = score_continuations(tiny_model, tiny_tok, CONTEXTS, CONTINUATIONS, batch_size=3)
+    wide_choices = score_choices(tiny_model, tiny_tok, CONTEXTS, choices, batch_size=6)
+    monkeypatch.setattr(scoring, "MAX_LOGIT_ELEMENTS", 2 * 4 * 512)  # ~ two rows of 4 tokens
+    calls = []
+    original = scoring._split_by_logit_budget
+    monkeypatch.setattr(scoring, "_split_by_logit_budget", lambda *a: calls.append(original(*a)) or calls[-1])
+    narrow = score_continuations(tiny_model, tiny_tok, CONTEXTS, CONTINUATIONS, batch_size=3)
+    assert max(len(chunk) for chunk in calls[0]) < 3
+    for a, b in zip(wide, narrow):
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+    for ga, gb in zip(wide_choices, score_choices(tiny_model, tiny_tok, CONTEXTS, choices, batch_size=6)):
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
 
 
 def _naive_greedy(model, tok, prompt, n):

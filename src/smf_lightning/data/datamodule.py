@@ -73,6 +73,7 @@ class FactStreamDataModule(L.LightningDataModule):
         probe_pool_size: int,
         probe_max_new_tokens: int,
         probe_batch_size: int,
+        probe_templates: bool,
         max_answer_words: int,
         recall_max_new_tokens: int,
         eval_batch_size: int,
@@ -126,6 +127,7 @@ class FactStreamDataModule(L.LightningDataModule):
         self.probe_pool_size = probe_pool_size
         self.probe_max_new_tokens = probe_max_new_tokens
         self.probe_batch_size = probe_batch_size
+        self.probe_templates = bool(probe_templates)
         self.max_answer_words = max_answer_words
         self.recall_max_new_tokens = recall_max_new_tokens
         self.eval_batch_size = eval_batch_size
@@ -178,6 +180,9 @@ class FactStreamDataModule(L.LightningDataModule):
         return all(len(self._encode(fact, name).input_ids) <= self.max_seq_len for name in self.templates)
 
     def _probe_triviaqa(self) -> tuple[list[Fact], str]:
+        """Unknown TriviaQA facts: a seeded pool, probed with the probe prompt; with
+        probe_templates, candidates (in stream order) are also probed under every template and
+        dropped if any of them elicits an alias, until the stream is full."""
         data = load_source("triviaqa", source=self.source, data_root=self.data_root)
         order = seeded_order(len(data), self.seed, "triviaqa/pool")
         n_bg = self.background_sizes.get("triviaqa", 0)
@@ -186,13 +191,12 @@ class FactStreamDataModule(L.LightningDataModule):
                 f"probe_pool_size ({self.probe_pool_size}) + background triviaqa ({n_bg}) exceed the "
                 f"{len(data)} TriviaQA questions; lower one of them."
             )
-        pool_positions, pool = [], []
-        for pos in order[: len(data) - n_bg]:
+        pool = []
+        for pos in order[: len(data) - n_bg]:  # background QA takes questions from the other end
             if len(pool) == self.probe_pool_size:
                 break
             if self._eligible(data.items[pos]):
                 pool.append(data.items[pos])
-        # Background QA (see _build_background) takes questions from the other end of this order.
         fingerprint = self.model_fingerprint
         if fingerprint is None:
             if self.probe_model is None:
@@ -201,27 +205,44 @@ class FactStreamDataModule(L.LightningDataModule):
                     "probe_model=<base model> (or model_fingerprint=<fingerprint of a cached probe>)."
                 )
             fingerprint = model_fingerprint(self.probe_model)
-        cache_file = probe_cache_file(
-            self.cache_dir or default_cache_dir(), fingerprint, self.probe_prompt, self.probe_max_new_tokens, "triviaqa"
-        )
-        if self.probe_model is None and not cache_file.exists():
-            raise ValueError(
-                f"No cached probe at {cache_file} for model_fingerprint={fingerprint[:16]}...; pass probe_model=<base model>."
+        cache_dir = self.cache_dir or default_cache_dir()
+
+        def probe(items, prompt):
+            cache_file = probe_cache_file(cache_dir, fingerprint, prompt, self.probe_max_new_tokens, "triviaqa")
+            if self.probe_model is None and not cache_file.exists():
+                raise ValueError(
+                    f"No cached probe at {cache_file} for model_fingerprint={fingerprint[:16]}...; "
+                    "pass probe_model=<base model>."
+                )
+            records = probe_model(
+                self.probe_model, self.tokenizer, items, prompt=prompt, max_new_tokens=self.probe_max_new_tokens,
+                batch_size=self.probe_batch_size, cache_file=cache_file, fingerprint=fingerprint,
             )
-        records = probe_model(
-            self.probe_model, self.tokenizer, pool, prompt=self.probe_prompt, max_new_tokens=self.probe_max_new_tokens,
-            batch_size=self.probe_batch_size, cache_file=cache_file, fingerprint=fingerprint,
-        )
-        misses = [qa_item_to_fact(it) for it in pool if not records[it.id].known]
-        self.info = {
-            "facts": "triviaqa",
-            "facts_origin": f"{data.origin}:{data.location}",
-            "probe": {"pool": len(pool), "known": len(pool) - len(misses), "unknown": len(misses),
-                      "model_fingerprint": fingerprint, "cache_file": str(cache_file)},
-        }
-        log.info("Probe: %d of %d TriviaQA questions unknown to the model", len(misses), len(pool))
-        where = f" (the probe found {len(misses)} unknown among {len(pool)} probed TriviaQA questions)"
-        return misses, where
+            return records, cache_file
+
+        records, cache_file = probe(pool, self.probe_prompt)
+        misses = [it for it in pool if not records[it.id].known]
+        probe_info = {"pool": len(pool), "known": len(pool) - len(misses), "unknown": len(misses),
+                      "model_fingerprint": fingerprint, "cache_file": str(cache_file)}
+        where = f" (the probe found {len(misses)} unknown among {len(pool)} probed TriviaQA questions"
+        if self.probe_templates:
+            needed = self.n_tasks * self.facts_per_task
+            candidates = [misses[i] for i in seeded_order(len(misses), self.seed, "stream")]
+            kept, checked = [], 0
+            while len(kept) < needed and checked < len(candidates):
+                chunk = candidates[checked: checked + (needed - len(kept)) * 5 // 4 + 4]
+                checked += len(chunk)
+                known = set()
+                for template in self.templates.values():
+                    recs, _ = probe(chunk, template.prompt("{question}"))
+                    known |= {i for i, r in recs.items() if r.known}
+                kept += [it for it in chunk if it.id not in known]
+            probe_info.update(template_checked=checked, template_known=checked - len(kept))
+            where += f"; {len(kept)} of the {checked} checked were also unknown under every template"
+            misses = kept
+        self.info = {"facts": "triviaqa", "facts_origin": f"{data.origin}:{data.location}", "probe": probe_info}
+        log.info("Probe: %d TriviaQA facts unknown to the model (%s)", len(misses), probe_info)
+        return [qa_item_to_fact(it) for it in misses], where + ")"
 
     def _build_background(self) -> None:
         self._background_passages, self._background_facts = [], []
@@ -309,6 +330,13 @@ class FactStreamDataModule(L.LightningDataModule):
             self.train_batches(self.current_task), batch_size=None, shuffle=False,
             collate_fn=partial(collate_examples, pad_id=pad_token_id(self.tokenizer)),
         )
+
+    def state_dict(self) -> dict:
+        """Saved in Lightning checkpoints, so a resumed run continues with the same task."""
+        return {"current_task": self.current_task}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.set_task(int(state_dict["current_task"]))
 
     # ------------------------------------------------------------------ evaluation
 

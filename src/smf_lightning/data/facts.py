@@ -271,6 +271,10 @@ def probe_model(
         if stored.get("header") == header:
             records = {k: ProbeRecord(**v) for k, v in stored["records"].items()}
     todo = [it for it in items if it.id not in records]
+    if todo and model is None:
+        raise ValueError(
+            f"{len(todo)} of {len(items)} questions are not in the probe cache ({path}); pass the base model to probe them."
+        )
     if todo:
         log.info("Probing the model on %d questions (%d cached)", len(todo), len(items) - len(todo))
         prompts = [prompt.replace("{question}", it.question) for it in todo]

