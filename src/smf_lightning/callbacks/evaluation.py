@@ -67,10 +67,10 @@ class ContinualEvaluation(L.Callback):
         model, bs = module.model, self.dm.eval_batch_size
         n = self.dm.n_tasks
         row, row_h = [None] * n, [None] * n
+        recall = self.dm.evaluate_recall(model, self.tokenizer, list(tasks))  # one greedy pass for all
         for j in tasks:
-            suites = self.dm.recall_suites(j)
-            train = [suites[t].evaluate(model, self.tokenizer, bs)["em"] for t in self.dm.train_templates]
-            held = [suites[t].evaluate(model, self.tokenizer, bs)["em"] for t in self.dm.heldout_templates]
+            train = [recall[j][t]["em"] for t in self.dm.train_templates]
+            held = [recall[j][t]["em"] for t in self.dm.heldout_templates]
             row[j] = sum(train) / len(train)
             row_h[j] = sum(held) / len(held)
         suites = {name: s.evaluate(model, self.tokenizer, bs) for name, s in self.dm.heldout_suites().items()}
