@@ -3,7 +3,6 @@
 import gzip
 import inspect
 import json
-import warnings
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,6 @@ import torch
 from smf_lightning.data import sources
 from smf_lightning.data.datamodule import FactStreamDataModule
 from smf_lightning.data.facts import (
-    Fact,
     FactTemplate,
     collate_examples,
     encode_example,
