@@ -44,6 +44,7 @@ from torch import nn
 
 from .data.facts import TrainingExample, collate_examples, seeded_order, synthetic_facts
 from .memory import memory_layers, param_counts, save_retrofitted
+from .methods.base import next_token_nll
 
 log = logging.getLogger("smf_lightning")
 
@@ -230,15 +231,7 @@ def dense_value_grads(model: nn.Module):
             m.values.sparse = sparse
 
 
-def lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-    """(sum of next-token NLL over target tokens, number of target tokens); padding excluded."""
-    device = next(model.parameters()).device
-    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-    labels = batch["labels"][:, 1:].to(device)
-    nll = nn.functional.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"
-    )
-    return nll, int((labels != -100).sum())
+lm_loss = next_token_nll  # (NLL sum, target tokens): the same loss the continual methods train
 
 
 @torch.no_grad()

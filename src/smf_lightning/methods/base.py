@@ -16,6 +16,18 @@ import torch
 from torch import nn
 
 
+def next_token_nll(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+    """(sum of next-token NLL over tokens whose label is not -100, their number): the one
+    causal-LM loss of every method and of healing; padding and prompt tokens carry -100."""
+    device = next(model.parameters()).device
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    labels = batch["labels"][:, 1:].to(device)
+    nll = nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    return nll, int((labels != -100).sum())
+
+
 class ContinualLM(L.LightningModule):
     method_name = "base"
 
@@ -43,10 +55,8 @@ class ContinualLM(L.LightningModule):
         return self.model(**batch)
 
     def lm_loss(self, batch: dict) -> torch.Tensor:
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        logits = out.logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+        nll, n_tokens = next_token_nll(self.model, batch)
+        return nll / max(n_tokens, 1)
 
     def training_step(self, batch: dict, batch_idx: int):
         opt = self.optimizers()
