@@ -87,6 +87,21 @@ def test_multirun_sweep_writes_summary_and_plot(tmp_path):
     assert len(runs) == 2
 
 
+def test_suites_first_last_skips_middle_points(tmp_path):
+    """callbacks.suites_at=first_last: held-out suites before training and after the last task
+    only; fact recall still after every task; the summary is the same shape."""
+    res = cli([*TINY, "callbacks.suites_at=first_last", "callbacks.checkpoint.enabled=false", f"hydra.run.dir={tmp_path}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    heldout = list(csv.DictReader((tmp_path / "heldout.csv").open()))
+    assert {r["eval_point"] for r in heldout} == {"0", "2"}
+    rows = list(csv.reader((tmp_path / "accuracy_matrix.csv").open()))
+    assert [r[0] for r in rows[1:]] == ["before", "after task 0", "after task 1"]
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert set(s["heldout"]) == {"nq_open", "hellaswag", "gsm8k", "lambada"}
+    assert (tmp_path / "forgetting_curves.png").stat().st_size > 1000
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_resume_after_kill_gives_same_results(tiny_run, tmp_path):
     first = tmp_path / "killed"
     env = dict(os.environ, WANDB_SILENT="true", PYTHONUNBUFFERED="1")
@@ -124,6 +139,7 @@ def test_resume_after_kill_gives_same_results(tiny_run, tmp_path):
         ("model.memory.n_slots=1000", "model.memory.n_slots"),
         ("model.memory.mode=sideways", "model.memory.mode"),
         ("method=bogus", "method"),
+        ("callbacks.suites_at=sometimes", "callbacks.suites_at"),
     ],
 )
 def test_bad_override_fails_fast_with_clear_message(override, expect, tmp_path):

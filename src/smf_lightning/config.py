@@ -44,6 +44,9 @@ def validate_config(cfg: DictConfig) -> None:
     if m.name == "lora":
         _need(int(m.r) >= 1, "method.r", m.r, "an integer >= 1")
 
+    suites_at = cfg.get("callbacks", {}).get("suites_at", "every_task")
+    _need(suites_at in ("every_task", "first_last"), "callbacks.suites_at", suites_at, "every_task | first_last")
+
     model = cfg.model
     _need(model.source in SOURCES, "model.source", model.source, " | ".join(SOURCES))
     if m.get("retrofit"):

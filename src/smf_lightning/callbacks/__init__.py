@@ -17,7 +17,8 @@ def build_callbacks(cfg: DictConfig, out_dir: Path, dm, tokenizer, run_info: dic
     from lightning.pytorch.callbacks import TQDMProgressBar
 
     c = cfg.callbacks
-    evaluator = ContinualEvaluation(out_dir, dm, tokenizer, run_info, plots=bool(c.plots))
+    evaluator = ContinualEvaluation(out_dir, dm, tokenizer, run_info, plots=bool(c.plots),
+                                   suites_at=str(c.get("suites_at", "every_task")))
     callbacks = [evaluator]
     if cfg.method.name == "smf" and c.slot_stats.enabled:
         callbacks.append(SlotStatsLogger(out_dir, plots=bool(c.plots)))

@@ -22,5 +22,5 @@ class TaskCheckpoint(L.Callback):
         # checkpoint includes this task's results.
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".ckpt.tmp")
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)  # with optimizer and callback states
         os.replace(tmp, self.path)

@@ -14,11 +14,16 @@ import resource
 import time
 from pathlib import Path
 
+import logging
+
 import lightning as L
 
 from ..eval.metrics import continual_learning_metrics, relative_change
 from ..loggers import wandb_run
 from .plots import plot_accuracy_matrix, plot_forgetting_curves
+
+
+log = logging.getLogger(__name__)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -43,8 +48,12 @@ def _clean(x):
 
 
 class ContinualEvaluation(L.Callback):
-    def __init__(self, out_dir: Path, datamodule, tokenizer, run_info: dict, plots: bool = True):
+    def __init__(self, out_dir: Path, datamodule, tokenizer, run_info: dict, plots: bool = True,
+                 suites_at: str = "every_task"):
+        if suites_at not in ("every_task", "first_last"):
+            raise ValueError(f"callbacks.suites_at={suites_at!r}: use every_task or first_last")
         self.out_dir = Path(out_dir)
+        self.suites_at = suites_at  # first_last: held-out suites before training and after the last task only
         self.dm = datamodule
         self.tokenizer = tokenizer
         self.run_info = run_info  # method/model settings copied into summary.json
@@ -62,18 +71,27 @@ class ContinualEvaluation(L.Callback):
         self._t0: float | None = None
 
     # ---------------------------------------------------------------- evaluation
-    def _evaluate(self, module, label: str, tasks: range) -> None:
+    def _evaluate(self, module, label: str, tasks: range, suites: bool = True) -> None:
         t0 = time.perf_counter()
         model, bs = module.model, self.dm.eval_batch_size
         n = self.dm.n_tasks
         row, row_h = [None] * n, [None] * n
+        log.info("evaluation '%s': fact recall of tasks 0..%d ...", label, tasks[-1])
         recall = self.dm.evaluate_recall(model, self.tokenizer, list(tasks))  # one greedy pass for all
         for j in tasks:
             train = [recall[j][t]["em"] for t in self.dm.train_templates]
             held = [recall[j][t]["em"] for t in self.dm.heldout_templates]
             row[j] = sum(train) / len(train)
             row_h[j] = sum(held) / len(held)
-        suites = {name: s.evaluate(model, self.tokenizer, bs) for name, s in self.dm.heldout_suites().items()}
+        log.info("evaluation '%s': recall %.2f (training templates), %.2f (held-out) in %.0f s", label,
+                 sum(row[j] for j in tasks) / len(tasks), sum(row_h[j] for j in tasks) / len(tasks), time.perf_counter() - t0)
+        results = {}
+        for name, suite in (self.dm.heldout_suites().items() if suites else ()):
+            t1 = time.perf_counter()
+            results[name] = suite.evaluate(model, self.tokenizer, bs)
+            log.info("evaluation '%s': %s (%d items) %s %.4g in %.0f s", label, name, len(suite.items),
+                     suite.primary_metric, results[name][suite.primary_metric], time.perf_counter() - t1)
+        suites = results
         self.labels.append(label)
         self.R.append(row)
         self.R_heldout.append(row_h)
@@ -109,10 +127,11 @@ class ContinualEvaluation(L.Callback):
 
     def on_train_epoch_end(self, trainer, module) -> None:
         task = trainer.current_epoch
-        self._evaluate(module, f"after task {task}", range(task + 1))
+        last = task == self.dm.n_tasks - 1
+        self._evaluate(module, f"after task {task}", range(task + 1), suites=last or self.suites_at == "every_task")
         self._log(trainer, len(self.R) - 1)
         module.model.train()
-        if task == self.dm.n_tasks - 1:
+        if last:
             self._finish(trainer, module)
 
     # ---------------------------------------------------------------- files
@@ -185,7 +204,8 @@ class ContinualEvaluation(L.Callback):
             plot_accuracy_matrix(self.R_heldout, self.labels, self.out_dir / "accuracy_matrix_heldout_template.png", "fact recall R (held-out template)"),
         ]
         suites = self.dm.heldout_suites()
-        curves = {f"{n} {s.primary_metric}": [h[n][s.primary_metric] for h in self.heldout] for n, s in suites.items()}
+        curves = {f"{n} {s.primary_metric}": [h[n][s.primary_metric] if n in h else None for h in self.heldout]
+                  for n, s in suites.items()}
         pngs.append(plot_forgetting_curves(self.R, curves, self.labels, self.out_dir / "forgetting_curves.png"))
         run = wandb_run(trainer)
         if run is not None:

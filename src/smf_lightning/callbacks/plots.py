@@ -50,8 +50,9 @@ def plot_forgetting_curves(R: list[list[float | None]], heldout: dict[str, list[
     a.legend(fontsize=7)
     for name, vals in heldout.items():
         base = vals[0]
-        rel = [100.0 * (v - base) / abs(base) if base else np.nan for v in vals]
-        b.plot(np.arange(len(vals)), rel, marker="o", label=name)
+        rel = [100.0 * (v - base) / abs(base) if base and v is not None else np.nan for v in vals]
+        xs = [i for i, r in enumerate(rel) if not np.isnan(r)]  # points without suite results are skipped
+        b.plot(xs, [rel[i] for i in xs], marker="o", label=name)
     b.axhline(0, color="grey", lw=0.8)
     b.set_xticks(np.arange(len(row_labels)), row_labels, rotation=30)
     b.set_ylabel("% change vs before training")
