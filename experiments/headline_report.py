@@ -56,13 +56,15 @@ def slot_summary(path: Path) -> dict:
 
 def row_of(name: str, run: Path) -> dict:
     s = json.loads((run / "summary.json").read_text())
-    m = s.get("method", {})
+    m = s["method_config"]
     held = s["heldout"]
     r = {
-        "row": name, "method": m.get("name"), "selector": m.get("selector") or "", "top_t": m.get("top_t") or "",
+        "row": name, "method": m["name"], "selector": m.get("selector") or "",
+        "top_t": m.get("top_t") if m.get("selector") not in (None, "all") else "",
         "optimizer": m.get("optimizer"), "lr": m.get("lr"),
         "facts": s["n_tasks"] * s["facts_per_task"], "steps": s["steps"],
         "recall": s["fact_recall"], "recall_heldout_template": s["fact_recall_heldout_template"],
+        "recall_contains": s.get("fact_recall_contains"),
         "acc": s["acc"], "bwt": s["bwt"], "forgetting": s["forgetting"],
     }
     worse = []
@@ -154,12 +156,13 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def tune_table(rows: list[dict]) -> str:
-    head = ("| run | settings | recall (train tpl) | recall (held-out tpl) | NQ F1 | NQ ans. NLL | LAMBADA ppl "
+    head = ("| run | settings | recall (train tpl) | recall (held-out tpl) | alias in answer | BWT | NQ F1 | NQ ans. NLL | LAMBADA ppl "
             "| s/step |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append("| " + " | ".join([
-            r["row"], f"{r['optimizer']} lr {r['lr']:g}", _fmt(r["recall"]), _fmt(r["recall_heldout_template"]),
+            r["row"], f"{r['optimizer']} lr {r['lr']:g}" + (f", t={r['top_t']}" if r["top_t"] else ""),
+            _fmt(r["recall"]), _fmt(r["recall_heldout_template"]), _fmt(r["recall_contains"]), _fmt(r["bwt"]),
             _fmt(r.get("nq_open_rel"), True), _fmt(r.get("nq_answer_nll_rel"), True), _fmt(r.get("lambada_rel"), True),
             _fmt(r["seconds_per_step"], digits=1)]) + " |")
     return "\n".join(lines)
