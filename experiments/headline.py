@@ -61,6 +61,7 @@ TUNE: dict[str, list[str]] = {
     "lora_lr1e-3": ["method=lora", "method.lr=1e-3"],
     "lora_lr3e-3": ["method=lora", "method.lr=3e-3"],
     # 1e-3 collapsed (loss 0 after 2 steps, the next fact starts at 30-40 nats, LAMBADA ppl 1e9)
+    "lora_lr3e-5": ["method=lora", "method.lr=3e-5"],
     "lora_lr1e-4": ["method=lora", "method.lr=1e-4"],
     "lora_lr3e-4": ["method=lora", "method.lr=3e-4"],
     "full_ft_lr1e-6": ["method=full_ft", "method.lr=1e-6"],

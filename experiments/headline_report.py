@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shlex
 import shutil
 import statistics
 import sys
@@ -92,8 +93,8 @@ def row_of(name: str, run: Path) -> dict:
 def _fmt(v, pct=False, digits=2):
     if v is None or v == "" or (isinstance(v, float) and math.isnan(v)):
         return "–"
-    if pct:
-        return f"{100 * v:+.0f}%"
+    if pct:  # relative change; beyond +10,000% as a factor
+        return f"×{1 + v:.1e}" if v > 100 else f"{100 * v:+.0f}%"
     if isinstance(v, float):
         return f"{v:.{digits}f}"
     return str(v)
@@ -153,6 +154,21 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def commands_block() -> str:
+    """The exact command of every row (python -m smf_lightning.train ...), as the runner issues it."""
+    from headline import KEYS_ROWS, ROWS, TUNE, command
+
+    lines = ["```bash"]
+    for group, names, tune in (("rows", ROWS, False), ("issue 7 rows", KEYS_ROWS, False), ("learning-rate search", TUNE, True)):
+        lines.append(f"# {group}")
+        for n in names:
+            cmd = command(n, [], tune)
+            args = [shlex.quote(c.replace(str(HERE.parent) + "/", "")) for c in cmd[1:] if not c.startswith("ckpt_path=")]
+            lines.append("python " + " ".join(args))
+    lines.append("```")
+    return "\n".join(lines)
 
 
 def tune_table(rows: list[dict]) -> str:
@@ -223,6 +239,7 @@ def main() -> int:
     table = markdown_table(rows) + "\n\nSlot statistics (SMF rows, means over optimizer steps):\n\n" + slot_table(rows)
     print(table)
     _write_between(table, MARK_START, MARK_END)
+    _write_between(commands_block(), "<!-- commands:start -->", "<!-- commands:end -->")
     missing = [n for n in ROWS if n not in dict(runs)]
     if missing:
         print(f"rows not finished yet: {missing}")
