@@ -137,7 +137,7 @@ def slot_table(rows: list[dict]) -> str:
 def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = {"smf": "tab:blue", "lora": "tab:orange", "full_ft": "tab:red"}
-    for ax, key, label in ((axes[0], "nq_open_rel", "NQ-open F1 change (%)"),
+    for ax, key, label in ((axes[0], "nq_answer_nll_rel", "NQ-open answer NLL change (%, > 0 worse)"),
                            (axes[1], "heldout_degradation", "mean held-out degradation (%, > 0 worse)")):
         for r in rows:
             y = r.get(key)
