@@ -156,6 +156,14 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def write_csv(rows: list[dict], path: Path) -> None:
+    cols = list(dict.fromkeys(k for r in rows for k in r))  # every key of every row, first-seen order
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+
+
 def commands_block() -> str:
     """The exact command of every row (python -m smf_lightning.train ...), as the runner issues it."""
     from headline import KEYS_ROWS, ROWS, TUNE, command
@@ -192,11 +200,7 @@ def tune_main() -> int:
         print(f"no finished runs under {TUNE_RUNS}; run experiments/headline.py --tune first")
         return 1
     OUT.mkdir(parents=True, exist_ok=True)
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    with (OUT / "tune.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, OUT / "tune.csv")
     table = tune_table(rows)
     print(table)
     _write_between(table, "<!-- tune-table:start -->", "<!-- tune-table:end -->")
@@ -229,11 +233,7 @@ def main() -> int:
         for f in KEPT_FILES:
             if (p / f).exists():
                 shutil.copy2(p / f, OUT / n / f)
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    with (OUT / "headline.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, OUT / "headline.csv")
     (OUT / "headline.json").write_text(json.dumps(rows, indent=2))
     plot(rows, OUT / "learning_vs_forgetting.png")
     table = markdown_table(rows) + "\n\nSlot statistics (SMF rows, means over optimizer steps):\n\n" + slot_table(rows)

@@ -15,6 +15,7 @@ METHODS = ("smf", "full_ft", "lora")
 SMF_OPTIMIZERS = ("adam", "sgd")
 SOURCES = ("auto", "hub", "offline", "tiny")
 MEMORY_MODES = ("additive", "replace")
+SUITES_AT = ("every_task", "first_last")  # callbacks.suites_at: when the held-out suites run
 
 
 class ConfigError(ValueError):
@@ -45,7 +46,7 @@ def validate_config(cfg: DictConfig) -> None:
         _need(int(m.r) >= 1, "method.r", m.r, "an integer >= 1")
 
     suites_at = cfg.get("callbacks", {}).get("suites_at", "every_task")
-    _need(suites_at in ("every_task", "first_last"), "callbacks.suites_at", suites_at, "every_task | first_last")
+    _need(suites_at in SUITES_AT, "callbacks.suites_at", suites_at, " | ".join(SUITES_AT))
 
     model = cfg.model
     _need(model.source in SOURCES, "model.source", model.source, " | ".join(SOURCES))

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import resource
 import time
 from pathlib import Path
 
-import logging
-
 import lightning as L
 
+from ..config import SUITES_AT
 from ..eval.metrics import continual_learning_metrics, relative_change
 from ..loggers import wandb_run
 from .plots import plot_accuracy_matrix, plot_forgetting_curves
@@ -50,8 +50,8 @@ def _clean(x):
 class ContinualEvaluation(L.Callback):
     def __init__(self, out_dir: Path, datamodule, tokenizer, run_info: dict, plots: bool = True,
                  suites_at: str = "every_task"):
-        if suites_at not in ("every_task", "first_last"):
-            raise ValueError(f"callbacks.suites_at={suites_at!r}: use every_task or first_last")
+        if suites_at not in SUITES_AT:
+            raise ValueError(f"callbacks.suites_at={suites_at!r}: use {' or '.join(SUITES_AT)}")
         self.out_dir = Path(out_dir)
         self.suites_at = suites_at  # first_last: held-out suites before training and after the last task only
         self.dm = datamodule
@@ -93,12 +93,11 @@ class ContinualEvaluation(L.Callback):
             results[name] = suite.evaluate(model, self.tokenizer, bs)
             log.info("evaluation '%s': %s (%d items) %s %.4g in %.0f s", label, name, len(suite.items),
                      suite.primary_metric, results[name][suite.primary_metric], time.perf_counter() - t1)
-        suites = results
         self.labels.append(label)
         self.R.append(row)
         self.R_heldout.append(row_h)
         self.R_contains.append(row_c)
-        self.heldout.append(suites)
+        self.heldout.append(results)
         self.eval_seconds += time.perf_counter() - t0
         self._write_progress()
 
