@@ -61,6 +61,7 @@ def tiny_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("run")
     res = cli([*TINY, f"hydra.run.dir={run_dir}"])
     assert res.returncode == 0, res.stderr[-3000:]
+    (run_dir / "cli_output.txt").write_text(res.stdout + res.stderr)
     return run_dir
 
 
@@ -74,6 +75,13 @@ def test_cli_run_writes_output_contract(tiny_run):
     ckpt = torch.load(tiny_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert set(ckpt["state_dict"]) == {"model.model.layers.1.mlp.memory.values.weight", "model.model.layers.2.mlp.memory.values.weight"}
     assert list((tiny_run / "wandb").glob("offline-run-*")), "wandb offline run missing"
+
+
+def test_run_output_has_no_lightning_noise(tiny_run):
+    out = (tiny_run / "cli_output.txt").read_text()
+    assert "in eval mode at the start of training" not in out  # the model is put in train mode before fit
+    assert "litlogger" not in out  # Lightning's advertisement is filtered from the run log
+    assert "evaluation 'before'" in out  # the log itself still comes through
 
 
 def test_multirun_sweep_writes_summary_and_plot(tmp_path):

@@ -156,6 +156,7 @@ def run(cfg: DictConfig) -> dict:
     run_info = run_summary_info(cfg, model_info, module)
     loggers = build_loggers(cfg, out_dir)
     callbacks, evaluator = build_callbacks(cfg, out_dir, dm, tokenizer, run_info)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_drop_litlogger_tip)
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
@@ -172,6 +173,9 @@ def run(cfg: DictConfig) -> dict:
         callbacks=callbacks,
         default_root_dir=str(out_dir),
     )
+    # Train mode before fit (Lightning warns about modules left in eval mode); every evaluation
+    # switches to eval mode and back (eval/scoring.py), so this changes no forward.
+    module.model.train()
     try:
         # weights_only: a checkpoint holds tensors and plain containers only; nothing is unpickled
         trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
@@ -185,6 +189,11 @@ def run(cfg: DictConfig) -> dict:
         log.warning(msg)
         raise SystemExit(130)
     return evaluator.summary
+
+
+def _drop_litlogger_tip(record: logging.LogRecord) -> bool:
+    """Lightning advertises its cloud logger on every Trainer start; the run log does not need it."""
+    return "litlogger" not in record.getMessage()
 
 
 @hydra.main(version_base="1.3", config_path=None, config_name="train")
