@@ -82,7 +82,7 @@ def row_of(name: str, run: Path) -> dict:
     nq = held.get("nq_open")
     if nq:
         b, a = nq["all_before"]["answer_nll"], nq["all_after"]["answer_nll"]
-        r["nq_answer_nll_rel"] = (a - b) / abs(b)
+        r.update(nq_answer_nll_before=b, nq_answer_nll_after=a, nq_answer_nll_rel=(a - b) / abs(b))
     r["heldout_degradation"] = _mean(worse)  # mean over suites of the relative worsening
     r.update({"seconds_per_step": s["seconds_per_step"], "peak_rss_mb": s["peak_rss_mb"],
               "trainable_params": s["trainable_params"], "updated_params_per_step": s["updated_params_per_step"]})
@@ -240,10 +240,77 @@ def main() -> int:
     print(table)
     _write_between(table, MARK_START, MARK_END)
     _write_between(commands_block(), "<!-- commands:start -->", "<!-- commands:end -->")
+    keys_section()
     missing = [n for n in ROWS if n not in dict(runs)]
     if missing:
         print(f"rows not finished yet: {missing}")
     return 0
+
+
+def heal_table(summary: dict) -> str:
+    """Held-out perplexity of the healing run: base, replace before healing, replace after."""
+    slots = summary.get("slot_usage") or {}
+    lines = ["| model | held-out ppl | vs base |", "|---|---:|---:|",
+             f"| base (= additive memory, values 0) | {summary['base_ppl']:.1f} | – |",
+             f"| replace, before healing | {summary['before_ppl']:.1f} | {_fmt(summary['ppl_ratio_before'] - 1, True)} |",
+             f"| replace, healed {summary['steps']} steps ({', '.join(summary['heal_config']['trainable'])}) "
+             f"| {summary['after_ppl']:.1f} | {_fmt(summary['ppl_ratio_after'] - 1, True)} |"]
+    for layer, before in (slots.get("before") or {}).items():  # per memory layer
+        after = (slots.get("after") or {}).get(layer, {})
+        lines += ["", f"Slot usage of layer {layer} on the held-out text, before → after healing: " + "; ".join(
+            f"{k} {_fmt(before.get(k), digits=3)} → {_fmt(after.get(k), digits=3)}"
+            for k in ("touched_share", "effective_slots_share", "hub_share_top1pct"))]
+    return "\n".join(lines)
+
+
+def keys_table(rows: list[dict]) -> str:
+    """The issue-7 rows next to the additive reference, with absolute held-out numbers: the healed
+    model starts from its own (healed) function, so its relative changes have a different base."""
+    head = ("| row | memory | recall (train tpl) | recall (held-out tpl) | alias in answer | BWT | NQ ans. NLL before → after "
+            "| LAMBADA ppl before → after | HellaSwag before → after | mean degradation | KL(batch‖bg) | hub share (batch) "
+            "| slots accessed/step |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    memory = {"smf_kl_t128": "additive, random keys", "smf_kl_t128_kmeans": "additive, k-means keys",
+              "smf_kl_t128_replace_healed": "replace, healed"}
+    for r in rows:
+        def move(suite, key=None):
+            b, a = (r.get(f"{suite}_{key}_before"), r.get(f"{suite}_{key}_after")) if key else (None, None)
+            if b is None:
+                return "–"
+            return f"{b:.2f} → {a:.2f} ({_fmt(r.get(f'{suite}_rel'), True)})"
+        nq = (f"{r['nq_answer_nll_before']:.2f} → {r['nq_answer_nll_after']:.2f} ({_fmt(r['nq_answer_nll_rel'], True)})"
+              if r.get("nq_answer_nll_before") is not None else "–")
+        lines.append("| " + " | ".join([
+            r["row"], memory.get(r["row"], ""), _fmt(r["recall"]), _fmt(r["recall_heldout_template"]),
+            _fmt(r["recall_contains"]), _fmt(r["bwt"]), nq, move("lambada", "ppl"), move("hellaswag", "acc_norm"),
+            _fmt(r["heldout_degradation"], True), _fmt(r.get("slots_kl_batch_bg")), _fmt(r.get("slots_hub_share_batch")),
+            _fmt(r.get("slots_accessed_slots"), digits=0)]) + " |")
+    return "\n".join(lines)
+
+
+def keys_section() -> None:
+    """Issue 7 at one budget: additive vs additive + k-means keys vs replace + healed (KEYS_ROWS)."""
+    from headline import HEAL_DIR, KEYS_ROWS
+
+    names = ["smf_kl_t128", *KEYS_ROWS]
+    runs = [(n, RUNS / n) for n in names if (RUNS / n / "summary.json").exists()]
+    if not any(n in KEYS_ROWS for n, _ in runs):
+        return
+    rows = [row_of(n, p) for n, p in runs]
+    for n, p in runs:
+        (OUT / n).mkdir(exist_ok=True)
+        for f in KEPT_FILES:
+            if (p / f).exists():
+                shutil.copy2(p / f, OUT / n / f)
+    write_csv(rows, OUT / "keys.csv")
+    table = keys_table(rows)
+    heal_summary = HEAL_DIR / "heal_summary.json"
+    if heal_summary.exists():
+        summary = json.loads(heal_summary.read_text())
+        shutil.copy2(heal_summary, OUT / "heal_summary.json")
+        table = "Healing run (`experiments/runs/heal_replace`):\n\n" + heal_table(summary) + "\n\n" + table
+    print(table)
+    _write_between(table, "<!-- keys-table:start -->", "<!-- keys-table:end -->")
 
 
 if __name__ == "__main__":
