@@ -151,6 +151,7 @@ def test_resume_after_kill_gives_same_results(tiny_run, tmp_path):
         ("model.memory.mode=sideways", "model.memory.mode"),
         ("method=bogus", "method"),
         ("callbacks.suites_at=sometimes", "callbacks.suites_at"),
+        ("method.prefix_cache=-1", "method.prefix_cache"),
     ],
 )
 def test_bad_override_fails_fast_with_clear_message(override, expect, tmp_path):
@@ -205,3 +206,44 @@ def test_missing_checkpoint_fails_fast(tmp_path):
     res = cli([*TINY, f"hydra.run.dir={tmp_path}", f"ckpt_path={tmp_path}/nope.ckpt"])
     assert res.returncode != 0
     assert "ckpt_path" in res.stdout + res.stderr and "does not exist" in res.stdout + res.stderr
+
+
+def test_loss_on_kept_logits_equals_full_logits_loss(tiny_tok):
+    """next_token_nll sends only labelled columns through the LM head; the loss and the
+    gradients equal those of full logits, also for a model without `logits_to_keep`."""
+    from smf_lightning.methods.base import next_token_nll
+    from smf_lightning.models.tiny import tiny_qwen2
+
+    model = tiny_qwen2()
+    enc = tiny_tok(["Question: Who wrote Hamlet?\nAnswer: Shakespeare", "Q: What is 2+2? A: 4"],
+                   return_tensors="pt", padding=True)
+    labels = torch.full_like(enc.input_ids, -100)
+    labels[0, -3:] = enc.input_ids[0, -3:]  # answer-only loss on different columns per row
+    n1 = int(enc.attention_mask[1].sum())
+    labels[1, n1 - 1] = enc.input_ids[1, n1 - 1]
+    batch = {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "labels": labels}
+
+    def reference():
+        logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+
+    class NoKeep(torch.nn.Module):  # a forward without logits_to_keep (e.g. a custom wrapper)
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    grads = []
+    for loss_fn in (reference, lambda: next_token_nll(model, batch)[0], lambda: next_token_nll(NoKeep(model), batch)[0]):
+        model.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert next_token_nll(model, batch)[1] == 4
+    for loss, g in grads[1:]:
+        torch.testing.assert_close(loss, grads[0][0], rtol=1e-5, atol=1e-6)
+        for a, b in zip(g, grads[0][1], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -42,6 +42,9 @@ def validate_config(cfg: DictConfig) -> None:
             _need(m.top_t is not None and int(m.top_t) >= 1, "method.top_t", m.top_t, "an integer >= 1 (the slot budget per layer and step)")
         _need(m.optimizer in SMF_OPTIMIZERS, "method.optimizer", m.optimizer, " | ".join(SMF_OPTIMIZERS))
         _need(bool(m.retrofit), "method.retrofit", m.retrofit, "true for smf (SMF trains memory slots)")
+        cache = m.get("prefix_cache", 0)
+        _need(isinstance(cache, int) and not isinstance(cache, bool) and cache >= 0, "method.prefix_cache", cache,
+              "an integer >= 0 (batches whose frozen-prefix states are kept; 0 = off)")
     if m.name == "lora":
         _need(int(m.r) >= 1, "method.r", m.r, "an integer >= 1")
 

@@ -15,6 +15,7 @@ from ..memory import freeze_all_but_values, memory_layers
 from ..optim import SlotAdam, SlotSGD
 from ..selection.selectors import loss_position_mask, select_slots, slot_counts
 from .base import ContinualLM
+from .prefix_cache import FrozenPrefixCache
 
 
 class SparseMemoryFinetune(ContinualLM):
@@ -34,6 +35,11 @@ class SparseMemoryFinetune(ContinualLM):
         self._counts: dict[int, torch.Tensor] = {}
         self.last_selection: dict[int, torch.Tensor] = {}
         self.last_counts: dict[int, torch.Tensor] = {}
+        self.prefix_cache = FrozenPrefixCache(model, capacity=int(self.mcfg.get("prefix_cache", 0) or 0))
+
+    def lm_loss(self, batch: dict) -> torch.Tensor:
+        with self.prefix_cache.reuse(batch):
+            return super().lm_loss(batch)
 
     def configure_optimizers(self):
         values = [m.values.weight for m in self.memories.values()]
