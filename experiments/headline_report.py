@@ -156,6 +156,16 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def collect(runs: list[tuple[str, Path]]) -> list[dict]:
+    """One table row per finished run; its raw files are copied into results/headline/<row>/."""
+    for name, run in runs:
+        (OUT / name).mkdir(exist_ok=True)
+        for f in KEPT_FILES:
+            if (run / f).exists():
+                shutil.copy2(run / f, OUT / name / f)
+    return [row_of(name, run) for name, run in runs]
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     cols = list(dict.fromkeys(k for r in rows for k in r))  # every key of every row, first-seen order
     with path.open("w", newline="") as f:
@@ -227,12 +237,7 @@ def main() -> int:
         print(f"no finished runs under {RUNS}; run experiments/headline.py first")
         return 1
     OUT.mkdir(parents=True, exist_ok=True)
-    rows = [row_of(n, p) for n, p in runs]
-    for n, p in runs:
-        (OUT / n).mkdir(exist_ok=True)
-        for f in KEPT_FILES:
-            if (p / f).exists():
-                shutil.copy2(p / f, OUT / n / f)
+    rows = collect(runs)
     write_csv(rows, OUT / "headline.csv")
     (OUT / "headline.json").write_text(json.dumps(rows, indent=2))
     plot(rows, OUT / "learning_vs_forgetting.png")
@@ -296,12 +301,7 @@ def keys_section() -> None:
     runs = [(n, RUNS / n) for n in names if (RUNS / n / "summary.json").exists()]
     if not any(n in KEYS_ROWS for n, _ in runs):
         return
-    rows = [row_of(n, p) for n, p in runs]
-    for n, p in runs:
-        (OUT / n).mkdir(exist_ok=True)
-        for f in KEPT_FILES:
-            if (p / f).exists():
-                shutil.copy2(p / f, OUT / n / f)
+    rows = collect(runs)
     write_csv(rows, OUT / "keys.csv")
     table = keys_table(rows)
     heal_summary = HEAL_DIR / "heal_summary.json"
