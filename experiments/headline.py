@@ -82,6 +82,20 @@ KEYS_ROWS: dict[str, list[str]] = {
 }
 
 
+# The issue-7 rows at the additive memory's lr (1.0) overshoot: the healed values are not zero
+# (the first Adam step of +-1 per coordinate took the loss from 6 to 20 nats) and k-means keys
+# forgot earlier facts. A search on the same 2 tasks as TUNE, then the rows at the chosen lr.
+def with_lr(overrides: list[str], lr: float) -> list[str]:
+    return [o for o in overrides if not o.startswith("method.lr=")] + [f"method.lr={lr}"]
+
+
+KEYS_TUNE: dict[str, list[str]] = {
+    **{f"keys_kmeans_lr{lr}": with_lr(KEYS_ROWS["smf_kl_t128_kmeans"], lr) for lr in (0.1, 0.3)},
+    **{f"keys_healed_lr{lr}": with_lr(KEYS_ROWS["smf_kl_t128_replace_healed"], lr) for lr in (0.01, 0.1)},
+}
+TUNE.update(KEYS_TUNE)
+
+
 def prepare_healed() -> int:
     if (HEAL_DIR / "healed" / "retrofit.json").exists():
         return 0
@@ -120,7 +134,7 @@ def main() -> int:
         for n in names:
             print(f"{n}:\n  {' '.join(command(n, args.extra, args.tune)[1:])}")
         return 0
-    if any(n in KEYS_ROWS for n in names) and prepare_healed():
+    if any(n in KEYS_ROWS or n in KEYS_TUNE for n in names) and prepare_healed():
         print("healing failed; see", HEAL_DIR / "train.log")
         return 1
     todo = []

@@ -273,7 +273,7 @@ def keys_table(rows: list[dict]) -> str:
     model starts from its own (healed) function, so its relative changes have a different base."""
     head = ("| row | memory | recall (train tpl) | recall (held-out tpl) | alias in answer | BWT | NQ ans. NLL before → after "
             "| LAMBADA ppl before → after | HellaSwag before → after | mean degradation | KL(batch‖bg) | hub share (batch) "
-            "| slots accessed/step |")
+            "| slots accessed/step | selected slots also chosen for earlier tasks | hub share (background) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     memory = {"smf_kl_t128": "additive, random keys", "smf_kl_t128_kmeans": "additive, k-means keys",
               "smf_kl_t128_replace_healed": "replace, healed"}
@@ -287,9 +287,10 @@ def keys_table(rows: list[dict]) -> str:
               if r.get("nq_answer_nll_before") is not None else "–")
         lines.append("| " + " | ".join([
             r["row"], memory.get(r["row"], ""), _fmt(r["recall"]), _fmt(r["recall_heldout_template"]),
-            _fmt(r["recall_contains"]), _fmt(r["bwt"]), nq, move("lambada", "ppl"), move("hellaswag", "acc_norm"),
+            _fmt(r["recall_contains"]), _fmt(r["bwt"]), nq, move("lambada", "last_word_ppl"), move("hellaswag", "acc_norm"),
             _fmt(r["heldout_degradation"], True), _fmt(r.get("slots_kl_batch_bg")), _fmt(r.get("slots_hub_share_batch")),
-            _fmt(r.get("slots_accessed_slots"), digits=0)]) + " |")
+            _fmt(r.get("slots_accessed_slots"), digits=0), _fmt(r.get("slots_overlap_earlier")),
+            _fmt(r.get("slots_hub_share_bg"), digits=3)]) + " |")
     return "\n".join(lines)
 
 
