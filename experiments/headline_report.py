@@ -271,12 +271,13 @@ def heal_table(summary: dict) -> str:
 def keys_table(rows: list[dict]) -> str:
     """The issue-7 rows next to the additive reference, with absolute held-out numbers: the healed
     model starts from its own (healed) function, so its relative changes have a different base."""
-    head = ("| row | memory | recall (train tpl) | recall (held-out tpl) | alias in answer | BWT | NQ ans. NLL before → after "
+    head = ("| row | memory | Adam lr | recall (train tpl) | recall (held-out tpl) | alias in answer | BWT | NQ ans. NLL before → after "
             "| LAMBADA ppl before → after | HellaSwag before → after | mean degradation | KL(batch‖bg) | hub share (batch) "
             "| slots accessed/step | selected slots also chosen for earlier tasks | hub share (background) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    memory = {"smf_kl_t128": "additive, random keys", "smf_kl_t128_kmeans": "additive, k-means keys",
-              "smf_kl_t128_replace_healed": "replace, healed"}
+    def memory(name: str) -> str:
+        return "replace, healed" if "healed" in name else "additive, k-means keys" if "kmeans" in name else "additive, random keys"
+
     for r in rows:
         def move(suite, key=None):
             b, a = (r.get(f"{suite}_{key}_before"), r.get(f"{suite}_{key}_after")) if key else (None, None)
@@ -286,7 +287,7 @@ def keys_table(rows: list[dict]) -> str:
         nq = (f"{r['nq_answer_nll_before']:.2f} → {r['nq_answer_nll_after']:.2f} ({_fmt(r['nq_answer_nll_rel'], True)})"
               if r.get("nq_answer_nll_before") is not None else "–")
         lines.append("| " + " | ".join([
-            r["row"], memory.get(r["row"], ""), _fmt(r["recall"]), _fmt(r["recall_heldout_template"]),
+            r["row"], memory(r["row"]), f"{r['lr']:g}", _fmt(r["recall"]), _fmt(r["recall_heldout_template"]),
             _fmt(r["recall_contains"]), _fmt(r["bwt"]), nq, move("lambada", "last_word_ppl"), move("hellaswag", "acc_norm"),
             _fmt(r["heldout_degradation"], True), _fmt(r.get("slots_kl_batch_bg")), _fmt(r.get("slots_hub_share_batch")),
             _fmt(r.get("slots_accessed_slots"), digits=0), _fmt(r.get("slots_overlap_earlier")),

@@ -35,6 +35,8 @@ def check_contract(run_dir: Path) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary), SUMMARY_KEYS - set(summary)
     assert summary["n_tasks"] == 2 and summary["facts_per_task"] == 2
+    ids = summary["data"]["task_fact_ids"]  # the stream, in order: 2 tasks x 2 distinct facts
+    assert [len(t) for t in ids] == [2, 2] and len({i for t in ids for i in t}) == 4
     assert summary["model"]["source"] == "tiny"
     # an exact-match answer always contains its alias
     assert summary["fact_recall"] <= summary["fact_recall_contains"] <= 1

@@ -170,6 +170,7 @@ class FactStreamDataModule(L.LightningDataModule):
             train_templates=list(self.train_templates), heldout_templates=list(self.heldout_templates),
             loss_on=self.loss_on,
             background={name: n for name, n in self.background_sizes.items()},
+            task_fact_ids=[[f.id for f in task] for task in self.tasks],  # which facts, in stream order
         )
 
     def _eligible(self, item: QAItem) -> bool:
