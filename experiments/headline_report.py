@@ -68,6 +68,9 @@ def row_of(name: str, run: Path) -> dict:
         "recall_contains": s.get("fact_recall_contains"),
         "acc": s["acc"], "bwt": s["bwt"], "forgetting": s["forgetting"],
     }
+    mem = s["model"].get("memory") or {}
+    if mem:  # e.g. "additive, random keys" or "replace, random keys, healed"
+        r["memory"] = f"{mem.get('mode')}, {mem.get('key_init', 'random')} keys" + (", healed" if s["model"].get("healing") else "")
     worse = []
     for suite in SUITES:
         h = held.get(suite)
@@ -245,7 +248,7 @@ def main() -> int:
     print(table)
     _write_between(table, MARK_START, MARK_END)
     _write_between(commands_block(), "<!-- commands:start -->", "<!-- commands:end -->")
-    keys_section()
+    keys_section({r["row"]: r for r in rows})
     missing = [n for n in ROWS if n not in dict(runs)]
     if missing:
         print(f"rows not finished yet: {missing}")
@@ -275,19 +278,14 @@ def keys_table(rows: list[dict]) -> str:
             "| LAMBADA ppl before → after | HellaSwag before → after | mean degradation | KL(batch‖bg) | hub share (batch) "
             "| slots accessed/step | selected slots also chosen for earlier tasks | hub share (background) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    def memory(name: str) -> str:
-        return "replace, healed" if "healed" in name else "additive, k-means keys" if "kmeans" in name else "additive, random keys"
-
     for r in rows:
-        def move(suite, key=None):
-            b, a = (r.get(f"{suite}_{key}_before"), r.get(f"{suite}_{key}_after")) if key else (None, None)
-            if b is None:
-                return "–"
-            return f"{b:.2f} → {a:.2f} ({_fmt(r.get(f'{suite}_rel'), True)})"
+        def move(suite, key):
+            b, a = r.get(f"{suite}_{key}_before"), r.get(f"{suite}_{key}_after")
+            return "–" if b is None else f"{b:.2f} → {a:.2f} ({_fmt(r.get(f'{suite}_rel'), True)})"
         nq = (f"{r['nq_answer_nll_before']:.2f} → {r['nq_answer_nll_after']:.2f} ({_fmt(r['nq_answer_nll_rel'], True)})"
               if r.get("nq_answer_nll_before") is not None else "–")
         lines.append("| " + " | ".join([
-            r["row"], memory(r["row"]), f"{r['lr']:g}", _fmt(r["recall"]), _fmt(r["recall_heldout_template"]),
+            r["row"], r.get("memory", "–"), f"{r['lr']:g}", _fmt(r["recall"]), _fmt(r["recall_heldout_template"]),
             _fmt(r["recall_contains"]), _fmt(r["bwt"]), nq, move("lambada", "last_word_ppl"), move("hellaswag", "acc_norm"),
             _fmt(r["heldout_degradation"], True), _fmt(r.get("slots_kl_batch_bg")), _fmt(r.get("slots_hub_share_batch")),
             _fmt(r.get("slots_accessed_slots"), digits=0), _fmt(r.get("slots_overlap_earlier")),
@@ -295,15 +293,15 @@ def keys_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def keys_section() -> None:
-    """Issue 7 at one budget: additive vs additive + k-means keys vs replace + healed (KEYS_ROWS)."""
+def keys_section(collected: dict[str, dict]) -> None:
+    """Issue 7 at one budget: additive vs additive + k-means keys vs replace + healed (KEYS_ROWS),
+    next to the additive smf_kl_t128 row (already in `collected`, the headline rows)."""
     from headline import HEAL_DIR, KEYS_ROWS
 
-    names = ["smf_kl_t128", *KEYS_ROWS]
-    runs = [(n, RUNS / n) for n in names if (RUNS / n / "summary.json").exists()]
-    if not any(n in KEYS_ROWS for n, _ in runs):
+    runs = [(n, RUNS / n) for n in KEYS_ROWS if (RUNS / n / "summary.json").exists()]
+    if not runs:
         return
-    rows = collect(runs)
+    rows = [collected[n] for n in ("smf_kl_t128",) if n in collected] + collect(runs)
     write_csv(rows, OUT / "keys.csv")
     table = keys_table(rows)
     heal_summary = HEAL_DIR / "heal_summary.json"
