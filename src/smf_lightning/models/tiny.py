@@ -11,6 +11,7 @@ from functools import lru_cache
 import torch
 
 TINY_VOCAB = 512
+TINY_LAYERS = 4  # decoder layers of the tiny model (config validation reads this, not a model)
 
 _TRAIN_TEXT = """Question: What is the capital of France? Answer: Paris.
 Q: Who wrote Hamlet? A: William Shakespeare. The answer is Shakespeare.
@@ -52,7 +53,7 @@ def tiny_tokenizer():
     )
 
 
-def tiny_qwen2_config(num_layers: int = 4, hidden: int = 64, tie: bool = False):
+def tiny_qwen2_config(num_layers: int = TINY_LAYERS, hidden: int = 64, tie: bool = False):
     from transformers import Qwen2Config
 
     return Qwen2Config(
@@ -70,7 +71,7 @@ def tiny_qwen2_config(num_layers: int = 4, hidden: int = 64, tie: bool = False):
     )
 
 
-def tiny_qwen2(seed: int = 0, num_layers: int = 4, hidden: int = 64, tie: bool = False):
+def tiny_qwen2(seed: int = 0, num_layers: int = TINY_LAYERS, hidden: int = 64, tie: bool = False):
     """A randomly initialised Qwen2ForCausalLM (hidden 64, 4 layers), fp32, eval mode."""
     from transformers import Qwen2ForCausalLM
 
