@@ -45,6 +45,17 @@ def validate_config(cfg: DictConfig) -> None:
         cache = m.get("prefix_cache", 0)
         _need(isinstance(cache, int) and not isinstance(cache, bool) and cache >= 0, "method.prefix_cache", cache,
               "an integer >= 0 (batches whose frozen-prefix states are kept; 0 = off)")
+        from .methods.smf import OPTIMIZER_STATE, SELECT_PER
+
+        _need(m.get("select_per", "step") in SELECT_PER, "method.select_per", m.get("select_per"), " | ".join(SELECT_PER))
+        _need(m.get("optimizer_state", "carry") in OPTIMIZER_STATE, "method.optimizer_state", m.get("optimizer_state"),
+              " | ".join(OPTIMIZER_STATE))
+        hubs = m.get("exclude_hubs", 0.0) or 0.0
+        _need(0.0 <= float(hubs) < 1.0, "method.exclude_hubs", hubs, "a share of slots in [0, 1)")
+        _need(not (float(hubs) > 0 and m.selector not in ("kl", "tfidf")), "method.exclude_hubs", hubs,
+              "0 unless method.selector is kl or tfidf (hubs are defined by the background statistics)")
+        _need(not (m.get("select_per", "step") == "fact" and m.selector == "all"), "method.select_per", "fact",
+              "step when method.selector=all (no budget to spend per fact)")
     if m.name == "lora":
         _need(int(m.r) >= 1, "method.r", m.r, "an integer >= 1")
 
@@ -60,6 +71,12 @@ def validate_config(cfg: DictConfig) -> None:
         _need(1 <= int(mem.knn) <= root, "model.memory.knn", mem.knn, f"1..sqrt(n_slots)={root}")
         _need(mem.mode in MEMORY_MODES, "model.memory.mode", mem.mode, " | ".join(MEMORY_MODES))
         _need(mem.get("key_init", "random") in ("random", "kmeans"), "model.memory.key_init", mem.get("key_init"), "random | kmeans")
+        from .memory.layer import INPUT_NORMS
+
+        _need(mem.get("output", "swilu") in ("swilu", "direct"), "model.memory.output", mem.get("output"), "swilu | direct")
+        _need(mem.get("input_norm", "none") in INPUT_NORMS, "model.memory.input_norm", mem.get("input_norm"), " | ".join(INPUT_NORMS))
+        _need(not (mem.get("output") == "direct" and mem.get("v_dim") is not None), "model.memory.v_dim", mem.get("v_dim"),
+              "null with model.memory.output=direct (value rows live in the residual stream)")
         _need(len(mem.layers) >= 1 and all(int(i) >= 0 for i in mem.layers), "model.memory.layers", OmegaConf.to_container(mem.layers), "a non-empty list of decoder layer indices >= 0")
         n_layers = decoder_layer_count(model)
         if n_layers is not None:
@@ -134,6 +151,12 @@ def _validate_data(d: DictConfig) -> None:
 
     if "facts" in d:
         _need(d.facts in FACT_SOURCES, "data.facts", d.facts, " | ".join(FACT_SOURCES))
+    if "schedule" in d:
+        from .data.datamodule import SCHEDULES
+
+        _need(d.schedule in SCHEDULES, "data.schedule", d.schedule, " | ".join(SCHEDULES))
+    if "epochs_per_task" in d:
+        _need(int(d.epochs_per_task) >= 1, "data.epochs_per_task", d.epochs_per_task, "an integer >= 1")
     if "loss_on" in d:
         _need(d.loss_on in LOSS_ON, "data.loss_on", d.loss_on, " | ".join(LOSS_ON))
     if "templates" in d and "heldout_templates" in d:

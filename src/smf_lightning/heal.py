@@ -199,6 +199,8 @@ def memory_parameters(model: nn.Module, kinds: Sequence[str] = MEMORY_PARAM_KIND
     params, seen = [], set()
     for mem in memory_layers(model).values():
         for kind in kinds:
+            if getattr(mem, kind) is None:  # output="direct" has no gate / out projections
+                continue
             p = _memory_param(mem, kind)
             if id(p) not in seen:
                 seen.add(id(p))

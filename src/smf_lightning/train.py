@@ -176,6 +176,14 @@ def _run(cfg: DictConfig) -> dict:
     dm = build_datamodule(cfg, model, tokenizer)
     model = maybe_retrofit(cfg, model, model_info)
     log.info("parameters: %s", model_info["param_counts"])
+    if cfg.method.get("retrofit") and cfg.model.memory.get("input_norm", "none") != "none" and not cfg.model.get("init_checkpoint"):
+        from .memory.whitening import load_or_fit_input_whitening
+
+        model_info["input_whitening"] = load_or_fit_input_whitening(
+            model, dm.background_batches, Path(cfg.paths.cache_dir) / "whitening",
+            {"corpus": dm.background_key(), "batch_size": dm.background_batch_size, "data_source": dm.source},
+            progress=bool(cfg.trainer.enable_progress_bar),
+        )
     if cfg.method.get("retrofit") and cfg.model.memory.get("key_init", "random") == "kmeans" and not cfg.model.get("init_checkpoint"):
         from .memory.key_init import init_keys_kmeans
 

@@ -50,6 +50,8 @@ from smf_lightning.eval.suites import SUITE_NAMES, FactRecallSuite, build_suite,
 log = logging.getLogger(__name__)
 
 FACT_SOURCES = ("triviaqa", "synthetic")
+SCHEDULES = ("sequential", "interleaved")
+KNOWN_SUITE = "triviaqa_known"
 BACKGROUND_SOURCES = ("lambada", "triviaqa", "nq_open", "synthetic")
 
 
@@ -69,6 +71,8 @@ class FactStreamDataModule(L.LightningDataModule):
         train_batch_size: int,
         repeats_per_batch: int,
         max_seq_len: int,
+        schedule: str = "sequential",
+        epochs_per_task: int = 1,
         probe_prompt: str,
         probe_pool_size: int,
         probe_max_new_tokens: int,
@@ -120,6 +124,12 @@ class FactStreamDataModule(L.LightningDataModule):
         self.templates = make_templates(dict(templates))
         self.train_templates, self.heldout_templates = split_templates(self.templates, list(heldout_templates))
         self.loss_on = loss_on
+        if schedule not in SCHEDULES:
+            raise ValueError(f"Unknown schedule {schedule!r}; use one of: {', '.join(SCHEDULES)}.")
+        if epochs_per_task < 1:
+            raise ValueError(f"epochs_per_task must be >= 1, got {epochs_per_task}")
+        self.schedule = schedule
+        self.epochs_per_task = epochs_per_task
         self.train_batch_size = train_batch_size
         self.repeats_per_batch = repeats_per_batch
         self.max_seq_len = max_seq_len
@@ -147,6 +157,8 @@ class FactStreamDataModule(L.LightningDataModule):
         self._background_facts: list[Fact] = []
         self._background_passages: list[PassageItem] = []
         self._heldout_suites: dict | None = None
+        self._known: list[Fact] = []
+        self._pool_end = 0
 
     # ------------------------------------------------------------------ building
 
@@ -164,6 +176,9 @@ class FactStreamDataModule(L.LightningDataModule):
         else:
             candidates, where = self._probe_triviaqa()
         self.tasks = split_into_tasks(candidates, self.n_tasks, self.facts_per_task, self.seed, where)
+        if KNOWN_SUITE in self.suite_options:  # probed now, on the base model (before any retrofit)
+            opts = self.suite_options[KNOWN_SUITE]
+            self._known = self._known_facts(int(opts["n_items"]), str(opts.get("template", self.train_templates[0])))
         self._build_background()
         self.info.update(
             n_tasks=self.n_tasks, facts_per_task=self.facts_per_task, seed=self.seed,
@@ -193,33 +208,18 @@ class FactStreamDataModule(L.LightningDataModule):
                 f"{len(data)} TriviaQA questions; lower one of them."
             )
         pool = []
+        end = 0  # positions of the order examined for the pool
         for pos in order[: len(data) - n_bg]:  # background QA takes questions from the other end
             if len(pool) == self.probe_pool_size:
                 break
+            end += 1
             if self._eligible(data.items[pos]):
                 pool.append(data.items[pos])
-        fingerprint = self.model_fingerprint
-        if fingerprint is None:
-            if self.probe_model is None:
-                raise ValueError(
-                    "facts=triviaqa needs the base model to probe which facts it does not know: pass "
-                    "probe_model=<base model> (or model_fingerprint=<fingerprint of a cached probe>)."
-                )
-            fingerprint = model_fingerprint(self.probe_model)
-        cache_dir = self.cache_dir or default_cache_dir()
+        self._pool_end = end  # the known-facts suite scans the order from here on
+        fingerprint = self._fingerprint()
 
         def probe(items, prompt):
-            cache_file = probe_cache_file(cache_dir, fingerprint, prompt, self.probe_max_new_tokens, "triviaqa")
-            if self.probe_model is None and not cache_file.exists():
-                raise ValueError(
-                    f"No cached probe at {cache_file} for model_fingerprint={fingerprint[:16]}...; "
-                    "pass probe_model=<base model>."
-                )
-            records = probe_model(
-                self.probe_model, self.tokenizer, items, prompt=prompt, max_new_tokens=self.probe_max_new_tokens,
-                batch_size=self.probe_batch_size, cache_file=cache_file, fingerprint=fingerprint,
-            )
-            return records, cache_file
+            return self._probe(items, prompt, fingerprint)
 
         records, cache_file = probe(pool, self.probe_prompt)
         misses = [it for it in pool if not records[it.id].known]
@@ -244,6 +244,63 @@ class FactStreamDataModule(L.LightningDataModule):
         self.info = {"facts": "triviaqa", "facts_origin": f"{data.origin}:{data.location}", "probe": probe_info}
         log.info("Probe: %d TriviaQA facts unknown to the model (%s)", len(misses), probe_info)
         return [qa_item_to_fact(it) for it in misses], where + ")"
+
+    def _fingerprint(self) -> str:
+        if self.model_fingerprint is not None:
+            return self.model_fingerprint
+        if self.probe_model is None:
+            raise ValueError(
+                "facts=triviaqa and the triviaqa_known suite need the base model to probe what it knows: pass "
+                "probe_model=<base model> (or model_fingerprint=<fingerprint of a cached probe>)."
+            )
+        self.model_fingerprint = model_fingerprint(self.probe_model)
+        return self.model_fingerprint
+
+    def _probe(self, items, prompt: str, fingerprint: str):
+        cache_dir = self.cache_dir or default_cache_dir()
+        cache_file = probe_cache_file(cache_dir, fingerprint, prompt, self.probe_max_new_tokens, "triviaqa")
+        if self.probe_model is None and not cache_file.exists():
+            raise ValueError(
+                f"No cached probe at {cache_file} for model_fingerprint={fingerprint[:16]}...; pass probe_model=<base model>."
+            )
+        records = probe_model(
+            self.probe_model, self.tokenizer, items, prompt=prompt, max_new_tokens=self.probe_max_new_tokens,
+            batch_size=self.probe_batch_size, cache_file=cache_file, fingerprint=fingerprint,
+        )
+        return records, cache_file
+
+    def _known_facts(self, n_items: int, template: str) -> list[Fact]:
+        """The triviaqa_known suite (locality): TriviaQA questions the base model answers under
+        the probe prompt and every template (alias contained), and exactly under `template` (so
+        the suite scores 1.0 before training). Taken from the seeded order after the stream's
+        probe pool, before the background's questions: disjoint from both."""
+        if template not in self.templates:
+            raise ValueError(f"triviaqa_known: template {template!r} is not one of {', '.join(self.templates)}.")
+        data = load_source("triviaqa", source=self.source, data_root=self.data_root)
+        order = seeded_order(len(data), self.seed, "triviaqa/pool")
+        n_bg = self.background_sizes.get("triviaqa", 0)
+        region = [data.items[p] for p in order[self._pool_end: len(data) - n_bg]]
+        fingerprint = self._fingerprint()
+        known: list[QAItem] = []
+        checked = 0
+        while len(known) < n_items and checked < len(region):
+            chunk = [it for it in region[checked: checked + max(64, 3 * (n_items - len(known)))] if self._eligible(it)]
+            checked += max(64, 3 * (n_items - len(known)))
+            hits = {it.id for it in chunk if self._probe(chunk, self.probe_prompt, fingerprint)[0][it.id].known}
+            for name, tmpl in self.templates.items():
+                cand = [it for it in chunk if it.id in hits]
+                if not cand:
+                    break
+                recs, _ = self._probe(cand, tmpl.prompt("{question}"), fingerprint)
+                hits = {i for i in hits if recs[i].known and (name != template or recs[i].exact_match == 1.0)}
+            known += [it for it in chunk if it.id in hits]
+        if len(known) < n_items:
+            raise ValueError(
+                f"triviaqa_known: only {len(known)} TriviaQA questions are known to the model under every template "
+                f"(n_items={n_items} asked, {checked} checked); lower data.suites.triviaqa_known.n_items."
+            )
+        log.info("Known-facts suite: %d TriviaQA facts the model answers (checked %d)", n_items, checked)
+        return [qa_item_to_fact(it) for it in known[:n_items]]
 
     def _build_background(self) -> None:
         self._background_passages, self._background_facts = [], []
@@ -316,11 +373,28 @@ class FactStreamDataModule(L.LightningDataModule):
         return self._train_examples[task_index]
 
     def train_batches(self, task_index: int) -> list[list[TrainingExample]]:
-        """Consecutive chunks of train_batch_size examples, each repeated repeats_per_batch
-        times in a row (several optimizer steps per batch, as in design.md §9)."""
+        """The task's batches, in training order, each repeated repeats_per_batch times in a row.
+
+        schedule=sequential: consecutive chunks of train_batch_size examples in stream order
+        (one fact after another, as in design.md §9); epochs_per_task passes over them.
+        schedule=interleaved: each of the epochs_per_task passes shuffles the task's examples
+        (seeded per task and pass), so a batch mixes facts and every fact comes back once per
+        pass (DOTS: batch 16, ~19 exposures per fact)."""
         examples = self.training_examples(task_index)
-        chunks = [examples[i:i + self.train_batch_size] for i in range(0, len(examples), self.train_batch_size)]
-        return [chunk for chunk in chunks for _ in range(self.repeats_per_batch)]
+        size = self.train_batch_size
+        batches = []
+        for epoch in range(self.epochs_per_task):
+            if self.schedule == "interleaved":
+                order = seeded_order(len(examples), self.seed, f"task{task_index}/pass{epoch}")
+                ordered = [examples[i] for i in order]
+            else:
+                ordered = examples
+            batches += [ordered[i:i + size] for i in range(0, len(ordered), size)]
+        return [chunk for chunk in batches for _ in range(self.repeats_per_batch)]
+
+    def collate(self, examples) -> dict:
+        """A training batch of `examples` (the collation train_dataloader uses)."""
+        return collate_examples(examples, pad_id=pad_token_id(self.tokenizer))
 
     def train_dataloader(self) -> DataLoader:
         # Under a Trainer, one epoch is one task (reload_dataloaders_every_n_epochs=1): the
@@ -379,6 +453,13 @@ class FactStreamDataModule(L.LightningDataModule):
             for name, opts in self.suite_options.items():
                 opts = dict(opts)
                 n_items = int(opts.pop("n_items"))
+                if name == KNOWN_SUITE:
+                    self._require_stream()
+                    tmpl = str(opts.get("template", self.train_templates[0]))
+                    self._heldout_suites[name] = FactRecallSuite(
+                        self._known, self.templates[tmpl], self.recall_max_new_tokens, self.generation_batch_size,
+                        name=KNOWN_SUITE, origin=f"triviaqa (known to the base model; template {tmpl})")
+                    continue
                 if name == "nq_open":
                     opts.setdefault("generation_batch_size", self.generation_batch_size)
                 self._heldout_suites[name] = build_suite(

@@ -38,7 +38,9 @@ from smf_lightning.eval.scoring import (
     score_sequences,
 )
 
-SUITE_NAMES = ("nq_open", "hellaswag", "gsm8k", "lambada")
+SUITE_NAMES = ("nq_open", "hellaswag", "gsm8k", "lambada", "triviaqa_known")
+# triviaqa_known (the locality probe of fact injection) is a FactRecallSuite over facts the base
+# model answers; the datamodule builds it, since it needs the model's probe.
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -169,9 +171,14 @@ class FactRecallSuite:
     max_new_tokens: int = 12
     generation_batch_size: int | None = None  # rows per greedy batch (None: batch_size)
     name: str = "fact_recall"
+    origin: str = ""
     primary_metric: str = "em"
     higher_is_better: bool = True
     last_predictions: list[str] = field(default_factory=list, repr=False)
+
+    @property
+    def items(self) -> Sequence[Fact]:
+        return self.facts
 
     def evaluate(self, model, tokenizer, batch_size: int) -> dict[str, float]:
         prompts = [self.template.prompt(f.question) for f in self.facts]

@@ -28,6 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
+INPUT_NORMS = ("none", "whiten", "center")
+
+
 @dataclass
 class MemoryConfig:
     """Shape and placement of the memory layers. Defaults live in conf/model/*.yaml."""
@@ -43,6 +46,14 @@ class MemoryConfig:
     seed: int = 0  # seeds keys and projections, so the same config gives the same memory
     sparse_grad: bool = True  # EmbeddingBag(sparse=True): value grads touch only accessed rows
     key_init: str = "random"  # random | kmeans (data-driven sub-keys, memory/key_init.py)
+    # "swilu": out = W_o (y ⊙ silu(W_g x)) (Berges et al. 2024, the seed paper); "direct": out = y,
+    # the value rows live in the residual space (DOTS): no random projections between a trained
+    # value and the logits, so a row's update moves the residual by exactly that row.
+    output: str = "swilu"
+    # "none": q = W_q x; "whiten": q = W_q ((x - mean) / std) with the background corpus's mean and
+    # std per dimension (memory/whitening.py; DOTS); "center": q = W_q (x - mean). Outlier dimensions
+    # of the residual stream otherwise dominate every query, so different entities read the same slots.
+    input_norm: str = "none"
 
     def validate(self, n_layers: int | None = None) -> None:
         root = math.isqrt(self.n_slots)
@@ -62,6 +73,10 @@ class MemoryConfig:
             raise ValueError(f"memory.heads={self.heads} must be >= 1.")
         if self.key_init not in ("random", "kmeans"):
             raise ValueError(f"memory.key_init={self.key_init!r}; allowed: 'random', 'kmeans'.")
+        if self.output not in ("swilu", "direct"):
+            raise ValueError(f"memory.output={self.output!r}; allowed: 'swilu', 'direct'.")
+        if self.input_norm not in INPUT_NORMS:
+            raise ValueError(f"memory.input_norm={self.input_norm!r}; allowed: {', '.join(map(repr, INPUT_NORMS))}.")
         if self.mode not in ("additive", "replace"):
             raise ValueError(f"memory.mode={self.mode!r}; allowed: 'additive', 'replace'.")
         if not self.layers:
@@ -121,14 +136,26 @@ class ProductKeyMemory(nn.Module):
         self.n_sub = math.isqrt(cfg.n_slots)
         self.heads, self.knn, self.k_dim = cfg.heads, cfg.knn, cfg.k_dim
         self.v_dim = cfg.v_dim or hidden_size
+        if cfg.output == "direct" and self.v_dim != hidden_size:
+            raise ValueError(
+                f"memory.output='direct' adds value rows to the residual stream, so memory.v_dim must be "
+                f"null or the model's hidden size ({hidden_size}); got {self.v_dim}."
+            )
         half = cfg.k_dim // 2
 
         self.query = nn.Linear(hidden_size, cfg.heads * cfg.k_dim, bias=False)
         # sub-keys: [heads, 2 halves, sqrt(N), k_dim/2]
         self.keys = nn.Parameter(torch.empty(cfg.heads, 2, self.n_sub, half))
         self.values = nn.EmbeddingBag(cfg.n_slots, self.v_dim, mode="sum", sparse=cfg.sparse_grad)
-        self.gate = nn.Linear(hidden_size, self.v_dim, bias=False)
-        self.out = nn.Linear(self.v_dim, hidden_size, bias=False)
+        if cfg.output == "swilu":
+            self.gate = nn.Linear(hidden_size, self.v_dim, bias=False)
+            self.out = nn.Linear(self.v_dim, hidden_size, bias=False)
+        else:
+            self.gate = self.out = None
+        # Input statistics for whitening / centring (memory/whitening.py fits them on the background
+        # corpus); saved with the model. Identity until fitted.
+        self.register_buffer("in_mean", torch.zeros(hidden_size))
+        self.register_buffer("in_std", torch.ones(hidden_size))
         self.last_access: SlotAccess | None = None
         self.token_mask: torch.Tensor | None = None  # set per model call by the retrofit hook
         self.record_weights = True  # statistics need only ids; keep weights for analysis by default
@@ -141,6 +168,8 @@ class ProductKeyMemory(nn.Module):
         bound = 1 / math.sqrt(half)  # uniform sub-keys as in Lample et al. 2019
         self.keys.copy_(torch.rand(self.keys.shape, generator=g) * 2 * bound - bound)
         for lin in (self.query, self.gate, self.out):
+            if lin is None:
+                continue
             b = 1 / math.sqrt(lin.in_features)  # nn.Linear's default scale, but seeded
             lin.weight.copy_(torch.rand(lin.weight.shape, generator=g) * 2 * b - b)
         if self.cfg.mode == "additive":
@@ -152,6 +181,10 @@ class ProductKeyMemory(nn.Module):
     def query_halves(self, x: torch.Tensor) -> torch.Tensor:
         """[..., heads, 2, k_dim/2]: the (normalised) query halves scored against the sub-keys."""
         half = self.k_dim // 2
+        if self.cfg.input_norm != "none":
+            x = x - self.in_mean.to(x.dtype)
+            if self.cfg.input_norm == "whiten":
+                x = x / self.in_std.to(x.dtype)
         q = self.query(x).view(*x.shape[:-1], self.heads, 2, half)
         return F.layer_norm(q, (half,)) if self.cfg.query_norm else q
 
@@ -182,9 +215,12 @@ class ProductKeyMemory(nn.Module):
         )
         flat_idx = idx.view(B * T, self.heads * self.knn)
         flat_w = w.view(B * T, self.heads * self.knn).to(self.values.weight.dtype)
-        y = self.values(flat_idx, per_sample_weights=flat_w).view(B, T, self.v_dim)
-        return self.out(y.to(x.dtype) * F.silu(self.gate(x)))
+        y = self.values(flat_idx, per_sample_weights=flat_w).view(B, T, self.v_dim).to(x.dtype)
+        if self.out is None:  # output="direct"
+            return y
+        return self.out(y * F.silu(self.gate(x)))
 
     def extra_repr(self) -> str:
         c = self.cfg
-        return f"layer={self.layer_idx}, N={c.n_slots}, heads={c.heads}, knn={c.knn}, k_dim={c.k_dim}, v_dim={self.v_dim}"
+        return (f"layer={self.layer_idx}, N={c.n_slots}, heads={c.heads}, knn={c.knn}, k_dim={c.k_dim}, v_dim={self.v_dim}, "
+                f"output={c.output}, input_norm={c.input_norm}")

@@ -5,6 +5,18 @@ excluded; by default only loss-carrying tokens), score them against the backgrou
 statistics with the configured selector, keep the top-t per layer, and let the sparse
 optimizer move exactly those value rows. Every other weight is frozen, so the model's
 non-memory parameters stay bit-identical (tested).
+
+The recipe levers of DOTS (issue 13), each a key of conf/method/smf.yaml:
+- ``exclude_hubs``: the share of slots the background reads most never get selected;
+- ``exclude_owned``: slots selected while training an earlier task are not selected again,
+  so a later fact cannot overwrite an earlier one's rows;
+- ``select_per``: ``step`` scores the whole batch (the budget is shared by the batch's
+  facts); ``fact`` selects top-t slots for every fact of the task once, at the start of the
+  task, from all of that fact's training sequences, and a step updates the union of its
+  batch's facts' slots that the batch read (with one memory layer the addressing never
+  changes during SMF, so a fact's reads are the same at every step);
+- ``optimizer_state``: ``fresh`` starts every task with a new optimizer state (DOTS), ``carry``
+  keeps the Adam moments of rows across tasks.
 """
 
 from __future__ import annotations
@@ -13,9 +25,12 @@ import torch
 
 from ..memory import freeze_all_but_values, memory_layers
 from ..optim import SlotAdam, SlotSGD
-from ..selection.selectors import loss_position_mask, select_slots, slot_counts
+from ..selection.selectors import hub_slots, loss_position_mask, select_slots, slot_counts
 from .base import ContinualLM
 from .prefix_cache import FrozenPrefixCache
+
+SELECT_PER = ("step", "fact")
+OPTIMIZER_STATE = ("fresh", "carry")
 
 
 class SparseMemoryFinetune(ContinualLM):
@@ -31,8 +46,27 @@ class SparseMemoryFinetune(ContinualLM):
         self.selector = self.mcfg["selector"]
         self.top_t = None if self.selector == "all" else int(self.mcfg["top_t"])
         self.loss_tokens_only = bool(self.mcfg.get("loss_tokens_only", True))
+        self.select_per = self.mcfg.get("select_per", "step")
+        self.exclude_owned = bool(self.mcfg.get("exclude_owned", False))
+        self.optimizer_state = self.mcfg.get("optimizer_state", "carry")
+        if self.select_per not in SELECT_PER:
+            raise ValueError(f"method.select_per={self.select_per!r}; allowed: {', '.join(SELECT_PER)}")
+        if self.optimizer_state not in OPTIMIZER_STATE:
+            raise ValueError(f"method.optimizer_state={self.optimizer_state!r}; allowed: {', '.join(OPTIMIZER_STATE)}")
+        hubs = float(self.mcfg.get("exclude_hubs", 0.0) or 0.0)
+        self.hub_mask = {}
+        for i, mem in self.memories.items():
+            bg = self.background.get(i)
+            if hubs > 0 and bg is None:
+                raise ValueError("method.exclude_hubs needs background statistics (selector kl or tfidf).")
+            self.hub_mask[i] = hub_slots(bg, hubs) if hubs > 0 else torch.zeros(mem.n_slots, dtype=torch.bool)
+        # slots selected in earlier tasks (exclude_owned) and in the current one
+        self.owned = {i: torch.zeros(m.n_slots, dtype=torch.bool) for i, m in self.memories.items()}
+        self._task_selected = {i: torch.zeros(m.n_slots, dtype=torch.bool) for i, m in self.memories.items()}
+        self.fact_slots: dict[str, dict[int, torch.Tensor]] = {}
         self._generator = torch.Generator().manual_seed(seed)  # random selector only
         self._counts: dict[int, torch.Tensor] = {}
+        self._batch_facts: list[str] = []
         self.last_selection: dict[int, torch.Tensor] = {}
         self.last_counts: dict[int, torch.Tensor] = {}
         self.prefix_cache = FrozenPrefixCache(model, capacity=int(self.mcfg.get("prefix_cache", 0) or 0))
@@ -56,8 +90,58 @@ class SparseMemoryFinetune(ContinualLM):
             max_grad_norm=clip,
         )
 
+    # ---- tasks ------------------------------------------------------------------------
+    def _excluded(self, i: int) -> torch.Tensor:
+        return self.hub_mask[i] | self.owned[i] if self.exclude_owned else self.hub_mask[i]
+
+    def on_train_epoch_start(self) -> None:
+        # one Trainer epoch = one task of the stream
+        if self.optimizer_state == "fresh":
+            for opt in self.trainer.optimizers:
+                opt.state.clear()
+        for sel in self._task_selected.values():
+            sel.zero_()
+        if self.select_per == "fact":
+            dm = self.trainer.datamodule
+            self.fact_slots = self.select_fact_slots(dm.training_examples(dm.current_task), dm.collate)
+
+    def on_train_epoch_end(self) -> None:
+        for i, sel in self._task_selected.items():
+            self.owned[i] |= sel
+
+    @torch.no_grad()
+    def select_fact_slots(self, examples, collate, batch_size: int = 16) -> dict[str, dict[int, torch.Tensor]]:
+        """fact id -> layer -> the top-t slots of that fact's training sequences (select_per=fact)."""
+        counts: dict[str, dict[int, torch.Tensor]] = {}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(examples), batch_size):
+                chunk = examples[start:start + batch_size]
+                batch = collate(chunk)
+                device = next(self.model.parameters()).device
+                self.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                           logits_to_keep=1)
+                mask = loss_position_mask(batch["labels"]) if self.loss_tokens_only else batch["attention_mask"].bool()
+                for row, ex in enumerate(chunk):
+                    per_layer = counts.setdefault(ex.fact_id, {})
+                    for i, mem in self.memories.items():
+                        ids = mem.last_access.indices[row][mask[row].to(mem.last_access.indices.device)].reshape(-1).cpu()
+                        c = slot_counts(ids, mem.n_slots)
+                        per_layer[i] = per_layer[i] + c if i in per_layer else c
+        finally:
+            self.model.train(was_training)
+        return {
+            fid: {i: select_slots(c, self.selector, self.top_t, bg=self.background.get(i), generator=self._generator,
+                                  exclude=self._excluded(i))
+                  for i, c in per_layer.items()}
+            for fid, per_layer in counts.items()
+        }
+
+    # ---- steps ------------------------------------------------------------------------
     def on_accumulation_start(self) -> None:
         self._counts = {i: torch.zeros(m.n_slots, dtype=torch.long) for i, m in self.memories.items()}
+        self._batch_facts = []
 
     def after_backward(self, batch: dict) -> None:
         # Selection for the step uses the slot counts summed over its micro-batches.
@@ -65,14 +149,40 @@ class SparseMemoryFinetune(ContinualLM):
         for i, mem in self.memories.items():
             ids = mem.last_access.slot_ids(mask).cpu()
             self._counts[i] += slot_counts(ids, mem.n_slots)
+        self._batch_facts += list(batch.get("fact_ids", []))
+
+    def _step_selection(self, i: int, mem) -> torch.Tensor:
+        if self.select_per == "fact":
+            chosen = [self.fact_slots[f][i] for f in dict.fromkeys(self._batch_facts) if f in self.fact_slots]
+            if not chosen:
+                return torch.zeros(0, dtype=torch.long)
+            union = torch.unique(torch.cat(chosen))
+            return union[self._counts[i][union] > 0]  # rows this batch read (unread rows get no update)
+        return select_slots(self._counts[i], self.selector, self.top_t, bg=self.background.get(i),
+                            generator=self._generator, exclude=self._excluded(i))
 
     def take_optimizer_step(self, opt) -> int:
         selection = {}
         for i, mem in self.memories.items():
-            sel = select_slots(self._counts[i], self.selector, self.top_t, bg=self.background.get(i), generator=self._generator)
+            sel = self._step_selection(i, mem)
             self.last_selection[i] = sel
+            self._task_selected[i][sel] = True
             selection[mem.values.weight] = sel.to(mem.values.weight.device)
         self.last_counts = self._counts
         opt.optimizer.set_selection(selection)
         opt.step()
         return sum(int(s.numel()) * m.v_dim for s, m in zip(self.last_selection.values(), self.memories.values()))
+
+    # ---- checkpoints: slot ownership survives a resume ---------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # Written by TaskCheckpoint at the end of a task, before this module's on_train_epoch_end
+        # folds the task's slots into `owned`: store both, the union is what the next task excludes.
+        checkpoint["owned_slots"] = {i: torch.nonzero(self.owned[i] | self._task_selected[i]).squeeze(1)
+                                     for i in self.owned}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        for i, ids in checkpoint.get("owned_slots", {}).items():
+            self.owned[int(i)].zero_()
+            self.owned[int(i)][ids] = True

@@ -1,0 +1,122 @@
+"""Whitening the memory input: the addressing lever of DOTS and of the 7B retrofit it cites.
+
+The residual stream of a pretrained LM has a few outlier dimensions with values orders of
+magnitude above the rest. A fixed random query projection ``W_q x`` is then dominated by
+those dimensions: the queries of different entities point the same way (cosine ≈ 1 was
+measured on Qwen2.5-7B) and read the same few *hub* slots, so facts collide there and
+general text reads the slots a fact was written into. Whitening, ``(x - mean) / std`` per
+dimension with the statistics of the background corpus, gives every dimension unit scale
+before the projection, so queries spread over the slots by what the token means, not by
+the outliers. ``input_norm="center"`` subtracts the mean only.
+
+The statistics are fitted once per (model, memory config, corpus) on the real tokens of
+the background batches, lowest memory layer first (a lower layer's output can change what
+a higher one sees), stored in the layer's ``in_mean`` / ``in_std`` buffers — so they are
+saved with the retrofitted model — and cached on disk like the background statistics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .retrofit import memory_layers
+
+STD_FLOOR = 1e-6  # a dimension constant over the corpus is centred, not divided by ~0
+CACHE_FORMAT = 1
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def fit_input_whitening(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *,
+                        progress: bool = False) -> dict[int, dict]:
+    """Set every memory layer's ``in_mean`` / ``in_std`` from the real tokens of ``batches``
+    (each memory layer's input, i.e. the normalised MLP input of its decoder layer). Returns
+    per layer the token count and the largest std / median std ratio (how strong the outliers were)."""
+    from tqdm.auto import tqdm
+
+    batches = list(batches)
+    mems = memory_layers(model)
+    device = next(model.parameters()).device
+    info: dict[int, dict] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for idx, mem in mems.items():  # lowest first
+            acc = {"s": None, "ss": None, "n": 0, "mask": None}
+
+            def grab(module, args):
+                x = args[0].double()
+                m = acc["mask"][:, -x.shape[1]:].bool()
+                x = x[m]
+                acc["s"] = x.sum(0) if acc["s"] is None else acc["s"] + x.sum(0)
+                acc["ss"] = (x * x).sum(0) if acc["ss"] is None else acc["ss"] + (x * x).sum(0)
+                acc["n"] += x.shape[0]
+                raise _Stop
+
+            hook = mem.register_forward_pre_hook(grab)
+            try:
+                for batch in tqdm(batches, desc=f"whitening stats (layer {idx})", unit="batch", disable=not progress):
+                    acc["mask"] = batch["attention_mask"].to(device)
+                    try:
+                        model(input_ids=batch["input_ids"].to(device), attention_mask=acc["mask"])
+                    except _Stop:
+                        pass
+            finally:
+                hook.remove()
+            if acc["n"] < 2:
+                raise ValueError("whitening needs background tokens; the background corpus is empty.")
+            mean = acc["s"] / acc["n"]
+            var = (acc["ss"] / acc["n"] - mean * mean).clamp_min(0)
+            std = var.sqrt().clamp_min(STD_FLOOR)
+            mem.in_mean.copy_(mean.to(mem.in_mean.dtype))
+            mem.in_std.copy_(std.to(mem.in_std.dtype))
+            info[idx] = {"tokens": int(acc["n"]), "max_over_median_std": float(std.max() / std.median())}
+    finally:
+        model.train(was_training)
+    return info
+
+
+def load_or_fit_input_whitening(model: nn.Module, batches_fn: Callable[[], Iterable], cache_dir: str | Path,
+                                key: Mapping, *, progress: bool = False) -> dict[int, dict]:
+    """:func:`fit_input_whitening`, cached under ``cache_dir`` by the model fingerprint (taken
+    before fitting) and the corpus ``key``. A no-op for layers with ``input_norm="none"``."""
+    from safetensors.torch import load_file, save_file
+
+    from ..selection.background import fingerprint_model
+
+    mems = memory_layers(model)
+    if all(m.cfg.input_norm == "none" for m in mems.values()):
+        return {}
+    full_key = {"format": CACHE_FORMAT, "model": fingerprint_model(model), "corpus": dict(key)}
+    digest = hashlib.blake2b(json.dumps(full_key, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
+    cache_dir = Path(cache_dir)
+    st, js = cache_dir / f"white_{digest}.safetensors", cache_dir / f"white_{digest}.json"
+    if st.is_file() and js.is_file():
+        tensors = load_file(str(st))
+        for idx, mem in mems.items():
+            mem.in_mean.copy_(tensors[f"layer{idx}.mean"])
+            mem.in_std.copy_(tensors[f"layer{idx}.std"])
+        return json.loads(js.read_text())["info"]
+    info = fit_input_whitening(model, batches_fn(), progress=progress)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for idx, mem in mems.items():
+        tensors[f"layer{idx}.mean"] = mem.in_mean.detach().cpu().contiguous()
+        tensors[f"layer{idx}.std"] = mem.in_std.detach().cpu().contiguous()
+    tmp = st.with_name(st.name + f".tmp{os.getpid()}")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, st)
+    tmp = js.with_name(js.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"key": full_key, "info": {str(k): v for k, v in info.items()}}, indent=2, default=str))
+    os.replace(tmp, js)
+    return {str(k): v for k, v in info.items()}
