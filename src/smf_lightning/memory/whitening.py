@@ -86,6 +86,7 @@ def fit_input_whitening(model: nn.Module, batches: Iterable[Mapping[str, torch.T
     return info
 
 
+@torch.no_grad()
 def load_or_fit_input_whitening(model: nn.Module, batches_fn: Callable[[], Iterable], cache_dir: str | Path,
                                 key: Mapping, *, progress: bool = False) -> dict[int, dict]:
     """:func:`fit_input_whitening`, cached under ``cache_dir`` by the model fingerprint (taken
@@ -97,6 +98,9 @@ def load_or_fit_input_whitening(model: nn.Module, batches_fn: Callable[[], Itera
     mems = memory_layers(model)
     if all(m.cfg.input_norm == "none" for m in mems.values()):
         return {}
+    for mem in mems.values():  # the key is the model without statistics: reset to identity first
+        mem.in_mean.zero_()
+        mem.in_std.fill_(1.0)
     full_key = {"format": CACHE_FORMAT, "model": fingerprint_model(model), "corpus": dict(key)}
     digest = hashlib.blake2b(json.dumps(full_key, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
     cache_dir = Path(cache_dir)

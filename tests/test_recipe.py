@@ -1,0 +1,277 @@
+"""The SMF recipe levers of issue 13 on the tiny model: direct output, input whitening, hub
+exclusion, slot ownership, per-fact selection, fresh optimizer state, interleaved schedule,
+and the known-facts suite. Exact invariants, seconds."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from smf_lightning.memory import MemoryConfig, load_retrofitted, memory_layers, retrofit, save_retrofitted
+from smf_lightning.memory.whitening import fit_input_whitening, load_or_fit_input_whitening
+from smf_lightning.models.tiny import tiny_qwen2
+from smf_lightning.selection.background import BackgroundStats
+from smf_lightning.selection.selectors import hub_slots, score_slots, select_slots
+
+SMALL = dict(n_slots=64, heads=2, knn=4, k_dim=16)
+TEXTS = ["Question: Who wrote Hamlet?\nAnswer: Shakespeare", "The quick brown fox jumps", "Q: 2+2? A: 4"]
+
+
+def _batches(tok, texts=TEXTS, size=2):
+    out = []
+    for i in range(0, len(texts), size):
+        enc = tok(texts[i:i + size], return_tensors="pt", padding=True)
+        out.append({"input_ids": enc.input_ids, "attention_mask": enc.attention_mask})
+    return out
+
+
+def _logits(model, b):
+    with torch.no_grad():
+        return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+
+
+# ----------------------------------------------------------------------------- output path
+
+
+def test_direct_output_is_base_at_init_and_adds_value_rows_to_the_residual(tiny_tok):
+    b = _batches(tiny_tok)[0]
+    ref = _logits(tiny_qwen2(seed=1), b)
+    model = retrofit(tiny_qwen2(seed=1), MemoryConfig(layers=[1], output="direct", **SMALL))
+    mem = memory_layers(model)[1]
+    assert mem.gate is None and mem.out is None
+    assert torch.equal(_logits(model, b), ref)  # zero values: exactly the base model
+    x = torch.randn(2, 3, 64)
+    with torch.no_grad():
+        mem.values.weight.normal_()
+        idx, w = mem.lookup(x)
+        expected = (w.unsqueeze(-1) * mem.values.weight[idx]).sum((2, 3))  # Σ_heads Σ_knn w · V[slot]
+        torch.testing.assert_close(mem(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_direct_output_needs_the_hidden_size_as_value_dim():
+    with pytest.raises(ValueError, match="v_dim must be null or the model's hidden size"):
+        retrofit(tiny_qwen2(), MemoryConfig(layers=[1], output="direct", v_dim=32, **SMALL))
+
+
+# ----------------------------------------------------------------------------- whitening
+
+
+def test_whitening_fits_background_moments_and_changes_only_addressing(tiny_tok, tmp_path):
+    model = retrofit(tiny_qwen2(), MemoryConfig(layers=[1, 2], input_norm="whiten", **SMALL))
+    batches = _batches(tiny_tok)
+    b = batches[0]
+    before = _logits(model, b)
+    # the memory inputs, collected by hand
+    seen = {i: [] for i in (1, 2)}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, i=i: seen[i].append(a[0].detach())) for i, m in memory_layers(model).items()]
+    for bb in batches:
+        with torch.no_grad():
+            model(**bb)
+    for h in hooks:
+        h.remove()
+    info = fit_input_whitening(model, batches)
+    for i, mem in memory_layers(model).items():
+        x = torch.cat([s[m.bool()] for s, m in zip(seen[i], (bb["attention_mask"] for bb in batches))]).double()
+        torch.testing.assert_close(mem.in_mean.double(), x.mean(0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mem.in_std.double(), x.std(0, unbiased=False), rtol=1e-4, atol=1e-6)
+        assert info[i]["tokens"] == x.shape[0]
+        # the query sees (x - mean) / std; values are still zero, so the model is still the base model
+        xq = torch.randn(1, 2, 64)
+        manual = mem.query((xq - mem.in_mean) / mem.in_std).view(1, 2, 2, 2, 8)
+        torch.testing.assert_close(mem.query_halves(xq), torch.nn.functional.layer_norm(manual, (8,)))
+    assert torch.equal(_logits(model, b), before)
+    # cached: the second fit does not run the model, and sets the same statistics
+    calls = []
+    key = {"corpus": "t"}
+    load_or_fit_input_whitening(model, lambda: calls.append(1) or batches, tmp_path, key)
+    fresh = retrofit(tiny_qwen2(), MemoryConfig(layers=[1, 2], input_norm="whiten", **SMALL))
+    load_or_fit_input_whitening(fresh, lambda: calls.append(2) or batches, tmp_path, key)
+    assert calls == [1]
+    for i in (1, 2):
+        assert torch.equal(memory_layers(fresh)[i].in_std, memory_layers(model)[i].in_std)
+    # saved with the model: same logits after load, with non-zero values so addressing matters
+    with torch.no_grad():
+        memory_layers(fresh)[1].values.weight.normal_()
+    save_retrofitted(fresh, tmp_path / "m")
+    assert torch.equal(_logits(load_retrofitted(tmp_path / "m"), b), _logits(fresh, b))
+
+
+# ----------------------------------------------------------------------------- selection levers
+
+
+def _bg(counts):
+    bg = BackgroundStats.empty(len(counts))
+    bg.add_batch(torch.tensor(counts))
+    return bg
+
+
+def test_hub_slots_are_the_most_read_share_with_ties_to_lower_ids():
+    bg = _bg([5, 9, 9, 0, 1, 7, 2, 3, 4, 8])
+    assert torch.nonzero(hub_slots(bg, 0.2)).squeeze(1).tolist() == [1, 2]
+    assert torch.nonzero(hub_slots(bg, 0.25)).squeeze(1).tolist() == [1, 2, 9]  # ceil(2.5) = 3
+    assert not hub_slots(bg, 0.0).any()
+    with pytest.raises(ValueError, match="in \\[0, 1\\)"):
+        hub_slots(bg, 1.0)
+
+
+@pytest.mark.parametrize("selector", ["kl", "tfidf", "tf", "random", "all"])
+def test_excluded_slots_are_never_selected(selector):
+    counts = torch.tensor([0, 5, 3, 8, 1, 9, 2, 7])
+    bg = _bg([1] * 8)
+    exclude = torch.tensor([False, True, False, True, False, False, False, True])
+    sel = select_slots(counts, selector, 3, bg=bg, generator=torch.Generator().manual_seed(0), exclude=exclude)
+    assert not set(sel.tolist()) & {1, 3, 7} and set(sel.tolist()) <= {2, 4, 5, 6}
+    if selector in ("kl", "tfidf", "tf"):  # the three best-scored allowed slots; scores are not renormalised
+        scores = score_slots(counts, selector, bg)
+        allowed = [i for i in (2, 4, 5, 6)]
+        assert sel.tolist() == sorted(sorted(allowed, key=lambda i: -float(scores[i]))[:3])
+    if selector == "tf":
+        assert sel.tolist() == [2, 5, 6]
+
+
+def _smf(model, bg, **cfg):
+    from smf_lightning.methods import SparseMemoryFinetune
+
+    base = {"selector": "kl", "top_t": 4, "optimizer": "adam", "lr": 0.1}
+    return SparseMemoryFinetune(model, {**base, **cfg}, background=bg)
+
+
+def test_per_fact_selection_budget_and_step_union(tiny_tok):
+    from smf_lightning.data.facts import collate_examples, encode_example, make_templates
+
+    model = retrofit(tiny_qwen2(), MemoryConfig(layers=[1], **SMALL))
+    bg = {1: _bg([3] * 64)}
+    module = _smf(model, bg, select_per="fact", top_t=3)
+    tmpl = make_templates({"qa": "Question: {question}\nAnswer: {answer}\n", "q_a": "Q: {question} A: {answer}\n"})
+    examples = [encode_example(tiny_tok, tmpl[t], q, a, "answer", fid)
+                for fid, q, a in (("f1", "Who wrote Hamlet?", "Shakespeare"), ("f2", "What is 2+2?", "four"))
+                for t in ("qa", "q_a")]
+    collate = lambda ex: collate_examples(ex, pad_id=1)  # noqa: E731
+    slots = module.select_fact_slots(examples, collate)
+    assert set(slots) == {"f1", "f2"} and all(s[1].numel() <= 3 for s in slots.values())
+    # a fact's slots are the top-3 of its own two sequences, exactly
+    batch = collate([e for e in examples if e.fact_id == "f1"])
+    module.on_accumulation_start()
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    module.after_backward(batch)
+    assert torch.equal(slots["f1"][1], select_slots(module._counts[1], "kl", 3, bg=bg[1]))
+    # a step on a mixed batch updates the union of its facts' slots that the batch read
+    module.fact_slots = slots
+    mixed = collate([examples[0], examples[3]])
+    module.on_accumulation_start()
+    with torch.no_grad():
+        model(input_ids=mixed["input_ids"], attention_mask=mixed["attention_mask"])
+    module.after_backward(mixed)
+    step = module._step_selection(1, memory_layers(model)[1])
+    union = set(slots["f1"][1].tolist()) | set(slots["f2"][1].tolist())
+    assert set(step.tolist()) <= union and all(module._counts[1][s] > 0 for s in step.tolist())
+
+
+def _tiny_cli(tmp_path, *extra):
+    from test_train import TINY, cli
+
+    res = cli([*TINY, f"hydra.run.dir={tmp_path}", *extra])
+    assert res.returncode == 0, res.stderr[-3000:]
+    return tmp_path
+
+
+def test_ownership_keeps_later_tasks_off_earlier_slots_and_hubs_are_never_selected(tmp_path):
+    run = _tiny_cli(tmp_path, "method.exclude_owned=true", "method.exclude_hubs=0.1", "method.optimizer_state=fresh",
+                    "callbacks.checkpoint.enabled=false")
+    rows = list(csv.DictReader((run / "slot_stats.csv").open()))
+    later = [r for r in rows if r["task"] == "1"]
+    assert later and all(float(r["jaccard_earlier"]) == 0.0 for r in later)
+    s = json.loads((run / "summary.json").read_text())
+    assert s["method_config"]["exclude_owned"] is True and s["method_config"]["exclude_hubs"] == 0.1
+
+
+def test_fresh_optimizer_state_per_task(tiny_tok):
+    import lightning as L
+
+    model = retrofit(tiny_qwen2(), MemoryConfig(layers=[1], **SMALL))
+    module = _smf(model, {1: _bg([1] * 64)}, optimizer_state="fresh")
+    enc = tiny_tok(TEXTS[:2], return_tensors="pt", padding=True)
+    batch = {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask,
+             "labels": enc.input_ids.masked_fill(enc.attention_mask == 0, -100)}
+    sizes = []
+
+    class Probe(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            sizes.append(len(trainer.optimizers[0].state))
+
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[Probe()])
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch] * 2, batch_size=None))
+    # callbacks' epoch-start hook runs before the module's: task 1 saw task 0's state, then it was cleared
+    assert sizes == [0, 1] and len(trainer.optimizers[0].state) == 1
+    assert len(trainer.optimizers[0].state[memory_layers(model)[1].values.weight]) > 0
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def test_interleaved_schedule_mixes_facts_and_repeats_each_example_once_per_pass(tiny_tok):
+    from test_data import _data_cfg
+
+    from smf_lightning.data.datamodule import FactStreamDataModule
+
+    cfg = _data_cfg(n_tasks=2, facts_per_task=4, suites={}, background={"synthetic": 4}, train_batch_size=4,
+                    repeats_per_batch=1, schedule="interleaved", epochs_per_task=3)
+    dm = FactStreamDataModule(tokenizer=tiny_tok, **cfg)
+    dm.setup()
+    batches = dm.train_batches(0)
+    n = len(dm.training_examples(0))  # 4 facts x 4 training templates
+    assert len(batches) == 3 * n // 4
+    for p in range(3):
+        one_pass = [e for b in batches[p * 4:(p + 1) * 4] for e in b]
+        assert sorted((e.fact_id, e.template) for e in one_pass) == sorted((e.fact_id, e.template) for e in dm.training_examples(0))
+    assert any(len({e.fact_id for e in b}) > 1 for b in batches)  # batches mix facts
+    assert [e.fact_id for e in batches[0]] != [e.fact_id for e in batches[4]]  # reshuffled every pass
+    again = FactStreamDataModule(tokenizer=tiny_tok, **cfg)
+    again.setup()
+    assert [[(e.fact_id, e.template) for e in b] for b in again.train_batches(0)] == [[(e.fact_id, e.template) for e in b] for b in batches]
+
+
+# ----------------------------------------------------------------------------- known facts
+
+
+def test_known_facts_suite_is_disjoint_known_everywhere_and_scores_one_before(tmp_path, tiny_tok, monkeypatch):
+    from test_data import _trivia_cfg, _write_fake_root
+
+    from smf_lightning.data.datamodule import FactStreamDataModule
+    from smf_lightning.eval import scoring
+    from smf_lightning.eval import suites as suites_mod
+
+    # The "model" knows the even-numbered answers under every prompt, and the multiples of 4 only
+    # under the "Question: ...\nAnswer:" template: only the former may enter the known-facts suite.
+    def fake_generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop_at_newline=True):
+        out = []
+        for p in prompts:
+            i = int(p.rsplit("Trivia question number ", 1)[1].split("?")[0])
+            knows = i % 2 == 0 and (i % 4 != 0 or p.startswith("Question: "))
+            out.append(f" Answer{i}" if knows else " no idea")
+        return out
+
+    monkeypatch.setattr(scoring, "generate_greedy", fake_generate)
+    monkeypatch.setattr(suites_mod, "generate_greedy", fake_generate)
+    root = _write_fake_root(tmp_path / "olmo")
+    suites = {"triviaqa_known": {"n_items": 3, "template": "qa"}}
+    dm = FactStreamDataModule(tokenizer=tiny_tok, probe_model=tiny_qwen2(),
+                              **_trivia_cfg(root, tmp_path, probe_pool_size=12, suites=suites, n_tasks=2, facts_per_task=1))
+    dm.setup()
+    known = dm.heldout_suites()["triviaqa_known"]
+    ids = [int(f.id[2:]) for f in known.facts]
+    assert len(ids) == 3 and all(i % 2 == 0 and i % 4 != 0 for i in ids)
+    stream = {f.id for t in dm.tasks for f in t}
+    background = {f.id for f in dm._background_facts}
+    assert not {f.id for f in known.facts} & (stream | background)
+    assert known.evaluate(None, tiny_tok, 4) == {"em": 1.0, "contains": 1.0}
+    too_many = {"triviaqa_known": {"n_items": 30}}
+    dm = FactStreamDataModule(tokenizer=tiny_tok, probe_model=tiny_qwen2(),
+                              **_trivia_cfg(root, tmp_path, probe_pool_size=12, suites=too_many, n_tasks=2, facts_per_task=1))
+    with pytest.raises(ValueError, match="triviaqa_known: only .* lower data.suites.triviaqa_known.n_items"):
+        dm.setup()
