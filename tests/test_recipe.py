@@ -246,20 +246,19 @@ def test_known_facts_suite_is_disjoint_known_everywhere_and_scores_one_before(tm
     from smf_lightning.eval import scoring
     from smf_lightning.eval import suites as suites_mod
 
-    # The "model" knows the even-numbered answers under every prompt, and the multiples of 4 only
-    # under the "Question: ...\nAnswer:" template: only the former may enter the known-facts suite.
+    # The "model" answers the even-numbered questions; the multiples of 4 with a longer phrase
+    # (contains the alias, not an exact answer): only the former may enter the known-facts suite.
     def fake_generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop_at_newline=True):
         out = []
         for p in prompts:
             i = int(p.rsplit("Trivia question number ", 1)[1].split("?")[0])
-            knows = i % 2 == 0 and (i % 4 != 0 or p.startswith("Question: "))
-            out.append(f" Answer{i}" if knows else " no idea")
+            out.append(" no idea" if i % 2 else f" it is Answer{i}" if i % 4 == 0 else f" Answer{i}")
         return out
 
     monkeypatch.setattr(scoring, "generate_greedy", fake_generate)
     monkeypatch.setattr(suites_mod, "generate_greedy", fake_generate)
     root = _write_fake_root(tmp_path / "olmo")
-    suites = {"triviaqa_known": {"n_items": 3, "template": "qa"}}
+    suites = {"triviaqa_known": {"n_items": 3}}
     dm = FactStreamDataModule(tokenizer=tiny_tok, probe_model=tiny_qwen2(),
                               **_trivia_cfg(root, tmp_path, probe_pool_size=12, suites=suites, n_tasks=2, facts_per_task=1))
     dm.setup()
@@ -270,8 +269,9 @@ def test_known_facts_suite_is_disjoint_known_everywhere_and_scores_one_before(tm
     background = {f.id for f in dm._background_facts}
     assert not {f.id for f in known.facts} & (stream | background)
     assert known.evaluate(None, tiny_tok, 4) == {"em": 1.0, "contains": 1.0}
+    assert known.template.prompt("Q?") == dm.probe_prompt.replace("{question}", "Q?")
     too_many = {"triviaqa_known": {"n_items": 30}}
     dm = FactStreamDataModule(tokenizer=tiny_tok, probe_model=tiny_qwen2(),
                               **_trivia_cfg(root, tmp_path, probe_pool_size=12, suites=too_many, n_tasks=2, facts_per_task=1))
-    with pytest.raises(ValueError, match="triviaqa_known: only .* lower data.suites.triviaqa_known.n_items"):
+    with pytest.raises(ValueError, match="triviaqa_known: only .* answered exactly .* lower data.suites.triviaqa_known.n_items"):
         dm.setup()
