@@ -275,3 +275,35 @@ def test_known_facts_suite_is_disjoint_known_everywhere_and_scores_one_before(tm
                               **_trivia_cfg(root, tmp_path, probe_pool_size=12, suites=too_many, n_tasks=2, facts_per_task=1))
     with pytest.raises(ValueError, match="triviaqa_known: only .* answered exactly .* lower data.suites.triviaqa_known.n_items"):
         dm.setup()
+
+
+# ----------------------------------------------------------------------------- the shared "before" evaluation
+
+
+def test_before_evaluation_is_cached_across_runs_that_start_from_the_base(tmp_path):
+    from test_train import TINY, cli
+
+    env = {"SMF_CACHE": str(tmp_path / "cache")}
+
+    def run(name, *extra):
+        res = cli([*TINY, f"hydra.run.dir={tmp_path / name}", "callbacks.checkpoint.enabled=false", *extra], extra_env=env)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return json.loads((tmp_path / name / "summary.json").read_text()), res.stdout + res.stderr
+
+    def before_rows(name):
+        return [r for r in csv.DictReader((tmp_path / name / "heldout.csv").open()) if r["eval_point"] == "0"]
+
+    first, _ = run("first")
+    assert first["before_eval_from_cache"] is False
+    # another SMF run from the same base, stream and suites (other selector, other memory keys): cache hit
+    second, out = run("second", "method.selector=tfidf", "model.memory.seed=3")
+    assert second["before_eval_from_cache"] is True and "loaded from" in out
+    assert before_rows("second") == before_rows("first")
+    assert second["accuracy_matrix"][0] == first["accuracy_matrix"][0]
+    assert {k: v["before"] for k, v in second["heldout"].items()} == {k: v["before"] for k, v in first["heldout"].items()}
+    # a replace-mode memory is not the base function: evaluated afresh
+    third, _ = run("third", "model.memory.mode=replace")
+    assert third["before_eval_from_cache"] is False
+    # a different suite size is a different key
+    fourth, _ = run("fourth", "data.suites.lambada.n_items=3")
+    assert fourth["before_eval_from_cache"] is False

@@ -24,8 +24,8 @@ SUMMARY_KEYS = {
 TINY = ["experiment=tiny", "logger.wandb.mode=offline"]
 
 
-def cli(args: list[str], **kw) -> subprocess.CompletedProcess:
-    env = dict(os.environ, WANDB_SILENT="true", HYDRA_FULL_ERROR="0", PYTHONUNBUFFERED="1")
+def cli(args: list[str], extra_env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, WANDB_SILENT="true", HYDRA_FULL_ERROR="0", PYTHONUNBUFFERED="1", **(extra_env or {}))
     return subprocess.run([sys.executable, "-m", "smf_lightning.train", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900, **kw)
 

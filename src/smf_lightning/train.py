@@ -174,6 +174,15 @@ def _run(cfg: DictConfig) -> dict:
     log.info("loading model %s (source=%s)", cfg.model.name, cfg.model.source)
     model, tokenizer, model_info = load_model(cfg)
     dm = build_datamodule(cfg, model, tokenizer)
+    before_cache = None
+    if cfg.callbacks.get("cache_before_eval", True):
+        from .eval.before_cache import BeforeEvalCache, before_eval_key, starts_from_base
+
+        if starts_from_base(cfg):
+            from .data.facts import model_fingerprint
+
+            base_fp = dm.model_fingerprint or model_fingerprint(model)  # of the base model, before any retrofit
+            before_cache = BeforeEvalCache(Path(cfg.paths.cache_dir) / "before_eval", before_eval_key(cfg, dm, base_fp))
     model = maybe_retrofit(cfg, model, model_info)
     log.info("parameters: %s", model_info["param_counts"])
     if cfg.method.get("retrofit") and cfg.model.memory.get("input_norm", "none") != "none" and not cfg.model.get("init_checkpoint"):
@@ -195,7 +204,7 @@ def _run(cfg: DictConfig) -> dict:
     module = build_method(cfg, model, background=background)
     run_info = run_summary_info(cfg, model_info, module)
     loggers = build_loggers(cfg, out_dir)
-    callbacks, evaluator = build_callbacks(cfg, out_dir, dm, tokenizer, run_info)
+    callbacks, evaluator = build_callbacks(cfg, out_dir, dm, tokenizer, run_info, before_cache=before_cache)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_drop_litlogger_tip)
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,

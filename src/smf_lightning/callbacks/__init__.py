@@ -13,13 +13,13 @@ from .evaluation import ContinualEvaluation
 from .slot_stats import SlotStatsLogger
 
 
-def build_callbacks(cfg: DictConfig, out_dir: Path, dm, tokenizer, run_info: dict):
+def build_callbacks(cfg: DictConfig, out_dir: Path, dm, tokenizer, run_info: dict, before_cache=None):
     """(callbacks, the evaluation callback) for a run's Trainer."""
     from lightning.pytorch.callbacks import TQDMProgressBar
 
     c = cfg.callbacks
     evaluator = ContinualEvaluation(out_dir, dm, tokenizer, run_info, plots=bool(c.plots),
-                                   suites_at=str(c.get("suites_at", "every_task")))
+                                   suites_at=str(c.get("suites_at", "every_task")), before_cache=before_cache)
     callbacks = [evaluator]
     if cfg.method.name == "smf" and c.slot_stats.enabled:
         callbacks.append(SlotStatsLogger(out_dir, plots=bool(c.plots)))

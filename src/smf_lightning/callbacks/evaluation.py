@@ -49,7 +49,7 @@ def _clean(x):
 
 class ContinualEvaluation(L.Callback):
     def __init__(self, out_dir: Path, datamodule, tokenizer, run_info: dict, plots: bool = True,
-                 suites_at: str = "every_task"):
+                 suites_at: str = "every_task", before_cache=None):
         if suites_at not in SUITES_AT:
             raise ValueError(f"callbacks.suites_at={suites_at!r}: use {' or '.join(SUITES_AT)}")
         self.out_dir = Path(out_dir)
@@ -58,6 +58,8 @@ class ContinualEvaluation(L.Callback):
         self.tokenizer = tokenizer
         self.run_info = run_info  # method/model settings copied into summary.json
         self.plots = plots
+        self.before_cache = before_cache  # eval/before_cache.py: the "before" point shared across runs
+        self.before_from_cache = False
         # evaluation points: 0 = before training, i+1 = after task i
         self.labels: list[str] = []
         self.R: list[list[float | None]] = []  # training templates (mean over them)
@@ -115,7 +117,21 @@ class ContinualEvaluation(L.Callback):
 
     def on_train_start(self, trainer, module) -> None:
         if not self.labels:  # not a resumed run: the baseline row, over every task
-            self._evaluate(module, "before", range(self.dm.n_tasks))
+            cached = self.before_cache.load() if self.before_cache is not None else None
+            if cached is not None:
+                log.info("evaluation 'before': loaded from %s (same base model and evaluation setup)", self.before_cache.path)
+                self.labels.append("before")
+                self.R.append(cached["R"])
+                self.R_heldout.append(cached["R_heldout"])
+                self.R_contains.append(cached["R_contains"])
+                self.heldout.append(cached["heldout"])
+                self.before_from_cache = True
+                self._write_progress()
+            else:
+                self._evaluate(module, "before", range(self.dm.n_tasks))
+                if self.before_cache is not None:
+                    self.before_cache.save({"R": self.R[0], "R_heldout": self.R_heldout[0],
+                                            "R_contains": self.R_contains[0], "heldout": self.heldout[0]})
             self._log(trainer, 0)
         module.model.train()
 
@@ -189,6 +205,7 @@ class ContinualEvaluation(L.Callback):
             "steps": self.steps,
             "seconds_per_step": self.train_seconds / max(self.steps, 1),
             "eval_seconds": self.eval_seconds,
+            "before_eval_from_cache": self.before_from_cache,
             "peak_rss_mb": peak_rss_mb(),
             "trainable_params": module.trainable_param_count(),
             "updated_params_per_step": sum(history) / len(history) if history else 0,
@@ -221,7 +238,8 @@ class ContinualEvaluation(L.Callback):
 
     # ---------------------------------------------------------------- resume
     def state_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("labels", "R", "R_heldout", "R_contains", "heldout", "train_seconds", "steps", "eval_seconds")}
+        return {k: getattr(self, k) for k in ("labels", "R", "R_heldout", "R_contains", "heldout", "train_seconds", "steps",
+                                              "eval_seconds", "before_from_cache")}
 
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.items():
