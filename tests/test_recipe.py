@@ -230,7 +230,10 @@ def test_interleaved_schedule_mixes_facts_and_repeats_each_example_once_per_pass
         one_pass = [e for b in batches[p * 4:(p + 1) * 4] for e in b]
         assert sorted((e.fact_id, e.template) for e in one_pass) == sorted((e.fact_id, e.template) for e in dm.training_examples(0))
     assert any(len({e.fact_id for e in b}) > 1 for b in batches)  # batches mix facts
-    assert [e.fact_id for e in batches[0]] != [e.fact_id for e in batches[4]]  # reshuffled every pass
+    key = lambda b: tuple((e.fact_id, e.template) for e in b)  # noqa: E731
+    passes = [[key(b) for b in batches[p * 4:(p + 1) * 4]] for p in range(3)]
+    assert all(sorted(p) == sorted(passes[0]) for p in passes)  # the same batches every pass (prefix cache hits)...
+    assert any(p != passes[0] for p in passes[1:])  # ...in a new order
     again = FactStreamDataModule(tokenizer=tiny_tok, **cfg)
     again.setup()
     assert [[(e.fact_id, e.template) for e in b] for b in again.train_batches(0)] == [[(e.fact_id, e.template) for e in b] for b in batches]

@@ -88,10 +88,11 @@ def background_stats(cfg: DictConfig, model, dm) -> dict:
     """Per-layer background slot statistics (design.md §3), cached under $SMF_CACHE/background."""
     from .selection.background import load_or_compute_background_stats
 
-    key = {"corpus": dm.background_key(), "batch_size": dm.background_batch_size, "data_source": dm.source}
+    key = {"corpus": dm.background_key(), "batch_size": dm.background_batch_size, "data_source": dm.source,
+           "batching": "length-sorted"}
     return load_or_compute_background_stats(
         model,
-        dm.background_batches,
+        lambda: dm.background_batches(sort_by_length=True),
         Path(cfg.paths.cache_dir) / "background",
         key,
         loss_tokens_only=bool(cfg.method.get("loss_tokens_only", True)),
@@ -189,7 +190,7 @@ def _run(cfg: DictConfig) -> dict:
         from .memory.whitening import load_or_fit_input_whitening
 
         model_info["input_whitening"] = load_or_fit_input_whitening(
-            model, dm.background_batches, Path(cfg.paths.cache_dir) / "whitening",
+            model, lambda: dm.background_batches(sort_by_length=True), Path(cfg.paths.cache_dir) / "whitening",
             {"corpus": dm.background_key(), "batch_size": dm.background_batch_size, "data_source": dm.source},
             progress=bool(cfg.trainer.enable_progress_bar),
         )

@@ -93,6 +93,7 @@ class ContinualEvaluation(L.Callback):
         for name, suite in (self.dm.heldout_suites().items() if suites else ()):
             t1 = time.perf_counter()
             results[name] = suite.evaluate(model, self.tokenizer, bs)
+            self._write_items(label, name, suite)
             log.info("evaluation '%s': %s (%d items) %s %.4g in %.0f s", label, name, len(suite.items),
                      suite.primary_metric, results[name][suite.primary_metric], time.perf_counter() - t1)
         self.labels.append(label)
@@ -102,6 +103,19 @@ class ContinualEvaluation(L.Callback):
         self.heldout.append(results)
         self.eval_seconds += time.perf_counter() - t0
         self._write_progress()
+
+    def _write_items(self, label: str, name: str, suite) -> None:
+        """Per-item answers of the fact suites (items/<point>/<suite>.csv), for later analysis."""
+        if not hasattr(suite, "per_fact"):
+            return
+        folder = self.out_dir / "items" / label.replace(" ", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f"{name}.csv.tmp"
+        with tmp.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "prediction", "exact_match"])
+            w.writerows(suite.per_fact())
+        os.replace(tmp, folder / f"{name}.csv")
 
     def _log(self, trainer, point: int) -> None:
         metrics = {}

@@ -377,19 +377,24 @@ class FactStreamDataModule(L.LightningDataModule):
 
         schedule=sequential: consecutive chunks of train_batch_size examples in stream order
         (one fact after another, as in design.md §9); epochs_per_task passes over them.
-        schedule=interleaved: each of the epochs_per_task passes shuffles the task's examples
-        (seeded per task and pass), so a batch mixes facts and every fact comes back once per
-        pass (DOTS: batch 16, ~19 exposures per fact)."""
+        schedule=interleaved: the task's examples are shuffled once (seeded per task) into
+        batches that mix facts, and each of the epochs_per_task passes visits all of those
+        batches in a new seeded order, so every fact comes back once per pass (DOTS: batch 16,
+        ~19 exposures per fact). Batches keep their composition across passes, so the
+        frozen-prefix cache (method.prefix_cache >= batches per task) serves every pass after
+        the first."""
         examples = self.training_examples(task_index)
         size = self.train_batch_size
-        batches = []
-        for epoch in range(self.epochs_per_task):
-            if self.schedule == "interleaved":
-                order = seeded_order(len(examples), self.seed, f"task{task_index}/pass{epoch}")
-                ordered = [examples[i] for i in order]
-            else:
-                ordered = examples
-            batches += [ordered[i:i + size] for i in range(0, len(ordered), size)]
+        if self.schedule == "interleaved":
+            order = seeded_order(len(examples), self.seed, f"task{task_index}/batches")
+            shuffled = [examples[i] for i in order]
+            chunks = [shuffled[i:i + size] for i in range(0, len(shuffled), size)]
+            batches = []
+            for epoch in range(self.epochs_per_task):
+                batches += [chunks[i] for i in seeded_order(len(chunks), self.seed, f"task{task_index}/pass{epoch}")]
+        else:
+            chunks = [examples[i:i + size] for i in range(0, len(examples), size)]
+            batches = chunks * self.epochs_per_task
         return [chunk for chunk in batches for _ in range(self.repeats_per_batch)]
 
     def collate(self, examples) -> dict:
@@ -490,12 +495,17 @@ class FactStreamDataModule(L.LightningDataModule):
         order = seeded_order(len(examples), self.seed, "background")
         return [examples[i] for i in order]
 
-    def background_batches(self, batch_size: int | None = None) -> list[dict]:
+    def background_batches(self, batch_size: int | None = None, sort_by_length: bool = False) -> list[dict]:
         """Collated background batches (same keys as training batches)."""
         size = batch_size or self.background_batch_size
         examples = self.background_examples()
         if not examples:
             raise ValueError("The background corpus is empty: set at least one count in `background`.")
+        if sort_by_length:
+            # Batches of similar length (stable sort of the seeded order): short QA sequences are not
+            # padded to the length of a LAMBADA passage (statistics over all batches do not need the
+            # shuffled order; k-means key init, which may stop early, does).
+            examples = sorted(examples, key=lambda e: len(e.input_ids))
         pad_id = pad_token_id(self.tokenizer)
         return [collate_examples(examples[i:i + size], pad_id) for i in range(0, len(examples), size)]
 
