@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from smf_lightning.memory import MemoryConfig, load_retrofitted, memory_layers, retrofit, save_retrofitted
+from smf_lightning.memory import MemoryConfig, ProductKeyMemory, load_retrofitted, memory_layers, retrofit, save_retrofitted
 from smf_lightning.memory.whitening import fit_input_whitening, load_or_fit_input_whitening
 from smf_lightning.models.tiny import tiny_qwen2
 from smf_lightning.selection.background import BackgroundStats
@@ -310,3 +310,17 @@ def test_before_evaluation_is_cached_across_runs_that_start_from_the_base(tmp_pa
     # a different suite size is a different key
     fourth, _ = run("fourth", "data.suites.lambada.n_items=3")
     assert fourth["before_eval_from_cache"] is False
+
+
+def test_score_scale_sharpens_weights_and_keeps_the_slots():
+    x = torch.randn(3, 5, 64)
+    flat = ProductKeyMemory(64, MemoryConfig(layers=[1], **SMALL))
+    sharp = ProductKeyMemory(64, MemoryConfig(layers=[1], score_scale=10.0, **SMALL))
+    with torch.no_grad():
+        i1, w1 = flat.lookup(x)
+        i2, w2 = sharp.lookup(x)
+    assert torch.equal(i1, i2)  # the same slots, ...
+    assert (w2.max(-1).values >= w1.max(-1).values - 1e-7).all()  # ... each read concentrated on its best
+    torch.testing.assert_close(w2.sum(-1), torch.ones(w2.shape[:-1]))
+    with pytest.raises(ValueError, match="score_scale"):
+        MemoryConfig(layers=[1], score_scale=0.0, **SMALL).validate()

@@ -75,6 +75,8 @@ def validate_config(cfg: DictConfig) -> None:
 
         _need(mem.get("output", "swilu") in ("swilu", "direct"), "model.memory.output", mem.get("output"), "swilu | direct")
         _need(mem.get("input_norm", "none") in INPUT_NORMS, "model.memory.input_norm", mem.get("input_norm"), " | ".join(INPUT_NORMS))
+        _need(mem.get("whiten_on", "all") in ("all", "loss"), "model.memory.whiten_on", mem.get("whiten_on"), "all | loss")
+        _need(float(mem.get("score_scale", 1.0)) > 0, "model.memory.score_scale", mem.get("score_scale"), "a number > 0")
         _need(not (mem.get("output") == "direct" and mem.get("v_dim") is not None), "model.memory.v_dim", mem.get("v_dim"),
               "null with model.memory.output=direct (value rows live in the residual stream)")
         _need(len(mem.layers) >= 1 and all(int(i) >= 0 for i in mem.layers), "model.memory.layers", OmegaConf.to_container(mem.layers), "a non-empty list of decoder layer indices >= 0")

@@ -192,6 +192,7 @@ def _run(cfg: DictConfig) -> dict:
         model_info["input_whitening"] = load_or_fit_input_whitening(
             model, lambda: dm.background_batches(sort_by_length=True), Path(cfg.paths.cache_dir) / "whitening",
             {"corpus": dm.background_key(), "batch_size": dm.background_batch_size, "data_source": dm.source},
+            loss_tokens_only=cfg.model.memory.get("whiten_on", "all") == "loss",
             progress=bool(cfg.trainer.enable_progress_bar),
         )
     if cfg.method.get("retrofit") and cfg.model.memory.get("key_init", "random") == "kmeans" and not cfg.model.get("init_checkpoint"):

@@ -54,6 +54,13 @@ class MemoryConfig:
     # std per dimension (memory/whitening.py; DOTS); "center": q = W_q (x - mean). Outlier dimensions
     # of the residual stream otherwise dominate every query, so different entities read the same slots.
     input_norm: str = "none"
+    # Which background positions the whitening statistics come from: "all" real tokens, or "loss"
+    # (answer-predicting) positions only, the positions whose reads SMF trains (memory/whitening.py).
+    whiten_on: str = "all"
+    # Softmax inverse temperature over a head's knn scores. With random sub-keys the top-knn scores
+    # lie close together, so at 1.0 the weights are nearly uniform (1/knn each) and a trained row
+    # moves the output by ~1/knn of its change; larger values concentrate each read on its best slots.
+    score_scale: float = 1.0
 
     def validate(self, n_layers: int | None = None) -> None:
         root = math.isqrt(self.n_slots)
@@ -77,6 +84,10 @@ class MemoryConfig:
             raise ValueError(f"memory.output={self.output!r}; allowed: 'swilu', 'direct'.")
         if self.input_norm not in INPUT_NORMS:
             raise ValueError(f"memory.input_norm={self.input_norm!r}; allowed: {', '.join(map(repr, INPUT_NORMS))}.")
+        if not self.score_scale > 0:
+            raise ValueError(f"memory.score_scale={self.score_scale!r} must be > 0 (softmax inverse temperature).")
+        if self.whiten_on not in ("all", "loss"):
+            raise ValueError(f"memory.whiten_on={self.whiten_on!r}; allowed: 'all', 'loss'.")
         if self.mode not in ("additive", "replace"):
             raise ValueError(f"memory.mode={self.mode!r}; allowed: 'additive', 'replace'.")
         if not self.layers:
@@ -202,7 +213,7 @@ class ProductKeyMemory(nn.Module):
         pair = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # [BT, H, knn*knn]
         scores, best = pair.topk(self.knn, dim=-1)
         idx = i1.gather(-1, best // self.knn) * self.n_sub + i2.gather(-1, best % self.knn)
-        weights = torch.softmax(scores.float(), dim=-1)
+        weights = torch.softmax(scores.float() * self.cfg.score_scale, dim=-1)
         return idx.view(B, T, self.heads, self.knn), weights.view(B, T, self.heads, self.knn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

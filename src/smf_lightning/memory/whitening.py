@@ -38,10 +38,15 @@ class _Stop(Exception):
 
 @torch.no_grad()
 def fit_input_whitening(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *,
-                        progress: bool = False) -> dict[int, dict]:
+                        loss_tokens_only: bool = False, progress: bool = False) -> dict[int, dict]:
     """Set every memory layer's ``in_mean`` / ``in_std`` from the real tokens of ``batches``
-    (each memory layer's input, i.e. the normalised MLP input of its decoder layer). Returns
-    per layer the token count and the largest std / median std ratio (how strong the outliers were)."""
+    (each memory layer's input, i.e. the normalised MLP input of its decoder layer); with
+    ``loss_tokens_only``, from the positions whose output carries loss only (``labels``), the
+    positions SMF selects slots for: in QA text those are the answer positions, whose common
+    template component then no longer decides which slots they read. Returns per layer the
+    token count and the largest std / median std ratio (how strong the outliers were)."""
+    from ..selection.selectors import loss_position_mask
+
     from tqdm.auto import tqdm
 
     batches = list(batches)
@@ -67,6 +72,8 @@ def fit_input_whitening(model: nn.Module, batches: Iterable[Mapping[str, torch.T
             try:
                 for batch in tqdm(batches, desc=f"whitening stats (layer {idx})", unit="batch", disable=not progress):
                     acc["mask"] = batch["attention_mask"].to(device)
+                    if loss_tokens_only:
+                        acc["mask"] = acc["mask"].bool() & loss_position_mask(batch["labels"]).to(device)
                     try:
                         model(input_ids=batch["input_ids"].to(device), attention_mask=acc["mask"])
                     except _Stop:
@@ -88,7 +95,7 @@ def fit_input_whitening(model: nn.Module, batches: Iterable[Mapping[str, torch.T
 
 @torch.no_grad()
 def load_or_fit_input_whitening(model: nn.Module, batches_fn: Callable[[], Iterable], cache_dir: str | Path,
-                                key: Mapping, *, progress: bool = False) -> dict[int, dict]:
+                                key: Mapping, *, loss_tokens_only: bool = False, progress: bool = False) -> dict[int, dict]:
     """:func:`fit_input_whitening`, cached under ``cache_dir`` by the model fingerprint (taken
     before fitting) and the corpus ``key``. A no-op for layers with ``input_norm="none"``."""
     from safetensors.torch import load_file, save_file
@@ -101,7 +108,8 @@ def load_or_fit_input_whitening(model: nn.Module, batches_fn: Callable[[], Itera
     for mem in mems.values():  # the key is the model without statistics: reset to identity first
         mem.in_mean.zero_()
         mem.in_std.fill_(1.0)
-    full_key = {"format": CACHE_FORMAT, "model": fingerprint_model(model), "corpus": dict(key)}
+    full_key = {"format": CACHE_FORMAT, "model": fingerprint_model(model), "corpus": dict(key),
+                "loss_tokens_only": bool(loss_tokens_only)}
     digest = hashlib.blake2b(json.dumps(full_key, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
     cache_dir = Path(cache_dir)
     st, js = cache_dir / f"white_{digest}.safetensors", cache_dir / f"white_{digest}.json"
@@ -111,7 +119,7 @@ def load_or_fit_input_whitening(model: nn.Module, batches_fn: Callable[[], Itera
             mem.in_mean.copy_(tensors[f"layer{idx}.mean"])
             mem.in_std.copy_(tensors[f"layer{idx}.std"])
         return json.loads(js.read_text())["info"]
-    info = fit_input_whitening(model, batches_fn(), progress=progress)
+    info = fit_input_whitening(model, batches_fn(), loss_tokens_only=loss_tokens_only, progress=progress)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for idx, mem in mems.items():
