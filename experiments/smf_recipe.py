@@ -46,16 +46,27 @@ LEVERS: list[tuple[str, str, list[str]]] = [
      ["method.select_per=step", "method.top_t=500"]),
     ("memory", "one head, 262,144 slots, knn 32 at layer 15 (was: 4 heads, 16,384 slots, knn 16 at layer 12)",
      ["model.memory.heads=4", "model.memory.n_slots=16384", "model.memory.knn=16", "model.memory.layers=[12]"]),
-    ("loss", "the newline after the answer is trained too (was: answer tokens only)", ["data.loss_on=answer"]),
+    ("background", "1,000 TriviaQA + 500 NQ QA-format background sequences (was: 128 + 64)",
+     ["data.background.triviaqa=128", "data.background.nq_open=64"]),
+]
+
+
+# The defaults before issue 13, every key the recipe may touch (what `make train` ran: 5 steps per fact).
+OLD_DEFAULTS = [
+    "model.memory.layers=[12]", "model.memory.n_slots=16384", "model.memory.heads=4", "model.memory.knn=16",
+    "model.memory.output=swilu", "model.memory.input_norm=none", "model.memory.whiten_on=all",
+    "model.memory.score_scale=1.0",
+    "method.selector=kl", "method.top_t=500", "method.optimizer=adam", "method.lr=1.0", "method.select_per=step",
+    "method.exclude_hubs=0.0", "method.exclude_owned=false", "method.optimizer_state=carry", "method.prefix_cache=4",
+    "data.schedule=sequential", "data.train_batch_size=4", "data.repeats_per_batch=5", "data.epochs_per_task=1",
+    "data.loss_on=answer", "data.background.triviaqa=128", "data.background.nq_open=64", "data.background.lambada=64",
 ]
 
 
 def rows() -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for k in range(len(LEVERS) + 1):
-        overrides = [o for _, _, old in LEVERS[k:] for o in old]
-        name = "old_defaults" if k == 0 else f"+{LEVERS[k - 1][0]}"
-        out[name] = overrides
+    out: dict[str, list[str]] = {"old_defaults": OLD_DEFAULTS}
+    for k in range(1, len(LEVERS) + 1):
+        out[f"+{LEVERS[k - 1][0]}"] = [o for _, _, old in LEVERS[k:] for o in old]
     out["recipe_kl"] = out.pop(f"+{LEVERS[-1][0]}")  # every lever on: the recipe
     out["recipe_tfidf"] = ["method.selector=tfidf"]
     return out

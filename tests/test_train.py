@@ -42,7 +42,7 @@ def check_contract(run_dir: Path) -> dict:
     assert set(summary["heldout"]) == {"nq_open", "hellaswag", "gsm8k", "lambada"}
     for h in summary["heldout"].values():
         assert {"metric", "before", "after", "rel_change"} <= set(h)
-    # 2 tasks x 2 facts x 4 training templates / batch 2 x 2 repeats = 8 steps per task
+    # 2 tasks x 2 facts x 4 training templates / batch 2 x 2 passes = 8 steps per task
     assert summary["steps"] == 16
     rows = list(csv.reader((run_dir / "accuracy_matrix.csv").open()))
     assert rows[0] == ["eval_point", "task_0", "task_1"]
@@ -69,8 +69,9 @@ def tiny_run(tmp_path_factory) -> Path:
 def test_cli_run_writes_output_contract(tiny_run):
     s = check_contract(tiny_run)
     assert s["method"] == "smf" and s["selector"] == "kl" and s["top_t"] == 16
-    # SMF updates at most top_t rows per memory layer (2 layers, v_dim 64)
-    assert 0 < s["updated_params_per_step"] <= 16 * 64 * 2
+    # per-fact selection: a step updates at most top_t rows per fact of its batch (<= 2 facts) and
+    # memory layer (2 layers, v_dim 64)
+    assert 0 < s["updated_params_per_step"] <= 2 * 16 * 64 * 2
     assert s["trainable_params"] == 2 * 256 * 64  # the two value tables
     # the checkpoint holds only trainable weights, not the frozen base
     ckpt = torch.load(tiny_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
