@@ -13,8 +13,9 @@ the TF-IDF selector.
     python experiments/smf_recipe.py --report           # experiments/RECIPE.md table + results/recipe/
 
 Rows run one after another (two CPU cores); a finished row (summary.json) is skipped and an
-interrupted one resumes from its last task checkpoint. Runs live in experiments/runs/recipe/
-(git-ignored); --report copies the small files into experiments/results/recipe/<row>/.
+interrupted one resumes from its last task checkpoint. Runs live in $SMF_STUDY_RUNS/recipe
+(default ~/.cache/smf_lightning/study_runs/recipe: outside the work tree, so they survive a fresh
+checkout); --report copies the small files into experiments/results/recipe/<row>/.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -29,7 +31,10 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RUNS = HERE / "runs" / "recipe"
+# Runs (with their task checkpoints) live outside the work tree, beside the project's cache, so a
+# study can span sessions on the same machine: $SMF_STUDY_RUNS, default <SMF cache>/study_runs.
+RUNS = Path(os.environ.get("SMF_STUDY_RUNS") or Path(os.environ.get("SMF_CACHE") or Path.home() / ".cache" / "smf_lightning")
+            / "study_runs") / "recipe"
 RESULTS = HERE / "results" / "recipe"
 EXPERIMENT = "smf_recipe"
 

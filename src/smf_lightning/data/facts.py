@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import re
 from collections.abc import Mapping, Sequence
@@ -283,7 +284,12 @@ def probe_model(
             records[it.id] = ProbeRecord(pred.strip(), exact_match(pred, it.answers), contains_answer(pred, it.answers))
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
+            if path.exists():  # merge what another run added meanwhile (runs of a sweep share the cache)
+                stored = json.loads(path.read_text())
+                if stored.get("header") == header:
+                    for k, v in stored["records"].items():
+                        records.setdefault(k, ProbeRecord(**v))
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}")  # one temp file per process
             tmp.write_text(json.dumps({"header": header, "records": {k: asdict(v) for k, v in records.items()}}))
             tmp.replace(path)  # atomic: a killed run never leaves half a cache
     return {it.id: records[it.id] for it in items}
