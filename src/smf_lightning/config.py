@@ -71,19 +71,17 @@ def validate_config(cfg: DictConfig) -> None:
         _need(1 <= int(mem.knn) <= root, "model.memory.knn", mem.knn, f"1..sqrt(n_slots)={root}")
         _need(mem.mode in MEMORY_MODES, "model.memory.mode", mem.mode, " | ".join(MEMORY_MODES))
         _need(mem.get("key_init", "random") in ("random", "kmeans"), "model.memory.key_init", mem.get("key_init"), "random | kmeans")
-        from .memory.layer import INPUT_NORMS
-
-        _need(mem.get("output", "swilu") in ("swilu", "direct"), "model.memory.output", mem.get("output"), "swilu | direct")
-        _need(mem.get("input_norm", "none") in INPUT_NORMS, "model.memory.input_norm", mem.get("input_norm"), " | ".join(INPUT_NORMS))
-        _need(mem.get("whiten_on", "all") in ("all", "loss"), "model.memory.whiten_on", mem.get("whiten_on"), "all | loss")
-        _need(float(mem.get("score_scale", 1.0)) > 0, "model.memory.score_scale", mem.get("score_scale"), "a number > 0")
         _need(not (mem.get("output") == "direct" and mem.get("v_dim") is not None), "model.memory.v_dim", mem.get("v_dim"),
               "null with model.memory.output=direct (value rows live in the residual stream)")
         _need(len(mem.layers) >= 1 and all(int(i) >= 0 for i in mem.layers), "model.memory.layers", OmegaConf.to_container(mem.layers), "a non-empty list of decoder layer indices >= 0")
-        n_layers = decoder_layer_count(model)
-        if n_layers is not None:
-            _need(all(int(i) < n_layers for i in mem.layers), "model.memory.layers", OmegaConf.to_container(mem.layers),
-                  f"indices 0..{n_layers - 1} ({model.name} has {n_layers} decoder layers)")
+        # Everything else (output, input_norm, whiten_on, score_scale, layers against the model's
+        # depth) is checked by the memory config itself, the same check the retrofit runs.
+        from .memory.layer import MemoryConfig
+
+        try:
+            MemoryConfig(**OmegaConf.to_container(mem, resolve=True)).validate(n_layers=decoder_layer_count(model))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"bad config: model.{e} Fix it on the command line, e.g. `model.memory.KEY=...`.") from None
         if m.name == "smf" and m.selector != "all":
             _need(int(m.top_t) <= int(mem.n_slots), "method.top_t", m.top_t, f"<= model.memory.n_slots={mem.n_slots}")
 

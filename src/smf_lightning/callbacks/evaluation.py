@@ -96,12 +96,16 @@ class ContinualEvaluation(L.Callback):
             self._write_items(label, name, suite)
             log.info("evaluation '%s': %s (%d items) %s %.4g in %.0f s", label, name, len(suite.items),
                      suite.primary_metric, results[name][suite.primary_metric], time.perf_counter() - t1)
+        self.eval_seconds += time.perf_counter() - t0
+        self._add_point(label, row, row_h, row_c, results)
+
+    def _add_point(self, label: str, row, row_h, row_c, results) -> None:
+        """Record one evaluation point and write the output files so far."""
         self.labels.append(label)
         self.R.append(row)
         self.R_heldout.append(row_h)
         self.R_contains.append(row_c)
         self.heldout.append(results)
-        self.eval_seconds += time.perf_counter() - t0
         self._write_progress()
 
     def _write_items(self, label: str, name: str, suite) -> None:
@@ -134,13 +138,8 @@ class ContinualEvaluation(L.Callback):
             cached = self.before_cache.load() if self.before_cache is not None else None
             if cached is not None:
                 log.info("evaluation 'before': loaded from %s (same base model and evaluation setup)", self.before_cache.path)
-                self.labels.append("before")
-                self.R.append(cached["R"])
-                self.R_heldout.append(cached["R_heldout"])
-                self.R_contains.append(cached["R_contains"])
-                self.heldout.append(cached["heldout"])
                 self.before_from_cache = True
-                self._write_progress()
+                self._add_point("before", cached["R"], cached["R_heldout"], cached["R_contains"], cached["heldout"])
             else:
                 self._evaluate(module, "before", range(self.dm.n_tasks))
                 if self.before_cache is not None:

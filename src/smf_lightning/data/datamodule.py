@@ -218,11 +218,7 @@ class FactStreamDataModule(L.LightningDataModule):
                 pool.append(data.items[pos])
         self._pool_end = end  # the known-facts suite scans the order from here on
         fingerprint = self._fingerprint()
-
-        def probe(items, prompt):
-            return self._probe(items, prompt, fingerprint)
-
-        records, cache_file = probe(pool, self.probe_prompt)
+        records, cache_file = self._probe(pool, self.probe_prompt, fingerprint)
         misses = [it for it in pool if not records[it.id].known]
         probe_info = {"pool": len(pool), "known": len(pool) - len(misses), "unknown": len(misses),
                       "model_fingerprint": fingerprint, "cache_file": str(cache_file)}
@@ -236,7 +232,7 @@ class FactStreamDataModule(L.LightningDataModule):
                 checked += len(chunk)
                 known = set()
                 for template in self.templates.values():
-                    recs, _ = probe(chunk, template.prompt("{question}"))
+                    recs, _ = self._probe(chunk, template.prompt("{question}"), fingerprint)
                     known |= {i for i, r in recs.items() if r.known}
                 kept += [it for it in chunk if it.id not in known]
             probe_info.update(template_checked=checked, template_known=checked - len(kept))
