@@ -14,7 +14,7 @@ from smf_lightning.memory import MemoryConfig, ProductKeyMemory, load_retrofitte
 from smf_lightning.memory.whitening import fit_input_whitening, load_or_fit_input_whitening
 from smf_lightning.models.tiny import tiny_qwen2
 from smf_lightning.selection.background import BackgroundStats
-from smf_lightning.selection.selectors import hub_slots, score_slots, select_slots
+from smf_lightning.selection.selectors import hub_slots, loss_position_mask, score_slots, select_slots
 
 SMALL = dict(n_slots=64, heads=2, knn=4, k_dim=16)
 TEXTS = ["Question: Who wrote Hamlet?\nAnswer: Shakespeare", "The quick brown fox jumps", "Q: 2+2? A: 4"]
@@ -97,6 +97,30 @@ def test_whitening_fits_background_moments_and_changes_only_addressing(tiny_tok,
         memory_layers(fresh)[1].values.weight.normal_()
     save_retrofitted(fresh, tmp_path / "m")
     assert torch.equal(_logits(load_retrofitted(tmp_path / "m"), b), _logits(fresh, b))
+
+
+def test_loss_position_whitening_uses_the_unmasked_forward(tiny_tok):
+    """whiten_on=loss: statistics of the memory input at the loss positions of the ordinary
+    forward (every real token attended), not of a forward that attends only to those positions."""
+    model = retrofit(tiny_qwen2(), MemoryConfig(layers=[1], input_norm="whiten", **SMALL))
+    batches = _batches(tiny_tok)
+    for bb in batches:  # loss on the last two real tokens of every row
+        labels = torch.full_like(bb["input_ids"], -100)
+        for r, n in enumerate(bb["attention_mask"].sum(1).tolist()):
+            start = bb["attention_mask"].shape[1] - n if tiny_tok.padding_side == "left" else 0
+            labels[r, start + n - 2:start + n] = bb["input_ids"][r, start + n - 2:start + n]
+        bb["labels"] = labels
+    seen = []
+    mem = memory_layers(model)[1]
+    hook = mem.register_forward_pre_hook(lambda mod, a: seen.append(a[0].detach()))
+    for bb in batches:
+        with torch.no_grad():
+            model(input_ids=bb["input_ids"], attention_mask=bb["attention_mask"])
+    hook.remove()
+    fit_input_whitening(model, batches, loss_tokens_only=True)
+    x = torch.cat([s[loss_position_mask(bb["labels"])] for s, bb in zip(seen, batches)]).double()
+    torch.testing.assert_close(mem.in_mean.double(), x.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mem.in_std.double(), x.std(0, unbiased=False), rtol=1e-4, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- selection levers

@@ -29,7 +29,7 @@ from torch import nn
 from .retrofit import memory_layers
 
 STD_FLOOR = 1e-6  # a dimension constant over the corpus is centred, not divided by ~0
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: whiten_on=loss statistics from an unmasked forward (format 1 masked attention to the loss positions)
 
 
 class _Stop(Exception):
@@ -57,11 +57,11 @@ def fit_input_whitening(model: nn.Module, batches: Iterable[Mapping[str, torch.T
     model.eval()
     try:
         for idx, mem in mems.items():  # lowest first
-            acc = {"s": None, "ss": None, "n": 0, "mask": None}
+            acc = {"s": None, "ss": None, "n": 0, "keep": None}
 
             def grab(module, args):
                 x = args[0].double()
-                m = acc["mask"][:, -x.shape[1]:].bool()
+                m = acc["keep"][:, -x.shape[1]:].bool()
                 x = x[m]
                 acc["s"] = x.sum(0) if acc["s"] is None else acc["s"] + x.sum(0)
                 acc["ss"] = (x * x).sum(0) if acc["ss"] is None else acc["ss"] + (x * x).sum(0)
@@ -71,11 +71,13 @@ def fit_input_whitening(model: nn.Module, batches: Iterable[Mapping[str, torch.T
             hook = mem.register_forward_pre_hook(grab)
             try:
                 for batch in tqdm(batches, desc=f"whitening stats (layer {idx})", unit="batch", disable=not progress):
-                    acc["mask"] = batch["attention_mask"].to(device)
+                    attention = batch["attention_mask"].to(device)
+                    # the positions whose statistics count; the forward itself always sees every real token
+                    acc["keep"] = attention.bool()
                     if loss_tokens_only:
-                        acc["mask"] = acc["mask"].bool() & loss_position_mask(batch["labels"]).to(device)
+                        acc["keep"] = acc["keep"] & loss_position_mask(batch["labels"]).to(device)
                     try:
-                        model(input_ids=batch["input_ids"].to(device), attention_mask=acc["mask"])
+                        model(input_ids=batch["input_ids"].to(device), attention_mask=attention)
                     except _Stop:
                         pass
             finally:
