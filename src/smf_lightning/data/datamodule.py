@@ -426,11 +426,13 @@ class FactStreamDataModule(L.LightningDataModule):
             for name in (*self.train_templates, *self.heldout_templates)
         }
 
-    def evaluate_recall(self, model, tokenizer, tasks: Sequence[int], batch_size: int | None = None) -> dict[int, dict[str, dict[str, float]]]:
+    def evaluate_recall(self, model, tokenizer, tasks: Sequence[int], batch_size: int | None = None,
+                        items: dict | None = None) -> dict[int, dict[str, dict[str, float]]]:
         """Recall of every fact of `tasks` under every template, in as few greedy batches as
         possible (all prompts of all tasks and templates together): task -> template ->
         {"em", "contains"}. Same numbers as recall_suites(j)[t].evaluate(...), faster when
-        tasks are small."""
+        tasks are small. `items`, if given, receives each (task, template)'s per-fact columns
+        (FactRecallSuite.last_items) for intervals and items/ files."""
         from smf_lightning.eval.scoring import generate_greedy
 
         jobs = [(j, name) for j in tasks for name in (*self.train_templates, *self.heldout_templates)]
@@ -444,6 +446,8 @@ class FactStreamDataModule(L.LightningDataModule):
         for (j, name), suite in suites.items():
             n = len(suite.facts)
             results[j][name] = suite.score_predictions(predictions[pos:pos + n])
+            if items is not None:
+                items[j, name] = suite.last_items
             pos += n
         return results
 
