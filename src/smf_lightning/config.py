@@ -151,6 +151,10 @@ def _validate_data(d: DictConfig) -> None:
 
     if "facts" in d:
         _need(d.facts in FACT_SOURCES, "data.facts", d.facts, " | ".join(FACT_SOURCES))
+        if d.facts == "file":  # the file is read and checked here, before the model loads
+            from .data.fact_file import validate_file_config
+
+            validate_file_config(d)
     if "schedule" in d:
         from .data.datamodule import SCHEDULES
 
@@ -160,7 +164,7 @@ def _validate_data(d: DictConfig) -> None:
     if "loss_on" in d:
         _need(d.loss_on in LOSS_ON, "data.loss_on", d.loss_on, " | ".join(LOSS_ON))
     if "templates" in d and "heldout_templates" in d:
-        names = list(d.templates)
+        names = [name for name, text in d.templates.items() if text is not None]  # null drops a template
         held = d.heldout_templates
         held = list(held) if isinstance(held, ListConfig | list | tuple) else [held]
         unknown = [h for h in held if h not in names]

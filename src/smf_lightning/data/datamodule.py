@@ -24,6 +24,7 @@ from functools import partial
 import lightning as L
 from torch.utils.data import DataLoader
 
+from smf_lightning.data.fact_file import FactFile, FactFileError, FactFileSpec, read_fact_file, stream_shortfall
 from smf_lightning.data.facts import (
     DEFAULT_PROBE_PROMPT,
     LOSS_ON,
@@ -50,9 +51,10 @@ from smf_lightning.eval.suites import SUITE_NAMES, FactRecallSuite, build_suite,
 
 log = logging.getLogger(__name__)
 
-FACT_SOURCES = ("triviaqa", "synthetic")
+FACT_SOURCES = ("triviaqa", "synthetic", "file")
 SCHEDULES = ("sequential", "interleaved")
 KNOWN_SUITE = "triviaqa_known"
+FILE_KNOWN_SUITE = "file_known"  # facts=file with known_items > 0: the file's records the model answers
 BACKGROUND_SOURCES = ("lambada", "triviaqa", "nq_open", "synthetic")
 
 
@@ -91,12 +93,21 @@ class FactStreamDataModule(L.LightningDataModule):
         data_root: str | None = None,
         cache_dir: str | None = None,
         model_fingerprint: str | None = None,
+        path: str | None = None,
+        format: str = "auto",
+        split: str | None = None,
+        fields: Mapping[str, str] | None = None,
+        list_separator: str = "|",
+        skip_invalid: bool = False,
+        probe: bool = True,
+        known_items: int = 0,
     ):
         """
         tokenizer, probe_model: the run's tokenizer and its *base* model (probed for
             unknown TriviaQA facts; not needed for facts=synthetic or a cached probe with
             `model_fingerprint` given).
-        The other arguments are documented in conf/data/facts_triviaqa.yaml.
+        The other arguments are documented in conf/data/facts_triviaqa.yaml; path ... known_items
+        (facts=file only) in conf/data/facts_file.yaml.
         """
         super().__init__()
         if facts not in FACT_SOURCES:
@@ -122,7 +133,9 @@ class FactStreamDataModule(L.LightningDataModule):
         self.n_tasks = n_tasks
         self.facts_per_task = facts_per_task
         self.seed = seed
-        self.templates = make_templates(dict(templates))
+        # null drops a template inherited from another data yaml (Hydra merges dicts; a user's
+        # yaml with its own templates sets the inherited ones to null)
+        self.templates = make_templates({name: text for name, text in templates.items() if text is not None})
         self.train_templates, self.heldout_templates = split_templates(self.templates, list(heldout_templates))
         self.loss_on = loss_on
         if schedule not in SCHEDULES:
@@ -151,6 +164,15 @@ class FactStreamDataModule(L.LightningDataModule):
         self.data_root = data_root
         self.cache_dir = cache_dir
         self.model_fingerprint = model_fingerprint
+        if facts == "file" and not path:
+            raise ValueError("facts=file reads the facts from `path` (data.path=FILE); it is not set.")
+        self.file_spec = FactFileSpec(str(path), format, split, fields, list_separator, bool(skip_invalid)) if path else None
+        self.probe_file = bool(probe)
+        self.known_items = int(known_items)
+        if self.known_items and not self.probe_file:
+            raise ValueError("known_items > 0 needs probe=true: the known-facts suite is what the probe finds the model answers.")
+        if self.known_items and KNOWN_SUITE in self.suite_options:
+            raise ValueError(f"known_items > 0 and the {KNOWN_SUITE} suite: one known-facts suite per run; drop one.")
         self.current_task = 0
         self.tasks: tuple[tuple[Fact, ...], ...] | None = None
         self.info: dict = {}
@@ -169,14 +191,17 @@ class FactStreamDataModule(L.LightningDataModule):
             return
         if self.tokenizer is None:
             raise ValueError("FactStreamDataModule needs the run's tokenizer (tokenizer=...).")
-        if self.facts_source == "synthetic":
-            needed = self.n_tasks * self.facts_per_task
-            candidates = synthetic_facts(needed, self.seed)
-            self.info = {"facts": "synthetic", "facts_origin": f"synthetic(seed={self.seed})"}
-            where = " from the synthetic generator"
+        if self.facts_source == "file":
+            self.tasks = self._file_stream()
         else:
-            candidates, where = self._probe_triviaqa()
-        self.tasks = split_into_tasks(candidates, self.n_tasks, self.facts_per_task, self.seed, where)
+            if self.facts_source == "synthetic":
+                needed = self.n_tasks * self.facts_per_task
+                candidates = synthetic_facts(needed, self.seed)
+                self.info = {"facts": "synthetic", "facts_origin": f"synthetic(seed={self.seed})"}
+                where = " from the synthetic generator"
+            else:
+                candidates, where = self._probe_triviaqa()
+            self.tasks = split_into_tasks(candidates, self.n_tasks, self.facts_per_task, self.seed, where)
         if KNOWN_SUITE in self.suite_options:  # probed now, on the base model (before any retrofit)
             opts = self.suite_options[KNOWN_SUITE]
             self._known = self._known_facts(int(opts["n_items"]))
@@ -226,21 +251,125 @@ class FactStreamDataModule(L.LightningDataModule):
         if self.probe_templates:
             needed = self.n_tasks * self.facts_per_task
             candidates = [misses[i] for i in seeded_order(len(misses), self.seed, "stream")]
-            kept, checked = [], 0
-            while len(kept) < needed and checked < len(candidates):
-                chunk = candidates[checked: checked + (needed - len(kept)) * 5 // 4 + 4]
-                checked += len(chunk)
-                known = set()
-                for template in self.templates.values():
-                    recs, _ = self._probe(chunk, template.prompt("{question}"), fingerprint)
-                    known |= {i for i, r in recs.items() if r.known}
-                kept += [it for it in chunk if it.id not in known]
+            kept, checked = self._unknown_under_templates(candidates, needed, fingerprint)
             probe_info.update(template_checked=checked, template_known=checked - len(kept))
             where += f"; {len(kept)} of the {checked} checked were also unknown under every template"
             misses = kept
         self.info = {"facts": "triviaqa", "facts_origin": f"{data.origin}:{data.location}", "probe": probe_info}
         log.info("Probe: %d TriviaQA facts unknown to the model (%s)", len(misses), probe_info)
         return [qa_item_to_fact(it) for it in misses], where + ")"
+
+    def _unknown_under_templates(self, candidates: list[QAItem], needed: int, fingerprint: str,
+                                 dataset: str = "triviaqa") -> tuple[list[QAItem], int]:
+        """(kept, checked): `candidates` in order, probed in chunks under every template, the ones
+        no template elicits kept, until `needed` are kept or the candidates run out."""
+        kept, checked = [], 0
+        while len(kept) < needed and checked < len(candidates):
+            chunk = candidates[checked: checked + (needed - len(kept)) * 5 // 4 + 4]
+            checked += len(chunk)
+            known = set()
+            for template in self.templates.values():
+                recs, _ = self._probe(chunk, template.prompt("{question}"), fingerprint, dataset)
+                known |= {i for i, r in recs.items() if r.known}
+            kept += [it for it in chunk if it.id not in known]
+        return kept, checked
+
+    def _file_stream(self) -> tuple[tuple[Fact, ...], ...]:
+        """The stream from the facts file (data/fact_file.py): valid records, then those that fit
+        (max_answer_words, max_seq_len under every template and question), with probe=true
+        only those the model does not know (as for TriviaQA: the probe prompt, then every
+        template with probe_templates), split by the records' task labels or by seed. Every
+        count (read, skipped and why, filtered, known, used) goes to info["file"] and the log."""
+        ff = read_fact_file(self.file_spec)
+        fits, filtered = [], {"answer_too_long": 0, "sequence_too_long": 0}
+        for fact in ff.facts:
+            reason = self._unfit_reason(fact)
+            if reason:
+                filtered[reason] += 1
+            fits.append(reason is None)
+        usable = FactFile(ff.location, ff.format, [f for f, ok in zip(ff.facts, fits) if ok],
+                          [t for t, ok in zip(ff.tasks, fits) if ok], [w for w, ok in zip(ff.where, fits) if ok],
+                          ff.n_read, ff.skipped)
+        note = (f"; {filtered['answer_too_long']} with an answer over max_answer_words={self.max_answer_words}, "
+                f"{filtered['sequence_too_long']} over max_seq_len={self.max_seq_len} tokens") if any(filtered.values()) else ""
+        problem = stream_shortfall(usable, self.n_tasks, self.facts_per_task, note)
+        if problem:
+            raise FactFileError(problem)
+        labels = usable.task_labels[: self.n_tasks] or [None]
+        groups = {label: [f for f, t in zip(usable.facts, usable.tasks) if t == label] for label in labels}
+        per_group = self.facts_per_task if labels != [None] else self.n_tasks * self.facts_per_task
+        file_info = {**ff.counts(), "filtered": filtered, "usable": len(usable.facts)}
+        if self.probe_file:
+            groups, file_info["probe"] = self._probe_file_groups(groups, per_group, ff.digest())
+        if labels == [None]:
+            tasks = split_into_tasks(groups[None], self.n_tasks, self.facts_per_task, self.seed)
+        else:
+            tasks = tuple(split_into_tasks(groups[label], 1, self.facts_per_task, self.seed)[0] for label in labels)
+            file_info["task_labels"] = labels
+        file_info["used"] = sum(len(t) for t in tasks)
+        file_info["used_paraphrases"] = sum(len(f.paraphrases) for t in tasks for f in t)
+        self.info = {"facts": "file", "facts_origin": f"file:{ff.location}", "file": file_info}
+        known = f", {file_info['probe']['known']} of {file_info['probe']['probed']} probed known" if self.probe_file else ""
+        log.info("Facts file %s: %d records read, %d skipped %s, %d valid, %d too long%s; %d used in the stream",
+                 ff.location, ff.n_read, file_info["skipped_total"], file_info["skipped"], len(ff.facts),
+                 sum(filtered.values()), known, file_info["used"])
+        return tasks
+
+    def _unfit_reason(self, fact: Fact) -> str | None:
+        if len(fact.answer.split()) > self.max_answer_words:
+            return "answer_too_long"
+        for question in (fact.question, *fact.paraphrases):
+            variant = Fact(fact.id, question, fact.answer, fact.aliases)
+            if any(len(self._encode(variant, name).input_ids) > self.max_seq_len for name in self.templates):
+                return "sequence_too_long"
+        return None
+
+    def _probe_file_groups(self, groups: dict, needed: int, digest: str) -> tuple[dict, dict]:
+        """Drop the facts the model knows from each task group: a group's facts are probed under
+        the probe prompt (every fact of a task label; without labels a seeded pool of
+        probe_pool_size), then, with probe_templates, under every template until `needed` are
+        kept. The ones answered exactly are the file_known suite's candidates. Probes are cached
+        per file content (an edited file is probed afresh)."""
+        fingerprint = self._fingerprint()
+        dataset = f"file-{digest}"
+        by_id = {f.id: f for facts in groups.values() for f in facts}
+        kept_groups, known_all, info = {}, [], {"probed": 0, "known": 0, "template_known": 0, "model_fingerprint": fingerprint}
+        for label, facts in groups.items():
+            if label is None:
+                facts = [facts[i] for i in seeded_order(len(facts), self.seed, "file/pool")[: self.probe_pool_size]]
+            items = [QAItem(f.id, f.question, f.aliases) for f in facts]
+            records, cache_file = self._probe(items, self.probe_prompt, fingerprint, dataset)
+            misses = [it for it in items if not records[it.id].known]
+            known_all += [by_id[it.id] for it in items if records[it.id].exact_match == 1.0]
+            info["probed"] += len(items)
+            info["known"] += len(items) - len(misses)
+            info["cache_file"] = str(cache_file)
+            if self.probe_templates:
+                candidates = [misses[i] for i in seeded_order(len(misses), self.seed, f"stream/{label}")]
+                kept, checked = self._unknown_under_templates(candidates, needed, fingerprint, dataset)
+                info["template_known"] += checked - len(kept)
+                misses = kept
+            kept_groups[label] = [by_id[it.id] for it in misses]
+            if len(misses) < needed:
+                what = f"task {label!r}" if label is not None else "the stream"
+                more = (f" raise data.probe_pool_size (probed {len(items)} of {len(groups[label])})," 
+                        if len(items) < len(groups[label]) else "")
+                raise FactFileError(
+                    f"facts file {self.file_spec.path}: only {len(misses)} facts for {what} are unknown to the model "
+                    f"({len(items)} probed, {info['known']} known under the probe prompt, {info['template_known']} "
+                    f"under a template), {needed} needed;{more} add facts, lower data.facts_per_task / data.n_tasks, "
+                    f"or keep the facts the model knows with data.probe=false."
+                )
+        if self.known_items:
+            if len(known_all) < self.known_items:
+                raise FactFileError(
+                    f"file_known: only {len(known_all)} records of {self.file_spec.path} are answered exactly by the model "
+                    f"under the probe prompt ({info['probed']} probed); lower data.known_items."
+                )
+            chosen = seeded_order(len(known_all), self.seed, "file_known")[: self.known_items]
+            self._known = [known_all[i] for i in sorted(chosen)]
+        log.info("Probe of the facts file: %s", info)
+        return kept_groups, info
 
     def _fingerprint(self) -> str:
         if self.model_fingerprint is not None:
@@ -253,9 +382,9 @@ class FactStreamDataModule(L.LightningDataModule):
         self.model_fingerprint = model_fingerprint(self.probe_model)
         return self.model_fingerprint
 
-    def _probe(self, items, prompt: str, fingerprint: str):
+    def _probe(self, items, prompt: str, fingerprint: str, dataset: str = "triviaqa"):
         cache_dir = self.cache_dir or default_cache_dir()
-        cache_file = probe_cache_file(cache_dir, fingerprint, prompt, self.probe_max_new_tokens, "triviaqa")
+        cache_file = probe_cache_file(cache_dir, fingerprint, prompt, self.probe_max_new_tokens, dataset)
         if self.probe_model is None and not cache_file.exists():
             raise ValueError(
                 f"No cached probe at {cache_file} for model_fingerprint={fingerprint[:16]}...; pass probe_model=<base model>."
@@ -361,10 +490,14 @@ class FactStreamDataModule(L.LightningDataModule):
 
     def training_examples(self, task_index: int) -> list[TrainingExample]:
         """The task's training sequences, fact by fact, each fact under every *training*
-        template (held-out templates never appear here)."""
+        template (held-out templates never appear here), for its question and then each of its
+        paraphrases (same fact id, same answer)."""
         if task_index not in self._train_examples:
             self._train_examples[task_index] = [
-                self._encode(fact, name) for fact in self.task_facts(task_index) for name in self.train_templates
+                self._encode(Fact(fact.id, question, fact.answer, fact.aliases), name)
+                for fact in self.task_facts(task_index)
+                for question in (fact.question, *fact.paraphrases)
+                for name in self.train_templates
             ]
         return self._train_examples[task_index]
 
@@ -469,6 +602,11 @@ class FactStreamDataModule(L.LightningDataModule):
                 self._heldout_suites[name] = build_suite(
                     name, n_items, self.seed, source=self.source, data_root=self.data_root, **opts
                 )
+            if self.facts_source == "file" and self.known_items:
+                self._require_stream()
+                self._heldout_suites[FILE_KNOWN_SUITE] = FactRecallSuite(
+                    self._known, self.known_template(), self.recall_max_new_tokens, self.generation_batch_size,
+                    name=FILE_KNOWN_SUITE, origin=f"{self.file_spec.path} (answered exactly by the base model under the probe prompt)")
             self.info["suites"] = {n: s.origin for n, s in self._heldout_suites.items()}
         return self._heldout_suites
 

@@ -6,8 +6,9 @@ training sequences from paraphrase templates; at least one template is held out 
 training and only used to measure whether the learned fact generalises beyond the
 surface forms it was trained on.
 
-Facts come from TriviaQA (real questions, probed on the actual model) or from a seeded
-generator of fictional facts (invented entities: unknown to any model by construction).
+Facts come from TriviaQA (real questions, probed on the actual model), from a seeded
+generator of fictional facts (invented entities: unknown to any model by construction), or
+from a user's file or dataset (data/fact_file.py; probed or not).
 """
 
 from __future__ import annotations
@@ -35,12 +36,15 @@ LOSS_ON = ("answer", "answer_and_suffix", "full")
 @dataclass(frozen=True)
 class Fact:
     """One question/answer fact; `answer` is what training teaches, `aliases` (which include
-    `answer`) are what evaluation accepts."""
+    `answer`) are what evaluation accepts. `paraphrases` are further questions with the same
+    answer, trained like `question` but never evaluated: recall is measured once per fact, on
+    `question` (facts from a file, data/fact_file.py)."""
 
     id: str
     question: str
     answer: str
     aliases: tuple[str, ...]
+    paraphrases: tuple[str, ...] = ()
 
 
 # -----------------------------------------------------------------------------

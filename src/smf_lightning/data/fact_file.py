@@ -1,0 +1,401 @@
+"""A user's own facts from a file or dataset (``data=facts_file data.path=FILE``).
+
+One fact per record, in any of
+
+- JSONL (``.jsonl``, ``.ndjson``; a ``.json`` file may also hold one JSON array of records),
+- CSV / TSV with a header row (several answers or paraphrases in one cell are separated
+  by ``list_separator``, "|" by default),
+- a ``datasets`` ``save_to_disk`` directory (a DatasetDict: the ``split`` one),
+- a hub dataset id (``datasets.load_dataset(path, split=split)``; needs internet).
+
+Record fields (their names in the file are mapped by ``fields``):
+
+    question     the question recall is measured on (required)
+    answers      a list or one string; the first is the canonical answer training teaches,
+                 all of them are accepted by evaluation (required)
+    id           names the fact in summary.json (default: line-<line>, or row-<index> of a dataset)
+    paraphrases  further questions asking for the same answer: extra training sequences of
+                 the same fact; recall is still measured once per fact, on `question`
+    task         fixes the task split: records with the same label form one task (labels that
+                 are all integers run in numeric order, others in order of first appearance)
+
+Every problem names the file and the line (row, for datasets). A malformed record is an
+error unless ``skip_invalid``, which skips it instead and counts it by reason; read,
+skipped and used counts go to the run log and summary.json (``data.file``).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from smf_lightning.config import ConfigError
+from smf_lightning.data.facts import Fact
+
+log = logging.getLogger(__name__)
+
+RECORD_FIELDS = ("id", "question", "answers", "paraphrases", "task")
+REQUIRED_FIELDS = ("question", "answers")
+FORMATS = ("auto", "jsonl", "csv", "disk", "hub")
+# FactStreamDataModule keyword arguments that only facts=file reads (conf/data/facts_file.yaml).
+FILE_KEYS = ("path", "format", "split", "fields", "list_separator", "skip_invalid", "probe", "known_items")
+_SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "csv"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_SHOWN_SKIPS = 20  # skipped records logged one by one; the rest only counted
+
+
+class FactFileError(ConfigError):
+    """The facts file cannot give the stream it is asked for (exit code 2, one line)."""
+
+
+class _BadRecord(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason  # the key under which skip_invalid counts it
+
+
+@dataclass(frozen=True)
+class FactFileSpec:
+    """Where the facts are and how to read them (the facts_file.yaml keys)."""
+
+    path: str
+    format: str = "auto"
+    split: str | None = None
+    fields: Mapping[str, str] | None = None
+    list_separator: str = "|"
+    skip_invalid: bool = False
+
+    def field_names(self) -> dict[str, str]:
+        names = dict(zip(RECORD_FIELDS, RECORD_FIELDS))
+        unknown = sorted(set(self.fields or {}) - set(RECORD_FIELDS))
+        if unknown:
+            raise FactFileError(
+                f"bad config: data.fields.{unknown[0]} is not a record field; the fields are {', '.join(RECORD_FIELDS)} "
+                f"(map each to its name in the file, e.g. data.fields.question=q)."
+            )
+        names.update({k: str(v) for k, v in (self.fields or {}).items() if v is not None})
+        return names
+
+
+@dataclass
+class FactFile:
+    """The valid facts of a file, in file order, with what was read and skipped."""
+
+    location: str
+    format: str
+    facts: list[Fact]
+    tasks: list[str | None]  # each fact's task label (all None without a task field)
+    where: list[str]  # each fact's "file:line"
+    n_read: int
+    skipped: Counter = field(default_factory=Counter)  # reason -> records skipped
+
+    @property
+    def task_labels(self) -> list[str]:
+        """Distinct task labels in stream order (see the module docstring); [] without tasks."""
+        labels = list(dict.fromkeys(t for t in self.tasks if t is not None))
+        if labels and all(re.fullmatch(r"-?\d+", t) for t in labels):
+            labels.sort(key=int)
+        return labels
+
+    def digest(self) -> str:
+        """Changes with any fact's id, question, answers or paraphrases (keys the probe cache)."""
+        text = json.dumps([[f.id, f.question, list(f.aliases), list(f.paraphrases)] for f in self.facts])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def counts(self) -> dict:
+        return {"path": self.location, "format": self.format, "records_read": self.n_read,
+                "skipped": dict(sorted(self.skipped.items())), "skipped_total": sum(self.skipped.values()),
+                "valid": len(self.facts)}
+
+    def describe(self) -> str:
+        """One clause for error messages: read / skipped (why) / valid."""
+        text = f"{self.n_read} records read"
+        if self.skipped:
+            why = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
+            text += f", {sum(self.skipped.values())} skipped ({why})"
+        return text + f", {len(self.facts)} valid"
+
+
+# -----------------------------------------------------------------------------
+# Reading
+
+
+def read_fact_file(spec: FactFileSpec, log_skips: bool = True) -> FactFile:
+    """Parse and validate every record of `spec.path`; raise FactFileError on the first bad
+    record (or skip and count it with skip_invalid; `log_skips` logs each skipped record)."""
+    names = spec.field_names()
+    fmt, location, records = _open_records(spec, names)
+    facts, tasks, where, first_at = [], [], [], {}
+    skipped: Counter = Counter()
+    n_read = 0
+    for at, default_id, raw in records:
+        n_read += 1
+        try:
+            if isinstance(raw, _BadRecord):
+                raise raw
+            fact, task = _parse_record(raw, names, default_id, spec.list_separator if fmt == "csv" else None)
+            if fact.id in first_at:
+                raise _BadRecord("duplicate_id", f"duplicate id {fact.id!r} (first at {first_at[fact.id]})")
+        except _BadRecord as bad:
+            if not spec.skip_invalid:
+                raise FactFileError(f"{at}: {bad} Fix the record, or skip bad records with data.skip_invalid=true.") from None
+            skipped[bad.reason] += 1
+            if log_skips and sum(skipped.values()) <= _SHOWN_SKIPS:
+                log.warning("facts file: skipped %s: %s", at, bad)
+            continue
+        first_at[fact.id] = at
+        facts.append(fact)
+        tasks.append(task)
+        where.append(at)
+    if any(t is not None for t in tasks) and None in tasks:
+        # Some records fix their task and some do not: the split would be half fixed.
+        keep = [i for i, t in enumerate(tasks) if t is not None]
+        lacking = [where[i] for i, t in enumerate(tasks) if t is None]
+        message = (f"{lacking[0]}: no task (field {names['task']!r}), but other records have one: give every "
+                   f"record a task or none.")
+        if not spec.skip_invalid:
+            raise FactFileError(message + " Or skip such records with data.skip_invalid=true.")
+        if log_skips:
+            log.warning("facts file: skipped %d records without a task (%s ...)", len(lacking), lacking[0])
+        skipped["missing_task"] += len(lacking)
+        facts, tasks, where = [facts[i] for i in keep], [tasks[i] for i in keep], [where[i] for i in keep]
+    if log_skips and sum(skipped.values()) > _SHOWN_SKIPS:
+        log.warning("facts file: %d more records skipped (counted in summary.json data.file.skipped)",
+                    sum(skipped.values()) - _SHOWN_SKIPS)
+    return FactFile(location, fmt, facts, tasks, where, n_read, skipped)
+
+
+def resolve_format(spec: FactFileSpec) -> str:
+    """jsonl | csv | disk | hub for `spec.path` (format=auto: by suffix or directory; a
+    missing path that looks like owner/name is a hub id)."""
+    if spec.format not in FORMATS:
+        raise FactFileError(f"bad config: data.format={spec.format!r}; allowed: {' | '.join(FORMATS)}.")
+    path = Path(spec.path).expanduser()
+    if spec.format == "hub":
+        return "hub"
+    if not path.exists():
+        if spec.format == "auto" and path.suffix.lower() not in _SUFFIX_FORMATS and _HUB_ID.match(spec.path):
+            return "hub"
+        raise FactFileError(
+            f"facts file {spec.path} does not exist (data.path); give a JSONL or CSV file, a datasets save_to_disk "
+            f"directory, or a hub dataset id (owner/name)."
+        )
+    if spec.format != "auto":
+        return spec.format
+    if path.is_dir():
+        return "disk"
+    fmt = _SUFFIX_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise FactFileError(
+            f"facts file {spec.path}: cannot tell the format from the suffix {path.suffix!r}; "
+            f"set data.format=jsonl or data.format=csv."
+        )
+    return fmt
+
+
+def _open_records(spec: FactFileSpec, names: dict[str, str]) -> tuple[str, str, Iterator]:
+    fmt = resolve_format(spec)
+    path = Path(spec.path).expanduser()
+    if fmt in ("jsonl", "csv"):
+        try:
+            text = path.read_text(encoding="utf-8-sig")  # utf-8-sig: spreadsheet exports start with a BOM
+        except (OSError, UnicodeDecodeError) as e:
+            raise FactFileError(f"cannot read facts file {spec.path}: {e}") from None
+        if fmt == "csv":
+            return fmt, str(path), _csv_records(text, str(spec.path), "\t" if path.suffix.lower() == ".tsv" else ",", names)
+        if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+            return fmt, str(path), _json_array_records(text, str(spec.path))
+        return fmt, str(path), _jsonl_records(text, str(spec.path))
+    return fmt, (str(path) if fmt == "disk" else f"hub:{spec.path}"), _dataset_records(spec, fmt, names)
+
+
+def _jsonl_records(text: str, name: str) -> Iterator:
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        at, default_id = f"{name}:{lineno}", f"line-{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield at, default_id, _BadRecord("invalid_json", f"not valid JSON ({e.msg} at column {e.colno}).")
+            continue
+        yield at, default_id, record if isinstance(record, dict) else _BadRecord(
+            "not_an_object", f"a record must be a JSON object {{...}}, got {type(record).__name__}.")
+
+
+def _json_array_records(text: str, name: str) -> Iterator:
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FactFileError(f"{name}:{e.lineno}: not valid JSON ({e.msg}).") from None
+    for i, record in enumerate(records):
+        yield f"{name}: record {i}", f"record-{i}", record if isinstance(record, dict) else _BadRecord(
+            "not_an_object", f"a record must be a JSON object {{...}}, got {type(record).__name__}.")
+
+
+def _csv_records(text: str, name: str, delimiter: str, names: dict[str, str]) -> Iterator:
+    reader = csv.DictReader(text.splitlines(keepends=True), delimiter=delimiter)
+    header = reader.fieldnames or []
+    _check_columns(header, names, name)
+    while True:
+        start = reader.line_num + 1  # the line the next row starts on
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise FactFileError(f"cannot read facts file {name}:{start}: {e}") from None
+        at, default_id = f"{name}:{start}", f"line-{start}"
+        if None in row:  # more cells than the header has columns
+            yield at, default_id, _BadRecord(
+                "malformed", f"{len(header) + len(row[None])} cells, but the header has {len(header)} columns.")
+        else:
+            yield at, default_id, row
+
+
+def _dataset_records(spec: FactFileSpec, fmt: str, names: dict[str, str]) -> Iterator:
+    import datasets
+
+    try:
+        if fmt == "disk":
+            data = datasets.load_from_disk(str(Path(spec.path).expanduser()))
+        else:
+            data = datasets.load_dataset(spec.path, split=spec.split or "train")
+    except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ...)
+        raise FactFileError(f"cannot read facts dataset {spec.path}: {type(e).__name__}: {e}") from None
+    if isinstance(data, datasets.DatasetDict):
+        split = spec.split or "train"
+        if split not in data:
+            raise FactFileError(f"facts dataset {spec.path} has splits {', '.join(data)}; choose one with data.split=NAME.")
+        data = data[split]
+    _check_columns(list(data.column_names), names, spec.path)
+    return ((f"{spec.path}: row {i}", f"row-{i}", row) for i, row in enumerate(data))
+
+
+def _check_columns(columns: list[str], names: dict[str, str], name: str) -> None:
+    """A required field missing from every record is a mapping problem, not a bad record."""
+    for key in REQUIRED_FIELDS:
+        if names[key] not in columns:
+            raise FactFileError(
+                f"facts file {name} has no column {names[key]!r} for the {key} (columns: {', '.join(map(str, columns))}); "
+                f"map it with data.fields.{key}=COLUMN."
+            )
+
+
+# -----------------------------------------------------------------------------
+# One record
+
+
+def _parse_record(raw: Mapping, names: dict[str, str], default_id: str, separator: str | None) -> tuple[Fact, str | None]:
+    """(fact, task label) of one record. `separator` splits list fields held in one string
+    (CSV cells); elsewhere a string is one answer / one paraphrase."""
+    question = _text(raw.get(names["question"]), "question", names)
+    if question is None:
+        raise _BadRecord("missing_question", f"no question (field {names['question']!r}).")
+    if not question:
+        raise _BadRecord("empty_question", f"empty question (field {names['question']!r}).")
+    answers = _text_list(raw.get(names["answers"]), "answers", names, separator)
+    if answers is None:
+        raise _BadRecord("missing_answer", f"no answer (field {names['answers']!r}).")
+    if not answers or not answers[0]:
+        raise _BadRecord("empty_answer", f"empty answer (field {names['answers']!r}); the first answer is the one trained.")
+    paraphrases = _text_list(raw.get(names["paraphrases"]), "paraphrases", names, separator) or []
+    if "" in paraphrases:
+        raise _BadRecord("empty_paraphrase", f"paraphrase {paraphrases.index('')} is empty (field {names['paraphrases']!r}).")
+    fact_id = _text(raw.get(names["id"]), "id", names)
+    task = _text(raw.get(names["task"]), "task", names)
+    aliases = tuple(dict.fromkeys(a for a in answers if a))
+    fact = Fact(fact_id or default_id, question, aliases[0], aliases,
+                tuple(p for p in dict.fromkeys(paraphrases) if p != question))
+    return fact, task or None
+
+
+def _text(value, key: str, names: dict[str, str]) -> str | None:
+    """A scalar field as stripped text; None if absent (missing key, null, empty CSV cell)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise _BadRecord("bad_type", f"field {names[key]!r} must be text, got {type(value).__name__}.")
+    return str(value).strip()
+
+
+def _text_list(value, key: str, names: dict[str, str], separator: str | None) -> list[str] | None:
+    """A list field (one string, or a list of strings) as stripped texts; None if absent."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if separator and separator in value:
+            return [part.strip() for part in value.split(separator)]
+        return [value.strip()] if value.strip() or key == "answers" else []
+    if isinstance(value, list | tuple):
+        return [_text(v, key, names) or "" for v in value]
+    return [_text(value, key, names)]
+
+
+# -----------------------------------------------------------------------------
+# Checks before any model loads
+
+
+def stream_shortfall(ff: FactFile, n_tasks: int, facts_per_task: int, filtered: str = "") -> str | None:
+    """Why `ff` cannot fill n_tasks x facts_per_task (None if it can): counts included.
+    `filtered` describes facts dropped after reading (too long, known), for the message."""
+    needed = n_tasks * facts_per_task
+    counts = f"{ff.describe()}{filtered}"
+    labels = ff.task_labels
+    if not labels:
+        if len(ff.facts) < needed:
+            return (f"facts file {ff.location} has only {len(ff.facts)} usable facts ({counts}), but the stream needs "
+                    f"n_tasks x facts_per_task = {n_tasks} x {facts_per_task} = {needed}; add facts, or lower "
+                    f"data.n_tasks or data.facts_per_task.")
+        return None
+    if len(labels) < n_tasks:
+        return (f"facts file {ff.location} names {len(labels)} tasks ({', '.join(labels[:10])}), but data.n_tasks={n_tasks}; "
+                f"lower data.n_tasks, or drop the task field (data.fields.task=null) to split the facts by seed.")
+    for label in labels[:n_tasks]:
+        have = ff.tasks.count(label)
+        if have < facts_per_task:
+            return (f"facts file {ff.location}: task {label!r} has only {have} usable facts ({counts}), but "
+                    f"data.facts_per_task={facts_per_task}; add facts to it or lower data.facts_per_task.")
+    return None
+
+
+def validate_file_config(d) -> None:
+    """config.validate_config's part for facts=file: the keys, then the file itself (read and
+    checked against the stream size), all before the model loads."""
+    from omegaconf import OmegaConf
+
+    def need(cond: bool, key: str, value, allowed: str) -> None:
+        if not cond:
+            raise ConfigError(f"bad config: data.{key}={value!r}; allowed: {allowed}.")
+
+    if OmegaConf.is_missing(d, "path") or not d.get("path"):
+        raise ConfigError("bad config: data.path is not set; facts=file reads the facts from data.path=FILE "
+                          "(JSONL, CSV, a save_to_disk directory or a hub dataset id).")
+    need(d.get("format", "auto") in FORMATS, "format", d.get("format"), " | ".join(FORMATS))
+    for key in ("skip_invalid", "probe"):
+        need(isinstance(d.get(key), bool), key, d.get(key), "true | false")
+    known = d.get("known_items", 0)
+    need(isinstance(known, int) and not isinstance(known, bool) and known >= 0, "known_items", known, "an integer >= 0")
+    need(not (known and not d.probe), "known_items", known,
+         "0 with data.probe=false (the known-facts suite is what the probe finds the model answers)")
+    need(not (known and "triviaqa_known" in (d.get("suites") or {})), "known_items", known,
+         "0 when data.suites.triviaqa_known is set (one known-facts suite per run: the file's or TriviaQA's)")
+    sep = d.get("list_separator", "|")
+    need(isinstance(sep, str) and sep != "" and sep != ",", "list_separator", sep, "a non-empty string other than ','")
+    fields = OmegaConf.to_container(d.fields, resolve=True) if d.get("fields") is not None else None
+    spec = FactFileSpec(str(d.path), d.get("format", "auto"), d.get("split"), fields, sep, bool(d.skip_invalid))
+    if resolve_format(spec) == "hub":
+        return  # reading a hub dataset downloads it: the datamodule does that once
+    ff = read_fact_file(spec, log_skips=False)  # the datamodule reads it again and logs the skips
+    n_tasks, per_task = int(d.get("n_tasks", 1)), int(d.get("facts_per_task", 1))
+    if n_tasks >= 1 and per_task >= 1:
+        problem = stream_shortfall(ff, n_tasks, per_task)
+        if problem:
+            raise FactFileError(problem)
