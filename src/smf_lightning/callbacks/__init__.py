@@ -19,7 +19,8 @@ def build_callbacks(cfg: DictConfig, out_dir: Path, dm, tokenizer, run_info: dic
 
     c = cfg.callbacks
     evaluator = ContinualEvaluation(out_dir, dm, tokenizer, run_info, plots=bool(c.plots),
-                                   suites_at=str(c.get("suites_at", "every_task")), before_cache=before_cache)
+                                   suites_at=str(c.get("suites_at", "every_task")), before_cache=before_cache,
+                                   resamples=int(c.intervals.resamples), interval_seed=int(c.intervals.seed))
     callbacks = [evaluator]
     if cfg.method.name == "smf" and c.slot_stats.enabled:
         callbacks.append(SlotStatsLogger(out_dir, plots=bool(c.plots)))

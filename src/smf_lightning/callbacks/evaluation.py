@@ -2,7 +2,11 @@
 seen task (training templates and the held-out template) and every held-out capability
 suite; keep the accuracy matrices R, write the run output contract (design.md §8) after
 each evaluation point so a crash never loses completed results, and the final
-``summary.json`` and plots when the last task is done."""
+``summary.json`` and plots when the last task is done.
+
+Every point keeps its per-item scores (``items/<point>/<suite>.csv``, ``fact_recall.csv``), from
+which each number is recomputed exactly; 95% intervals come from a bootstrap over those items,
+paired between "before" and a later point for changes (eval/intervals.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +22,10 @@ from pathlib import Path
 import lightning as L
 
 from ..config import SUITES_AT
-from ..eval.metrics import continual_learning_metrics, relative_change
+import numpy as np
+
+from ..eval import intervals as ci
+from ..eval.metrics import continual_learning_metrics, degradation_pct, relative_change
 from ..loggers import wandb_run
 from .plots import plot_accuracy_matrix, plot_forgetting_curves
 
@@ -47,9 +54,38 @@ def _clean(x):
     return x
 
 
+def _csv_value(x):
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+def _csv_interval(prefix: str, interval) -> dict:
+    low, high = interval if interval is not None else ("", "")
+    return {f"{prefix}_low": low, f"{prefix}_high": high}
+
+
+def _pair(interval) -> list[float] | None:
+    return None if interval is None else [interval[0], interval[1]]
+
+
+def _write_columns(path: Path, columns: dict[str, list]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(list(columns))
+        w.writerows(zip(*columns.values()))  # floats as repr: read back, they are the same floats
+    os.replace(tmp, path)
+
+
+RECALL_FIGURES = {  # summary key -> (templates, per-fact score)
+    "fact_recall": ("train", "em"),
+    "fact_recall_heldout_template": ("heldout", "em"),
+    "fact_recall_contains": ("train", "contains"),
+}
+
+
 class ContinualEvaluation(L.Callback):
     def __init__(self, out_dir: Path, datamodule, tokenizer, run_info: dict, plots: bool = True,
-                 suites_at: str = "every_task", before_cache=None):
+                 suites_at: str = "every_task", before_cache=None, *, resamples: int, interval_seed: int):
         if suites_at not in SUITES_AT:
             raise ValueError(f"callbacks.suites_at={suites_at!r}: use {' or '.join(SUITES_AT)}")
         self.out_dir = Path(out_dir)
@@ -60,12 +96,18 @@ class ContinualEvaluation(L.Callback):
         self.plots = plots
         self.before_cache = before_cache  # eval/before_cache.py: the "before" point shared across runs
         self.before_from_cache = False
+        if resamples < 0:
+            raise ValueError(f"callbacks.intervals.resamples={resamples}: use a number of bootstrap resamples >= 0 (0: no intervals)")
+        self.resamples = resamples  # bootstrap resamples per interval (callbacks.intervals; 0: none)
+        self.interval_seed = interval_seed
         # evaluation points: 0 = before training, i+1 = after task i
         self.labels: list[str] = []
         self.R: list[list[float | None]] = []  # training templates (mean over them)
         self.R_heldout: list[list[float | None]] = []  # held-out template(s)
         self.R_contains: list[list[float | None]] = []  # training templates, alias anywhere in the answer
         self.heldout: list[dict[str, dict[str, float]]] = []  # per point: suite -> metrics
+        self.items: list[dict[str, dict[str, list]]] = []  # per point: suite -> per-item columns
+        self.recall_items: list[dict[str, list]] = []  # per point: one row per (task, template, fact)
         self.train_seconds = 0.0
         self.steps = 0
         self.eval_seconds = 0.0
@@ -78,48 +120,124 @@ class ContinualEvaluation(L.Callback):
         t0 = time.perf_counter()
         model, bs = module.model, self.dm.eval_batch_size
         n = self.dm.n_tasks
-        row, row_h, row_c = [None] * n, [None] * n, [None] * n
         log.info("evaluation '%s': fact recall of tasks 0..%d ...", label, tasks[-1])
-        recall = self.dm.evaluate_recall(model, self.tokenizer, list(tasks))  # one greedy pass for all
-        for j in tasks:
-            train = [recall[j][t]["em"] for t in self.dm.train_templates]
-            held = [recall[j][t]["em"] for t in self.dm.heldout_templates]
-            row[j] = sum(train) / len(train)
-            row_h[j] = sum(held) / len(held)
-            row_c[j] = sum(recall[j][t]["contains"] for t in self.dm.train_templates) / len(train)
+        per_template: dict = {}
+        self.dm.evaluate_recall(model, self.tokenizer, list(tasks), items=per_template)  # one greedy pass for all
+        records = {"task": [], "template": []}
+        for (j, template), cols in per_template.items():
+            records["task"] += [j] * len(cols["id"])
+            records["template"] += [template] * len(cols["id"])
+            for k, v in cols.items():
+                records.setdefault(k, []).extend(v)
+        row, row_h, row_c = self._recall_rows(records)
         log.info("evaluation '%s': recall %.2f (training templates), %.2f (held-out) in %.0f s", label,
                  sum(row[j] for j in tasks) / len(tasks), sum(row_h[j] for j in tasks) / len(tasks), time.perf_counter() - t0)
-        results = {}
+        results, items = {}, {}
         for name, suite in (self.dm.heldout_suites().items() if suites else ()):
             t1 = time.perf_counter()
             results[name] = suite.evaluate(model, self.tokenizer, bs)
-            self._write_items(label, name, suite)
+            items[name] = dict(suite.last_items)
             log.info("evaluation '%s': %s (%d items) %s %.4g in %.0f s", label, name, len(suite.items),
                      suite.primary_metric, results[name][suite.primary_metric], time.perf_counter() - t1)
         self.eval_seconds += time.perf_counter() - t0
-        self._add_point(label, row, row_h, row_c, results)
+        self._add_point(label, row, row_h, row_c, results, items, records)
 
-    def _add_point(self, label: str, row, row_h, row_c, results) -> None:
+    def _recall_rows(self, records: dict[str, list]) -> tuple[list, list, list]:
+        """Rows of R, R_heldout, R_contains (None for tasks not evaluated) from per-fact records."""
+        n, tasks = self.dm.n_tasks, sorted(set(records["task"]))
+        rows = []
+        for templates, score in RECALL_FIGURES.values():
+            means = ci.recall_task_means(records, tasks, self._templates(templates), score)
+            rows.append([means.get(j) for j in range(n)])
+        return tuple(rows)
+
+    def _templates(self, which: str) -> list[str]:
+        return list(self.dm.train_templates if which == "train" else self.dm.heldout_templates)
+
+    def _add_point(self, label: str, row, row_h, row_c, results, items, recall_items) -> None:
         """Record one evaluation point and write the output files so far."""
         self.labels.append(label)
         self.R.append(row)
         self.R_heldout.append(row_h)
         self.R_contains.append(row_c)
         self.heldout.append(results)
+        self.items.append(items)
+        self.recall_items.append(recall_items)
+        self._write_items(label, items, recall_items)
         self._write_progress()
 
-    def _write_items(self, label: str, name: str, suite) -> None:
-        """Per-item answers of the fact suites (items/<point>/<suite>.csv), for later analysis."""
-        if not hasattr(suite, "per_fact"):
-            return
+    def _write_items(self, label: str, items: dict[str, dict[str, list]], recall_items: dict[str, list]) -> None:
+        """Per-item scores of every suite and of fact recall (items/<point>/<suite>.csv,
+        fact_recall.csv): each summary number is recomputed from them exactly (metrics.Aggregate)."""
         folder = self.out_dir / "items" / label.replace(" ", "_")
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f"{name}.csv.tmp"
-        with tmp.open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["id", "prediction", "exact_match"])
-            w.writerows(suite.per_fact())
-        os.replace(tmp, folder / f"{name}.csv")
+        for name, columns in items.items():
+            _write_columns(folder / f"{name}.csv", columns)
+        if recall_items:
+            _write_columns(folder / "fact_recall.csv", recall_items)
+
+    # ---------------------------------------------------------------- intervals
+    def _suite_intervals(self, point: int, name: str, metric: str) -> dict:
+        """{"ci95", "change", "change_ci95", "rel_change", "rel_change_ci95"} of one suite metric at
+        one point; the changes (paired with "before") only after training has started."""
+        now = self.heldout[point][name][metric]
+        out = {"ci95": None}
+        if point > 0 and name in self.heldout[0]:
+            before = self.heldout[0][name][metric]
+            out.update(change=now - before, change_ci95=None, rel_change=relative_change(before, now), rel_change_ci95=None)
+        cols = self.items[point].get(name) if point < len(self.items) else None
+        if not self.resamples or not cols:
+            return out
+        agg = self.dm.heldout_suites()[name].aggregates[metric]
+        out["ci95"] = _pair(ci.point_interval(agg, cols, self.resamples, self.interval_seed))
+        before_cols = self.items[0].get(name) if self.items else None
+        if "change" in out and before_cols:
+            paired = ci.paired_intervals(agg, before_cols, cols, self.resamples, self.interval_seed)
+            out["change_ci95"], out["rel_change_ci95"] = _pair(paired["change"]), _pair(paired["rel_change"])
+        return out
+
+    def _degradation(self) -> tuple[float | None, list[float] | None]:
+        """Held-out degradation in % (metrics.degradation_pct) at the last point and its paired
+        interval: in each resample, the mean over suites of the signed relative change (suites
+        have unrelated items, so resample b of each suite together is a resample of all)."""
+        suites, last = self.dm.heldout_suites(), len(self.heldout) - 1
+        changes = {n: relative_change(self.heldout[0][n][s.primary_metric], self.heldout[last][n][s.primary_metric])
+                   for n, s in suites.items()}
+        point = degradation_pct([(changes[n], s.higher_is_better) for n, s in suites.items()])
+        signed = []
+        for n, s in suites.items():
+            before, after = self.items[0].get(n), self.items[last].get(n) if last < len(self.items) else None
+            if not self.resamples or not before or not after:
+                return point, None
+            if math.isnan(changes[n]):
+                continue  # left out of the point estimate too
+            b, a = ci.paired_resampled(s.aggregates[s.primary_metric], before, after, self.resamples, self.interval_seed)
+            signed.append((-100.0 if s.higher_is_better else 100.0) * ci.relative_changes(b, a))
+        return point, (_pair(ci.percentile_interval(np.mean(signed, axis=0))) if signed else None)
+
+    def _recall_resampled(self, point: int, figure: str) -> dict[int, np.ndarray] | None:
+        """Per evaluated task, the figure's task recall in every bootstrap resample."""
+        records = self.recall_items[point] if point < len(self.recall_items) else None
+        if not self.resamples or not records:
+            return None
+        templates, score = RECALL_FIGURES[figure]
+        return ci.recall_resampled(records, sorted(set(records["task"])), self._templates(templates), score,
+                                   self.resamples, self.interval_seed)
+
+    def _recall_intervals(self, figure: str, value: float, before: float) -> dict:
+        """The final figure (mean over all tasks) with its interval and its paired change since before."""
+        out = {"before": before, "after": value, "ci95": None, "change": value - before, "change_ci95": None,
+               "rel_change": relative_change(before, value), "rel_change_ci95": None}
+        final, first = self._recall_resampled(len(self.R) - 1, figure), self._recall_resampled(0, figure)
+        if final is None or first is None:
+            return out
+        tasks = range(self.dm.n_tasks)
+        after_b = sum(final[j] for j in tasks) / self.dm.n_tasks
+        before_b = sum(first[j] for j in tasks) / self.dm.n_tasks
+        out["ci95"] = _pair(ci.percentile_interval(after_b))
+        out["change_ci95"] = _pair(ci.percentile_interval(after_b - before_b))
+        out["rel_change_ci95"] = _pair(ci.percentile_interval(ci.relative_changes(before_b, after_b)))
+        return out
 
     def _log(self, trainer, point: int) -> None:
         metrics = {}
@@ -139,12 +257,14 @@ class ContinualEvaluation(L.Callback):
             if cached is not None:
                 log.info("evaluation 'before': loaded from %s (same base model and evaluation setup)", self.before_cache.path)
                 self.before_from_cache = True
-                self._add_point("before", cached["R"], cached["R_heldout"], cached["R_contains"], cached["heldout"])
+                self._add_point("before", cached["R"], cached["R_heldout"], cached["R_contains"], cached["heldout"],
+                                cached["items"], cached["recall_items"])
             else:
                 self._evaluate(module, "before", range(self.dm.n_tasks))
                 if self.before_cache is not None:
                     self.before_cache.save({"R": self.R[0], "R_heldout": self.R_heldout[0],
-                                            "R_contains": self.R_contains[0], "heldout": self.heldout[0]})
+                                            "R_contains": self.R_contains[0], "heldout": self.heldout[0],
+                                            "items": self.items[0], "recall_items": self.recall_items[0]})
             self._log(trainer, 0)
         module.model.train()
 
@@ -178,10 +298,15 @@ class ContinualEvaluation(L.Callback):
         for point, (label, results) in enumerate(zip(self.labels, self.heldout)):
             for suite, vals in results.items():
                 for metric, value in vals.items():
+                    iv = self._suite_intervals(point, suite, metric)
                     rows.append({
                         "eval_point": point, "label": label, "after_task": point - 1, "suite": suite, "metric": metric,
                         "value": value, "primary": metric == suites[suite].primary_metric,
                         "higher_is_better": suites[suite].higher_is_better if metric == suites[suite].primary_metric else "",
+                        **_csv_interval("ci95", iv["ci95"]),
+                        "change": iv.get("change", ""), **_csv_interval("change_ci95", iv.get("change_ci95")),
+                        "rel_change": _csv_value(iv.get("rel_change")),
+                        **_csv_interval("rel_change_ci95", iv.get("rel_change_ci95")),
                     })
         tmp = self.out_dir / "heldout.csv.tmp"
         with tmp.open("w", newline="") as f:
@@ -199,9 +324,19 @@ class ContinualEvaluation(L.Callback):
         for name, suite in self.dm.heldout_suites().items():
             metric = suite.primary_metric
             before, now = self.heldout[0][name][metric], self.heldout[-1][name][metric]
-            heldout[name] = {"metric": metric, "before": before, "after": now,
-                             "rel_change": relative_change(before, now), "higher_is_better": suite.higher_is_better,
-                             "all_before": self.heldout[0][name], "all_after": self.heldout[-1][name]}
+            last = len(self.heldout) - 1
+            iv = self._suite_intervals(last, name, metric)
+            heldout[name] = {"metric": metric, "before": before, "after": now, "ci95": iv["ci95"],
+                             "before_ci95": self._suite_intervals(0, name, metric)["ci95"],
+                             "change": iv["change"], "change_ci95": iv["change_ci95"],
+                             "rel_change": relative_change(before, now), "rel_change_ci95": iv["rel_change_ci95"],
+                             "higher_is_better": suite.higher_is_better,
+                             "all_before": self.heldout[0][name], "all_after": self.heldout[-1][name],
+                             "all_after_ci95": {m: self._suite_intervals(last, name, m)["ci95"] for m in self.heldout[-1][name]}}
+        recall = {}
+        for figure, mat in zip(RECALL_FIGURES, (self.R, self.R_heldout, self.R_contains)):
+            recall[figure] = self._recall_intervals(figure, sum(mat[-1]) / n, sum(mat[0]) / n)
+        degradation, degradation_ci = self._degradation()
         history = module.updated_params_history
         self.summary = _clean({
             **self.run_info,
@@ -211,10 +346,14 @@ class ContinualEvaluation(L.Callback):
             "fact_recall_heldout_template": sum(final_h) / n,
             # the gold alias anywhere in the greedy answer: counts "Niger Niger Niger" (exact match does not)
             "fact_recall_contains": sum(self.R_contains[-1]) / n if self.R_contains else None,
+            **{f"{figure}_ci95": r["ci95"] for figure, r in recall.items()},
+            "recall": recall,  # each figure before/after training, its interval, the paired change
             "acc": cl["acc"],
             "bwt": cl["bwt"],
             "forgetting": cl["forgetting"],
             "heldout": heldout,
+            "heldout_degradation_pct": degradation,  # mean over suites of the primary metric's worsening, %
+            "heldout_degradation_pct_ci95": degradation_ci,
             "steps": self.steps,
             "seconds_per_step": self.train_seconds / max(self.steps, 1),
             "eval_seconds": self.eval_seconds,
@@ -240,7 +379,14 @@ class ContinualEvaluation(L.Callback):
         suites = self.dm.heldout_suites()
         curves = {f"{n} {s.primary_metric}": [h[n][s.primary_metric] if n in h else None for h in self.heldout]
                   for n, s in suites.items()}
-        pngs.append(plot_forgetting_curves(self.R, curves, self.labels, self.out_dir / "forgetting_curves.png"))
+        R_ci = []
+        for point in range(len(self.R)):
+            per_task = self._recall_resampled(point, "fact_recall") or {}
+            R_ci.append([ci.percentile_interval(per_task[j]) if j in per_task else None for j in range(self.dm.n_tasks)])
+        rel_ci = {f"{n} {s.primary_metric}": [self._suite_intervals(p, n, s.primary_metric).get("rel_change_ci95")
+                                              if n in h else None for p, h in enumerate(self.heldout)]
+                  for n, s in suites.items()}
+        pngs.append(plot_forgetting_curves(self.R, curves, self.labels, self.out_dir / "forgetting_curves.png", R_ci, rel_ci))
         run = wandb_run(trainer)
         if run is not None:
             import wandb
@@ -251,9 +397,12 @@ class ContinualEvaluation(L.Callback):
 
     # ---------------------------------------------------------------- resume
     def state_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("labels", "R", "R_heldout", "R_contains", "heldout", "train_seconds", "steps",
-                                              "eval_seconds", "before_from_cache")}
+        return {k: getattr(self, k) for k in ("labels", "R", "R_heldout", "R_contains", "heldout", "items", "recall_items",
+                                              "train_seconds", "steps", "eval_seconds", "before_from_cache")}
 
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.items():
             setattr(self, k, v)
+        for k in ("items", "recall_items"):  # a checkpoint from before per-item scores: no intervals for its points
+            if k not in state:
+                setattr(self, k, [{} for _ in self.labels])

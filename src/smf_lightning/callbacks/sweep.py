@@ -11,6 +11,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from ..eval.metrics import degradation_pct
 from .plots import plot_pareto
 
 log = logging.getLogger(__name__)
@@ -24,13 +25,12 @@ COLUMNS = [
 
 def heldout_degradation_pct(heldout: dict) -> float | None:
     """Mean over suites of how much worse the primary metric got, in % (positive = worse)."""
-    vals = []
-    for h in heldout.values():
-        rc = h.get("rel_change")
-        if rc is None:
-            continue
-        vals.append(-100.0 * rc if h.get("higher_is_better", True) else 100.0 * rc)
-    return sum(vals) / len(vals) if vals else None
+    return degradation_pct([(h.get("rel_change"), h.get("higher_is_better", True)) for h in heldout.values()])
+
+
+def _interval_columns(prefix: str, interval) -> dict:
+    low, high = interval if interval else (None, None)
+    return {f"{prefix}_ci95_low": low, f"{prefix}_ci95_high": high}
 
 
 def summarize_sweep(sweep_dir: Path) -> list[dict]:
@@ -41,8 +41,12 @@ def summarize_sweep(sweep_dir: Path) -> list[dict]:
         row["job"] = f.parent.name
         row["lr"] = s.get("lr")
         row["heldout_degradation_pct"] = heldout_degradation_pct(s.get("heldout", {}))
+        # 95% intervals (summary.json of runs with callbacks.intervals; empty for older runs)
+        for key in ("fact_recall", "fact_recall_heldout_template", "heldout_degradation_pct"):
+            row.update(_interval_columns(key, s.get(f"{key}_ci95")))
         for suite, h in s.get("heldout", {}).items():
             row[f"{suite}_rel_change"] = h.get("rel_change")
+            row.update(_interval_columns(f"{suite}_rel_change", h.get("rel_change_ci95")))
         rows.append(row)
     if not rows:
         return rows
@@ -51,10 +55,16 @@ def summarize_sweep(sweep_dir: Path) -> list[dict]:
         w = csv.DictWriter(fh, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
+    def interval(r, key):
+        low, high = r[f"{key}_ci95_low"], r[f"{key}_ci95_high"]
+        return None if low is None or high is None else (low, high)
+
     points = [
         {
             "fact_recall": r["fact_recall"],
             "forgetting_pct": r["heldout_degradation_pct"],
+            "fact_recall_ci95": interval(r, "fact_recall"),
+            "forgetting_pct_ci95": interval(r, "heldout_degradation_pct"),
             "label": f"{r['method']}" + (f" {r['selector']} t={r['top_t']}" if r["method"] == "smf" else "") + f" lr={r['lr']}",
         }
         for r in rows

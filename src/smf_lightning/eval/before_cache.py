@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-EVAL_FORMAT = 1
+EVAL_FORMAT = 2  # 2: the cached point carries its per-item scores (items/, bootstrap intervals)
 
 
 def starts_from_base(cfg) -> bool:

@@ -15,7 +15,8 @@ import math
 import re
 import string
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 _PUNCTUATION = set(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -129,8 +130,67 @@ def continual_learning_metrics(after_task: Sequence[Sequence[float]]) -> dict[st
     return {"acc": acc, "bwt": bwt, "forgetting": forgetting}
 
 
+def degradation_pct(changes: Sequence[tuple[float | None, bool]]) -> float | None:
+    """Mean over suites of how much worse the primary metric got, in % (positive = worse), from
+    (relative change, higher_is_better) pairs; undefined changes (None/NaN) are left out."""
+    vals = [-100.0 * rc if higher else 100.0 * rc for rc, higher in changes if rc is not None and not math.isnan(rc)]
+    return sum(vals) / len(vals) if vals else None
+
+
 def relative_change(before: float, after: float) -> float:
     """(after - before) / |before|; NaN when before is 0 (the change has no scale)."""
     if before == 0:
         return math.nan
     return (after - before) / abs(before)
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """How a suite's metric is computed from its per-item columns (items/<point>/<suite>.csv),
+    so that the file recomputes the summary's number exactly and the bootstrap
+    (eval/intervals.py) resamples items and recomputes it the same way.
+
+    kind       value
+    mean       mean(num)                          accuracies, EM, F1 (one score per item)
+    ppl_mean   exp(-mean(num))                    LAMBADA last-word perplexity (num: item log-prob)
+    nll_ratio  -sum(num) / sum(den)               token-weighted NLL (num: log-prob sum, den: tokens)
+    bits_ratio -sum(num) / ln 2 / sum(den)        bits per byte (den: bytes)
+    ppl_ratio  exp(-sum(num) / sum(den))          token perplexity of whole passages
+    """
+
+    kind: str
+    num: str
+    den: str | None = None
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (self.num,) if self.den is None else (self.num, self.den)
+
+
+def aggregate(agg: Aggregate, columns: Mapping[str, Sequence[float]]) -> float:
+    """The point estimate from per-item columns.
+
+    Plain Python sums in item order, the arithmetic these metrics have always had (the numbers
+    do not change; tests/test_intervals.py). torchmetrics' MeanMetric/SumMetric would hold
+    float32 states by default and, even in float64, sum in tensor order (vectorised partial
+    sums), which moves the last bits of F1 and NLL values away from the numbers recorded so
+    far and from an exact recomputation out of the items file.
+    """
+    num = columns[agg.num]
+    if not len(num):
+        return math.nan
+    if agg.kind == "mean":
+        return sum(num) / len(num)
+    if agg.kind == "ppl_mean":
+        return math.exp(-(sum(num) / len(num)))
+    den = columns[agg.den]
+    if agg.kind == "nll_ratio":
+        return -sum(num) / sum(den)
+    if agg.kind == "bits_ratio":
+        return -sum(num) / math.log(2) / sum(den)
+    if agg.kind == "ppl_ratio":
+        return math.exp(-sum(num) / sum(den))
+    raise ValueError(f"unknown aggregate kind {agg.kind!r}; use mean, ppl_mean, nll_ratio, bits_ratio or ppl_ratio")

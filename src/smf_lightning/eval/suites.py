@@ -4,6 +4,9 @@ Every suite has the same interface:
 
     suite.name, suite.primary_metric, suite.higher_is_better
     suite.evaluate(model, tokenizer, batch_size) -> dict[str, float]
+    suite.last_items       per-item columns of the last evaluate call ("id", maybe "prediction",
+                           the scores); the metrics are recomputed from them exactly by
+    suite.aggregates       metric -> metrics.Aggregate (mean of item scores or a ratio of sums)
 
 All scoring is batched (one forward per batch of left-padded sequences; greedy decoding
 with a KV cache), see smf_lightning.eval.scoring. Subsets are fixed by a seed: the first
@@ -22,13 +25,12 @@ items from the *end* of the same permutation and never overlap.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from smf_lightning.data.facts import Fact, FactTemplate, recall_scores, seeded_order
 from smf_lightning.data.sources import ChoiceItem, MathItem, PassageItem, QAItem, load_source
-from smf_lightning.eval.metrics import exact_match, normalized_choice, token_f1
+from smf_lightning.eval.metrics import Aggregate, aggregate, exact_match, normalized_choice, token_f1
 from smf_lightning.eval.scoring import (
     encode_context_continuation,
     generate_greedy,
@@ -43,8 +45,13 @@ SUITE_NAMES = ("nq_open", "hellaswag", "gsm8k", "lambada", "triviaqa_known")
 # model answers; the datamodule builds it, since it needs the model's probe.
 
 
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else math.nan
+def _aggregate_all(aggregates: dict[str, Aggregate], columns: dict[str, list]) -> dict[str, float]:
+    return {metric: aggregate(agg, columns) for metric, agg in aggregates.items()}
+
+
+# Per-item F1 and EM are ours (metrics.token_f1 / exact_match), not torchmetrics' SQuAD: its
+# normalisation is the same SQuAD v1.1 one, but it scores in float32 tensors and reports
+# percentages, so F1 would change in the 7th digit (tests/test_intervals.py compares the two).
 
 
 @dataclass
@@ -62,6 +69,9 @@ class NQOpenSuite:
     primary_metric: str = "f1"
     higher_is_better: bool = True
     last_predictions: list[str] = field(default_factory=list, repr=False)
+    last_items: dict[str, list] = field(default_factory=dict, repr=False)
+    aggregates = {"f1": Aggregate("mean", "f1"), "em": Aggregate("mean", "em"),
+                  "answer_nll": Aggregate("nll_ratio", "answer_logprob", "answer_tokens")}
 
     def _prompt(self, item: QAItem) -> str:
         return self.prompt.replace("{question}", item.question.rstrip("?"))
@@ -75,12 +85,15 @@ class NQOpenSuite:
         scored = score_continuations(
             model, tokenizer, prompts, [" " + it.answers[0] for it in self.items], batch_size, self.max_length
         )
-        nll = -sum(s.sum_logprob for s in scored) / sum(s.n_tokens for s in scored)
-        return {
-            "f1": _mean([token_f1(p, it.answers) for p, it in zip(predictions, self.items)]),
-            "em": _mean([exact_match(p, it.answers) for p, it in zip(predictions, self.items)]),
-            "answer_nll": nll,
+        self.last_items = {
+            "id": [it.id for it in self.items],
+            "prediction": list(predictions),
+            "f1": [token_f1(p, it.answers) for p, it in zip(predictions, self.items)],
+            "em": [exact_match(p, it.answers) for p, it in zip(predictions, self.items)],
+            "answer_logprob": [s.sum_logprob for s in scored],
+            "answer_tokens": [s.n_tokens for s in scored],
         }
+        return _aggregate_all(self.aggregates, self.last_items)
 
 
 @dataclass
@@ -93,6 +106,8 @@ class HellaSwagSuite:
     origin: str = ""  # where the items came from (hub/offline location)
     primary_metric: str = "acc_norm"
     higher_is_better: bool = True
+    last_items: dict[str, list] = field(default_factory=dict, repr=False)
+    aggregates = {"acc_norm": Aggregate("mean", "acc_norm"), "acc": Aggregate("mean", "acc")}
 
     def evaluate(self, model, tokenizer, batch_size: int) -> dict[str, float]:
         endings = [[" " + e for e in it.endings] for it in self.items]
@@ -100,9 +115,10 @@ class HellaSwagSuite:
         hits_norm, hits_raw = [], []
         for it, ends, choice_scores in zip(self.items, endings, scored):
             sums = [s.sum_logprob for s in choice_scores]
-            hits_norm.append(normalized_choice(sums, [len(e) for e in ends]) == it.label)
-            hits_raw.append(normalized_choice(sums, [1] * len(ends)) == it.label)
-        return {"acc_norm": _mean(hits_norm), "acc": _mean(hits_raw)}
+            hits_norm.append(float(normalized_choice(sums, [len(e) for e in ends]) == it.label))
+            hits_raw.append(float(normalized_choice(sums, [1] * len(ends)) == it.label))
+        self.last_items = {"id": [it.id for it in self.items], "acc_norm": hits_norm, "acc": hits_raw}
+        return _aggregate_all(self.aggregates, self.last_items)
 
 
 @dataclass
@@ -116,6 +132,8 @@ class GSM8KSuite:
     origin: str = ""  # where the items came from (hub/offline location)
     primary_metric: str = "nll"
     higher_is_better: bool = False
+    last_items: dict[str, list] = field(default_factory=dict, repr=False)
+    aggregates = {"nll": Aggregate("nll_ratio", "logprob", "tokens"), "bits_per_byte": Aggregate("bits_ratio", "logprob", "bytes")}
 
     def continuation(self, item: MathItem) -> str:
         return f" {item.solution}\nThe answer is {item.answer}."
@@ -124,9 +142,13 @@ class GSM8KSuite:
         prompts = [self.prompt.replace("{question}", it.question) for it in self.items]
         continuations = [self.continuation(it) for it in self.items]
         scored = score_continuations(model, tokenizer, prompts, continuations, batch_size, self.max_length)
-        total_nll = -sum(s.sum_logprob for s in scored)
-        n_bytes = sum(len(c.encode("utf-8")) for c in continuations)
-        return {"nll": total_nll / sum(s.n_tokens for s in scored), "bits_per_byte": total_nll / math.log(2) / n_bytes}
+        self.last_items = {
+            "id": [it.id for it in self.items],
+            "logprob": [s.sum_logprob for s in scored],
+            "tokens": [s.n_tokens for s in scored],
+            "bytes": [len(c.encode("utf-8")) for c in continuations],
+        }
+        return _aggregate_all(self.aggregates, self.last_items)
 
 
 @dataclass
@@ -144,6 +166,15 @@ class LambadaSuite:
     origin: str = ""  # where the items came from (hub/offline location)
     primary_metric: str = "last_word_ppl"
     higher_is_better: bool = False
+    last_items: dict[str, list] = field(default_factory=dict, repr=False)
+
+    @property
+    def aggregates(self) -> dict[str, Aggregate]:
+        # perplexities from summed log-probs (exp of the mean NLL), never a mean of per-item perplexities
+        aggs = {"last_word_ppl": Aggregate("ppl_mean", "word_logprob"), "last_word_acc": Aggregate("mean", "word_greedy")}
+        if self.score_passage:
+            aggs["passage_ppl"] = Aggregate("ppl_ratio", "passage_logprob", "passage_tokens")
+        return aggs
 
     def evaluate(self, model, tokenizer, batch_size: int) -> dict[str, float]:
         encoded = encode_context_continuation(
@@ -154,12 +185,15 @@ class LambadaSuite:
         # (about a quarter more compute for Qwen2.5-0.5B), so it is opt-in.
         n_scored = [len(ids) - 1 if self.score_passage else n for ids, n in encoded]
         scored = score_sequences(model, sequences, n_scored, batch_size, pad_token_id(tokenizer))
-        word_logprob = [float(s.logprobs[-n:].sum()) for s, (_, n) in zip(scored, encoded)]
-        word_greedy = [bool(s.greedy[-n:].all()) for s, (_, n) in zip(scored, encoded)]
-        metrics = {"last_word_ppl": math.exp(-_mean(word_logprob)), "last_word_acc": _mean(word_greedy)}
+        self.last_items = {
+            "id": [it.id for it in self.items],
+            "word_logprob": [float(s.logprobs[-n:].sum()) for s, (_, n) in zip(scored, encoded)],
+            "word_greedy": [float(s.greedy[-n:].all()) for s, (_, n) in zip(scored, encoded)],
+        }
         if self.score_passage:
-            metrics["passage_ppl"] = math.exp(-sum(s.sum_logprob for s in scored) / sum(s.n_tokens for s in scored))
-        return metrics
+            self.last_items["passage_logprob"] = [s.sum_logprob for s in scored]
+            self.last_items["passage_tokens"] = [s.n_tokens for s in scored]
+        return _aggregate_all(self.aggregates, self.last_items)
 
 
 @dataclass
@@ -175,6 +209,8 @@ class FactRecallSuite:
     primary_metric: str = "em"
     higher_is_better: bool = True
     last_predictions: list[str] = field(default_factory=list, repr=False)
+    last_items: dict[str, list] = field(default_factory=dict, repr=False)
+    aggregates = {"em": Aggregate("mean", "em"), "contains": Aggregate("mean", "contains")}
 
     @property
     def items(self) -> Sequence[Fact]:
@@ -193,7 +229,9 @@ class FactRecallSuite:
         self.last_predictions = list(predictions)
         _, _, suffix = self.template.render("", "")
         scores = [recall_scores(p, suffix, f.aliases) for p, f in zip(predictions, self.facts, strict=True)]
-        return {"em": _mean([s[0] for s in scores]), "contains": _mean([s[1] for s in scores])}
+        self.last_items = {"id": [f.id for f in self.facts], "prediction": list(predictions),
+                           "em": [s[0] for s in scores], "contains": [s[1] for s in scores]}
+        return _aggregate_all(self.aggregates, self.last_items)
 
     def per_fact(self) -> list[tuple[str, str, float]]:
         """(fact id, last prediction, exact match) from the last evaluate call."""
