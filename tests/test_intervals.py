@@ -309,3 +309,20 @@ def test_cached_before_point_carries_its_items(runs):
         assert (runs["cached_2"] / "items" / "before" / f.name).read_text() == f.read_text(), f.name
     for name, h in computed["heldout"].items():
         assert cached["heldout"][name]["before_ci95"] == h["before_ci95"], name
+
+
+def test_sweep_summary_carries_intervals(tmp_path):
+    from smf_lightning.callbacks.sweep import summarize_sweep
+
+    for job, (recall, rc) in enumerate([(0.5, -0.1), (0.8, -0.3)]):
+        (tmp_path / str(job)).mkdir()
+        summary = {"method": "smf", "selector": "kl", "top_t": 16, "lr": 1.0, "fact_recall": recall, "fact_recall_ci95": [recall - 0.1, recall + 0.1],
+                   "heldout_degradation_pct_ci95": [5.0, 20.0],
+                   "heldout": {"nq_open": {"rel_change": rc, "rel_change_ci95": [rc - 0.05, rc + 0.02], "higher_is_better": True}}}
+        (tmp_path / str(job) / "summary.json").write_text(json.dumps(summary))
+    rows = list(csv.DictReader((summarize_sweep(tmp_path) and tmp_path / "sweep_summary.csv").open()))
+    assert [float(r["fact_recall_ci95_low"]) for r in rows] == [0.4, 0.8 - 0.1]
+    assert [float(r["nq_open_rel_change_ci95_high"]) for r in rows] == [-0.1 + 0.02, -0.3 + 0.02]
+    assert [float(r["heldout_degradation_pct_ci95_high"]) for r in rows] == [20.0, 20.0]
+    assert rows[0]["fact_recall_heldout_template_ci95_low"] == ""  # absent in the summary: empty, not an error
+    assert (tmp_path / "learning_vs_forgetting.png").stat().st_size > 1000
