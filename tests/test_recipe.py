@@ -99,6 +99,49 @@ def test_whitening_fits_background_moments_and_changes_only_addressing(tiny_tok,
     assert torch.equal(_logits(load_retrofitted(tmp_path / "m"), b), _logits(fresh, b))
 
 
+def test_zca_whitening_is_the_inverse_square_root_of_the_background_covariance(tiny_tok, tmp_path):
+    model = retrofit(tiny_qwen2(), MemoryConfig(layers=[1], input_norm="zca", **SMALL))
+    mem = memory_layers(model)[1]
+    assert torch.equal(mem.in_whiten, torch.eye(64))  # identity until fitted
+    batches = _batches(tiny_tok, texts=TEXTS * 8)
+    b = batches[0]
+    before = _logits(model, b)
+    seen = []
+    hook = mem.register_forward_pre_hook(lambda mod, a: seen.append(a[0].detach()))
+    for bb in batches:
+        with torch.no_grad():
+            model(**bb)
+    hook.remove()
+    info = fit_input_whitening(model, batches)
+    x = torch.cat([s[bb["attention_mask"].bool()] for s, bb in zip(seen, batches)]).double()
+    torch.testing.assert_close(mem.in_mean.double(), x.mean(0), rtol=1e-5, atol=1e-6)
+    xc = x - x.mean(0)
+    cov = xc.T @ xc / x.shape[0]
+    z = mem.in_whiten.double()
+    torch.testing.assert_close(z, z.T)  # symmetric
+    # Z C Z = I on the directions the corpus spans; floored eigenvalues (few tokens here) are the rest
+    evals, evecs = torch.linalg.eigh(cov)
+    kept = evals >= evals.max() * 1e-5
+    spanned = evecs[:, kept]
+    torch.testing.assert_close(spanned.T @ z @ cov @ z @ spanned, torch.eye(int(kept.sum()), dtype=torch.float64), rtol=1e-3, atol=1e-3)
+    assert info[1]["eigenvalues_floored"] == int((~kept).sum())
+    xq = torch.randn(1, 2, 64)
+    manual = mem.query((xq - mem.in_mean) @ mem.in_whiten).view(1, 2, 2, 2, 8)
+    torch.testing.assert_close(mem.query_halves(xq), torch.nn.functional.layer_norm(manual, (8,)))
+    assert torch.equal(_logits(model, b), before)  # values still zero: still the base model
+    # cached with the model's other statistics, and saved with the model
+    calls = []
+    fresh = retrofit(tiny_qwen2(), MemoryConfig(layers=[1], input_norm="zca", **SMALL))
+    load_or_fit_input_whitening(fresh, lambda: calls.append(1) or batches, tmp_path, {"corpus": "t"})
+    again = retrofit(tiny_qwen2(), MemoryConfig(layers=[1], input_norm="zca", **SMALL))
+    load_or_fit_input_whitening(again, lambda: calls.append(2) or batches, tmp_path, {"corpus": "t"})
+    assert calls == [1] and torch.equal(memory_layers(again)[1].in_whiten, memory_layers(fresh)[1].in_whiten)
+    with torch.no_grad():
+        memory_layers(again)[1].values.weight.normal_()
+    save_retrofitted(again, tmp_path / "m")
+    assert torch.equal(_logits(load_retrofitted(tmp_path / "m"), b), _logits(again, b))
+
+
 def test_loss_position_whitening_uses_the_unmasked_forward(tiny_tok):
     """whiten_on=loss: statistics of the memory input at the loss positions of the ordinary
     forward (every real token attended), not of a forward that attends only to those positions."""

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-INPUT_NORMS = ("none", "whiten", "center")
+INPUT_NORMS = ("none", "whiten", "center", "zca")
 
 
 @dataclass
@@ -51,8 +51,10 @@ class MemoryConfig:
     # value and the logits, so a row's update moves the residual by exactly that row.
     output: str = "swilu"
     # "none": q = W_q x; "whiten": q = W_q ((x - mean) / std) with the background corpus's mean and
-    # std per dimension (memory/whitening.py; DOTS); "center": q = W_q (x - mean). Outlier dimensions
-    # of the residual stream otherwise dominate every query, so different entities read the same slots.
+    # std per dimension (memory/whitening.py; DOTS); "center": q = W_q (x - mean); "zca": q = W_q Z (x - mean)
+    # with Z = C^-1/2 from the background covariance C (full whitening: every direction, not only every
+    # axis, gets unit variance). Outlier dimensions and shared directions (the template at an answer
+    # position) otherwise dominate every query, so different entities read the same slots.
     input_norm: str = "none"
     # Which background positions the whitening statistics come from: "all" real tokens, or "loss"
     # (answer-predicting) positions only, the positions whose reads SMF trains (memory/whitening.py).
@@ -167,6 +169,8 @@ class ProductKeyMemory(nn.Module):
         # corpus); saved with the model. Identity until fitted.
         self.register_buffer("in_mean", torch.zeros(hidden_size))
         self.register_buffer("in_std", torch.ones(hidden_size))
+        if cfg.input_norm == "zca":  # only then: checkpoints of the other modes keep their keys
+            self.register_buffer("in_whiten", torch.eye(hidden_size))
         self.last_access: SlotAccess | None = None
         self.token_mask: torch.Tensor | None = None  # set per model call by the retrofit hook
         self.record_weights = True  # statistics need only ids; keep weights for analysis by default
@@ -196,6 +200,8 @@ class ProductKeyMemory(nn.Module):
             x = x - self.in_mean.to(x.dtype)
             if self.cfg.input_norm == "whiten":
                 x = x / self.in_std.to(x.dtype)
+            elif self.cfg.input_norm == "zca":
+                x = x @ self.in_whiten.to(x.dtype)  # symmetric, so x Z = (Z x^T)^T
         q = self.query(x).view(*x.shape[:-1], self.heads, 2, half)
         return F.layer_norm(q, (half,)) if self.cfg.query_norm else q
 

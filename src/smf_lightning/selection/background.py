@@ -147,7 +147,7 @@ def fingerprint_model(model: nn.Module, base_samples_per_tensor: int = 64) -> st
 
     Covers: the model class and HF config; the memory config (incl. its seed) and the
     decoder layer indices of the memory layers; **every byte** of every memory-layer
-    parameter (query, keys, gate, out, values — values matter because earlier memory
+    parameter and buffer (query, keys, gate, out, values, input statistics — values matter because earlier memory
     layers' outputs feed later ones, and sparse training changes only a few rows, which a
     sample would miss); and, for every other parameter and buffer, its name, dtype, shape
     and ``base_samples_per_tensor`` evenly strided elements. Base weights are frozen under
@@ -169,12 +169,13 @@ def fingerprint_model(model: nn.Module, base_samples_per_tensor: int = 64) -> st
     memory_param_ids = set()
     for idx, mem in memory_layers(model).items():
         h.update(f"memory layer {idx}".encode())
-        for name, p in mem.named_parameters():
+        # parameters and buffers (the input whitening statistics decide the addressing too)
+        for name, p in [*mem.named_parameters(), *mem.named_buffers()]:
             memory_param_ids.add(id(p))
             h.update(name.encode())
             _tensor_digest(h, p)
     named = [(n, t) for n, t in model.named_parameters() if id(t) not in memory_param_ids]
-    named += list(model.named_buffers())
+    named += [(n, t) for n, t in model.named_buffers() if id(t) not in memory_param_ids]
     for name, t in named:
         h.update(name.encode())
         flat = t.detach().reshape(-1)
