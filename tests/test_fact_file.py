@@ -142,6 +142,8 @@ def test_task_labels_fix_the_split_and_must_be_all_or_none(tmp_path):
         read(path)
     ff = read(path, skip_invalid=True)
     assert dict(ff.skipped) == {"missing_task": 1} and len(ff.facts) == 4
+    ff = read(path, fields={"task": None})  # the task field not read: a seeded split
+    assert ff.tasks == [None] * 5 and not ff.skipped
 
 
 def test_too_few_facts_says_how_many_there_are(tmp_path):

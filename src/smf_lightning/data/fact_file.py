@@ -80,8 +80,11 @@ class FactFileSpec:
                 f"bad config: data.fields.{unknown[0]} is not a record field; the fields are {', '.join(RECORD_FIELDS)} "
                 f"(map each to its name in the file, e.g. data.fields.question=q)."
             )
-        names.update({k: str(v) for k, v in (self.fields or {}).items() if v is not None})
-        return names
+        names.update({k: (str(v) if v is not None else None) for k, v in (self.fields or {}).items()})
+        for key in REQUIRED_FIELDS:
+            if names[key] is None:
+                raise FactFileError(f"bad config: data.fields.{key}=null; the {key} is required (name its field in the file).")
+        return names  # an optional field mapped to null is not read
 
 
 @dataclass
@@ -296,25 +299,29 @@ def _check_columns(columns: list[str], names: dict[str, str], name: str) -> None
 def _parse_record(raw: Mapping, names: dict[str, str], default_id: str, separator: str | None) -> tuple[Fact, str | None]:
     """(fact, task label) of one record. `separator` splits list fields held in one string
     (CSV cells); elsewhere a string is one answer / one paraphrase."""
-    question = _text(raw.get(names["question"]), "question", names)
+    question = _text(_field(raw, names, "question"), "question", names)
     if question is None:
         raise _BadRecord("missing_question", f"no question (field {names['question']!r}).")
     if not question:
         raise _BadRecord("empty_question", f"empty question (field {names['question']!r}).")
-    answers = _text_list(raw.get(names["answers"]), "answers", names, separator)
+    answers = _text_list(_field(raw, names, "answers"), "answers", names, separator)
     if answers is None:
         raise _BadRecord("missing_answer", f"no answer (field {names['answers']!r}).")
     if not answers or not answers[0]:
         raise _BadRecord("empty_answer", f"empty answer (field {names['answers']!r}); the first answer is the one trained.")
-    paraphrases = _text_list(raw.get(names["paraphrases"]), "paraphrases", names, separator) or []
+    paraphrases = _text_list(_field(raw, names, "paraphrases"), "paraphrases", names, separator) or []
     if "" in paraphrases:
         raise _BadRecord("empty_paraphrase", f"paraphrase {paraphrases.index('')} is empty (field {names['paraphrases']!r}).")
-    fact_id = _text(raw.get(names["id"]), "id", names)
-    task = _text(raw.get(names["task"]), "task", names)
+    fact_id = _text(_field(raw, names, "id"), "id", names)
+    task = _text(_field(raw, names, "task"), "task", names)
     aliases = tuple(dict.fromkeys(a for a in answers if a))
     fact = Fact(fact_id or default_id, question, aliases[0], aliases,
                 tuple(p for p in dict.fromkeys(paraphrases) if p != question))
     return fact, task or None
+
+
+def _field(raw: Mapping, names: dict[str, str | None], key: str):
+    return raw.get(names[key]) if names[key] is not None else None
 
 
 def _text(value, key: str, names: dict[str, str]) -> str | None:
@@ -388,7 +395,7 @@ def validate_file_config(d) -> None:
     need(not (known and "triviaqa_known" in (d.get("suites") or {})), "known_items", known,
          "0 when data.suites.triviaqa_known is set (one known-facts suite per run: the file's or TriviaQA's)")
     sep = d.get("list_separator", "|")
-    need(isinstance(sep, str) and sep != "" and sep != ",", "list_separator", sep, "a non-empty string other than ','")
+    need(isinstance(sep, str) and sep != "", "list_separator", sep, "a non-empty string")
     fields = OmegaConf.to_container(d.fields, resolve=True) if d.get("fields") is not None else None
     spec = FactFileSpec(str(d.path), d.get("format", "auto"), d.get("split"), fields, sep, bool(d.skip_invalid))
     if resolve_format(spec) == "hub":
