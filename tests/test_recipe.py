@@ -379,6 +379,26 @@ def test_before_evaluation_is_cached_across_runs_that_start_from_the_base(tmp_pa
     assert fourth["before_eval_from_cache"] is False
 
 
+def test_before_evaluation_key_holds_the_facts_content_not_only_their_ids():
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from smf_lightning.data.facts import Fact
+    from smf_lightning.eval.before_cache import before_eval_key
+
+    cfg = OmegaConf.create({"model": {"name": "m", "source": "s", "dtype": "float32"}, "data": {"suites": {}}})
+
+    def dm(answer):
+        fact = Fact(id="f1", question="Who?", answer=answer, aliases=(answer,))
+        return SimpleNamespace(n_tasks=1, task_facts=lambda t: (fact,), templates={}, heldout_templates=[], _known=[fact],
+                               probe_prompt="{question}", seed=0, source="offline", recall_max_new_tokens=4,
+                               eval_batch_size=2, generation_batch_size=2)
+
+    assert before_eval_key(cfg, dm("Paris"), "fp") == before_eval_key(cfg, dm("Paris"), "fp")
+    assert before_eval_key(cfg, dm("Paris"), "fp")["stream"] != before_eval_key(cfg, dm("Rome"), "fp")["stream"]
+
+
 def test_score_scale_sharpens_weights_and_keeps_the_slots():
     x = torch.randn(3, 5, 64)
     flat = ProductKeyMemory(64, MemoryConfig(layers=[1], **SMALL))

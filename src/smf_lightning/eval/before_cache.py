@@ -29,6 +29,10 @@ def starts_from_base(cfg) -> bool:
     return True
 
 
+def _fact_key(fact) -> list:
+    return [fact.id, fact.question, fact.answer, list(fact.aliases)]
+
+
 def before_eval_key(cfg, dm, base_fingerprint: str) -> dict:
     from omegaconf import OmegaConf
 
@@ -36,11 +40,12 @@ def before_eval_key(cfg, dm, base_fingerprint: str) -> dict:
         "format": EVAL_FORMAT,
         "base_model": base_fingerprint,
         "model": {"name": str(cfg.model.name), "source": str(cfg.model.source), "dtype": str(cfg.model.dtype)},
-        "stream": [[f.id for f in dm.task_facts(t)] for t in range(dm.n_tasks)],
+        # facts by content, not only id: a user's fact file can change a record and keep its id
+        "stream": [[_fact_key(f) for f in dm.task_facts(t)] for t in range(dm.n_tasks)],
         "templates": {n: t.text for n, t in dm.templates.items()},
         "heldout_templates": list(dm.heldout_templates),
         "suites": OmegaConf.to_container(cfg.data.suites, resolve=True) if "suites" in cfg.data else {},
-        "known_facts": [f.id for f in getattr(dm, "_known", [])],
+        "known_facts": [_fact_key(f) for f in getattr(dm, "_known", [])],
         "probe_prompt": dm.probe_prompt,
         "seed": dm.seed,
         "data_source": dm.source,
