@@ -18,9 +18,18 @@ def build_callbacks(cfg: DictConfig, out_dir: Path, dm, tokenizer, run_info: dic
     from lightning.pytorch.callbacks import TQDMProgressBar
 
     c = cfg.callbacks
+    prefix_cache = c.get("eval_prefix_cache", True)
+    if not isinstance(prefix_cache, bool):
+        raise ValueError(f"callbacks.eval_prefix_cache={prefix_cache!r}: use true or false")
+    prefix_states = None
+    if prefix_cache and cfg.method.name == "smf":  # only SMF leaves everything below its memory frozen
+        from ..eval.prefix_states import EvalPrefixStates
+
+        prefix_states = EvalPrefixStates()
     evaluator = ContinualEvaluation(out_dir, dm, tokenizer, run_info, plots=bool(c.plots),
                                    suites_at=str(c.get("suites_at", "every_task")), before_cache=before_cache,
-                                   resamples=int(c.intervals.resamples), interval_seed=int(c.intervals.seed))
+                                   resamples=int(c.intervals.resamples), interval_seed=int(c.intervals.seed),
+                                   prefix_states=prefix_states)
     callbacks = [evaluator]
     if cfg.method.name == "smf" and c.slot_stats.enabled:
         callbacks.append(SlotStatsLogger(out_dir, plots=bool(c.plots)))

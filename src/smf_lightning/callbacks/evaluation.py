@@ -6,10 +6,15 @@ each evaluation point so a crash never loses completed results, and the final
 
 Every point keeps its per-item scores (``items/<point>/<suite>.csv``, ``fact_recall.csv``), from
 which each number is recomputed exactly; 95% intervals come from a bootstrap over those items,
-paired between "before" and a later point for changes (eval/intervals.py)."""
+paired between "before" and a later point for changes (eval/intervals.py).
+
+With ``prefix_states`` (callbacks.eval_prefix_cache, SMF), the hidden states entering the
+lowest memory layer of every evaluation forward are kept from the first point on and the
+layers below are skipped at later points: same numbers, less time (eval/prefix_states.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -85,7 +90,8 @@ RECALL_FIGURES = {  # summary key -> (templates, per-fact score)
 
 class ContinualEvaluation(L.Callback):
     def __init__(self, out_dir: Path, datamodule, tokenizer, run_info: dict, plots: bool = True,
-                 suites_at: str = "every_task", before_cache=None, *, resamples: int, interval_seed: int):
+                 suites_at: str = "every_task", before_cache=None, *, resamples: int, interval_seed: int,
+                 prefix_states=None):
         if suites_at not in SUITES_AT:
             raise ValueError(f"callbacks.suites_at={suites_at!r}: use {' or '.join(SUITES_AT)}")
         self.out_dir = Path(out_dir)
@@ -100,6 +106,7 @@ class ContinualEvaluation(L.Callback):
             raise ValueError(f"callbacks.intervals.resamples={resamples}: use a number of bootstrap resamples >= 0 (0: no intervals)")
         self.resamples = resamples  # bootstrap resamples per interval (callbacks.intervals; 0: none)
         self.interval_seed = interval_seed
+        self.prefix_states = prefix_states  # eval/prefix_states.py: frozen-prefix states of every item, or None
         # evaluation points: 0 = before training, i+1 = after task i
         self.labels: list[str] = []
         self.R: list[list[float | None]] = []  # training templates (mean over them)
@@ -118,11 +125,21 @@ class ContinualEvaluation(L.Callback):
     # ---------------------------------------------------------------- evaluation
     def _evaluate(self, module, label: str, tasks: range, suites: bool = True) -> None:
         t0 = time.perf_counter()
-        model, bs = module.model, self.dm.eval_batch_size
-        n = self.dm.n_tasks
+        model, states = module.model, self.prefix_states
+        with states.active(model) if states is not None else contextlib.nullcontext():
+            records, rows = self._evaluate_recall(model, label, tasks, t0)
+            results, items = self._evaluate_suites(model, label, suites)
+        if states is not None:
+            log.info("evaluation '%s': prefix cache %d hits, %d misses so far, %.0f MB kept", label, states.hits,
+                     states.misses, states.nbytes / 2**20)
+        self.eval_seconds += time.perf_counter() - t0
+        self._add_point(label, *rows, results, items, records)
+
+    def _evaluate_recall(self, model, label: str, tasks: range, t0: float) -> tuple[dict, tuple]:
         log.info("evaluation '%s': fact recall of tasks 0..%d ...", label, tasks[-1])
         per_template: dict = {}
-        self.dm.evaluate_recall(model, self.tokenizer, list(tasks), items=per_template)  # one greedy pass for all
+        with self._scope("fact_recall"):
+            self.dm.evaluate_recall(model, self.tokenizer, list(tasks), items=per_template)  # one greedy pass for all
         records = {"task": [], "template": []}
         for (j, template), cols in per_template.items():
             records["task"] += [j] * len(cols["id"])
@@ -132,15 +149,22 @@ class ContinualEvaluation(L.Callback):
         row, row_h, row_c = self._recall_rows(records)
         log.info("evaluation '%s': recall %.2f (training templates), %.2f (held-out) in %.0f s", label,
                  sum(row[j] for j in tasks) / len(tasks), sum(row_h[j] for j in tasks) / len(tasks), time.perf_counter() - t0)
+        return records, (row, row_h, row_c)
+
+    def _scope(self, name: str):
+        """Kept prefix states of `name` that its run does not use again are dropped at its end."""
+        return self.prefix_states.scope(name) if self.prefix_states is not None else contextlib.nullcontext()
+
+    def _evaluate_suites(self, model, label: str, suites: bool) -> tuple[dict, dict]:
         results, items = {}, {}
         for name, suite in (self.dm.heldout_suites().items() if suites else ()):
             t1 = time.perf_counter()
-            results[name] = suite.evaluate(model, self.tokenizer, bs)
+            with self._scope(name):
+                results[name] = suite.evaluate(model, self.tokenizer, self.dm.eval_batch_size)
             items[name] = dict(suite.last_items)
             log.info("evaluation '%s': %s (%d items) %s %.4g in %.0f s", label, name, len(suite.items),
                      suite.primary_metric, results[name][suite.primary_metric], time.perf_counter() - t1)
-        self.eval_seconds += time.perf_counter() - t0
-        self._add_point(label, row, row_h, row_c, results, items, records)
+        return results, items
 
     def _recall_rows(self, records: dict[str, list]) -> tuple[list, list, list]:
         """Rows of R, R_heldout, R_contains (None for tasks not evaluated) from per-fact records."""

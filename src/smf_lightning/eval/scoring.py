@@ -8,6 +8,11 @@ logits need to be materialised (`logits_to_keep`), which keeps the 151,936-way v
 of Qwen2.5 affordable on a CPU. Position ids are computed from the attention mask, so
 left padding does not shift positions. Items are sorted by length inside the call to
 keep padding small; results come back in input order.
+
+Inside ``EvalPrefixStates.active`` (eval/prefix_states.py; SMF runs) every forward here keeps
+the states entering the lowest memory layer, keyed by its exact inputs, and skips the layers
+below when the same forward comes again at a later evaluation point: same numbers to the
+last bit. Batches depend on the items only, never on the model, so they do come again.
 """
 
 from __future__ import annotations
@@ -15,8 +20,23 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+
+from .prefix_states import EvalPrefixStates, active_states, prefix_key
+
+
+class _ChoiceForward(NamedTuple):
+    """One forward of score_choices over choice rows that continue a context batch's cache."""
+
+    rows: list  # (row in the context batch, context, choice)
+    conts: list  # their token ids
+    row_ctx: torch.Tensor  # context row of each
+    width: int  # longest choice
+    cont: torch.Tensor  # right-padded choice ids [R, width]
+    rest_mask: torch.Tensor  # attention mask of the forward over choice tokens 0..width-2
+    positions: torch.Tensor  # their positions
 
 
 @dataclass(frozen=True)
@@ -129,6 +149,16 @@ def _split_by_logit_budget(rows: list, widths: Sequence[int], batch_size: int, v
     return [c for c, _ in chunks]
 
 
+def _key(states: EvalPrefixStates | None, *parts) -> tuple | None:
+    return prefix_key(*parts) if states is not None else None
+
+
+def _reuse(states: EvalPrefixStates | None, key: tuple | None, **kw):
+    """The forward in the block reuses (or keeps) its prefix states; outside an active
+    EvalPrefixStates, today's path."""
+    return contextlib.nullcontext() if states is None else states.forward(key, **kw)
+
+
 def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -153,12 +183,14 @@ def score_sequences(
     for batch in _length_sorted_batches([len(s) for s in sequences], batch_size):
         batch = sorted(batch, key=lambda i: -n_scored[i])
         batches += _split_by_logit_budget(batch, [n_scored[i] + 1 for i in batch], batch_size, vocab)
+    states = active_states(model)
     with _eval_mode(model):
         for batch in batches:
             ids, mask, positions = _left_pad([sequences[i] for i in batch], pad_id, device)
             n = torch.tensor([n_scored[i] for i in batch], device=device)
             keep = int(n.max()) + 1
-            logits = _forward_last_logits(model, ids, mask, positions, keep)[:, :-1].float()  # predicts last keep-1 tokens
+            with _reuse(states, _key(states, ids, mask, positions)):
+                logits = _forward_last_logits(model, ids, mask, positions, keep)[:, :-1].float()  # predicts last keep-1 tokens
             targets = ids[:, -(keep - 1):]
             token_logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
             greedy = logits.argmax(-1) == targets
@@ -209,25 +241,14 @@ def score_choices(
     pad_id = pad_token_id(tokenizer)
     cache_kwarg = _cache_kwarg_name(model)
     vocab = _vocab_size(model)
+    states = active_states(model)
     with _eval_mode(model):
         for batch in _length_sorted_batches([len(c) for c in ctx_ids], batch_size):
             ids, mask, positions = _left_pad([ctx_ids[i] for i in batch], pad_id, device)
-            try:
-                out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-            except TypeError:
-                out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-            cache = _returned_cache(out)
-            if not hasattr(cache, "batch_select_indices"):  # no shareable cache: score full sequences
-                for i in batch:
-                    results[i] = score_sequences(
-                        model, [ctx_ids[i] + c for c in grouped[i]], [len(c) for c in grouped[i]], batch_size, pad_id
-                    )
-                continue
-            first_logits = out.logits[:, -1].float()  # [B, V]: predicts every choice's first token
             rows = [(b, i, j) for b, i in enumerate(batch) for j in range(len(grouped[i]))]
             rows.sort(key=lambda r: -len(grouped[r[1]][r[2]]))
-            chunks = _split_by_logit_budget(rows, [len(grouped[i][j]) for _, i, j in rows], batch_size, vocab)
-            for n_chunk, chunk in enumerate(chunks):
+            chunks = []  # the choice forwards, planned before the context runs (they depend on the items only)
+            for chunk in _split_by_logit_budget(rows, [len(grouped[i][j]) for _, i, j in rows], batch_size, vocab):
                 conts = [grouped[i][j] for _, i, j in chunk]
                 row_ctx = torch.tensor([b for b, _, _ in chunk], device=device)
                 width = max(len(c) for c in conts)
@@ -237,6 +258,31 @@ def score_choices(
                     cont[r, : len(c)] = torch.as_tensor(c)
                     cont_mask[r, : len(c)] = 1
                 cont, cont_mask = cont.to(device), cont_mask.to(device)
+                rest_mask = torch.cat([mask[row_ctx], cont_mask[:, :-1]], dim=-1)
+                cont_positions = positions[row_ctx, -1:] + 1 + torch.arange(width - 1, device=device)
+                chunks.append(_ChoiceForward(chunk, conts, row_ctx, width, cont, rest_mask, cont_positions))
+            ctx_key = _key(states, ids, mask, positions)
+            rest_keys = [_key(states, "continues", ctx_key, c.row_ctx, c.cont[:, :-1], c.rest_mask, c.positions)
+                         for c in chunks]
+            # Every choice forward kept: none of them runs the prefix layers, so the context's
+            # cache needs no real prefix keys/values, only their length (placeholders).
+            lean = states is not None and states.has(ctx_key) and all(
+                states.has(k) for k, c in zip(rest_keys, chunks) if c.width > 1)
+            with _reuse(states, ctx_key, kv="placeholder" if lean else None, reuse=lean):
+                try:
+                    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+                except TypeError:
+                    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+            cache = _returned_cache(out)
+            if not hasattr(cache, "batch_select_indices"):  # no shareable cache: score full sequences
+                for i in batch:
+                    results[i] = score_sequences(
+                        model, [ctx_ids[i] + c for c in grouped[i]], [len(c) for c in grouped[i]], batch_size, pad_id
+                    )
+                continue
+            first_logits = out.logits[:, -1].float()  # [B, V]: predicts every choice's first token
+            for n_chunk, ((chunk, conts, row_ctx, width, cont, rest_mask, cont_positions), rest_key) in enumerate(
+                    zip(chunks, rest_keys)):
                 first = first_logits[row_ctx]
                 token_logprobs = (first.gather(-1, cont[:, :1]) - torch.logsumexp(first, dim=-1, keepdim=True))
                 greedy = first.argmax(-1, keepdim=True) == cont[:, :1]
@@ -244,11 +290,11 @@ def score_choices(
                     # the last chunk may consume the context cache; earlier ones work on copies
                     rows_cache = cache if n_chunk == len(chunks) - 1 else copy.deepcopy(cache)
                     rows_cache.batch_select_indices(row_ctx)
-                    cont_positions = positions[row_ctx, -1:] + 1 + torch.arange(width - 1, device=device)
-                    rest = model(
-                        input_ids=cont[:, :-1], attention_mask=torch.cat([mask[row_ctx], cont_mask[:, :-1]], dim=-1),
-                        position_ids=cont_positions, use_cache=True, **{cache_kwarg: rows_cache},
-                    ).logits.float()  # [R, width - 1, V]: predicts choice tokens 1..
+                    with _reuse(states, rest_key):
+                        rest = model(
+                            input_ids=cont[:, :-1], attention_mask=rest_mask,
+                            position_ids=cont_positions, use_cache=True, **{cache_kwarg: rows_cache},
+                        ).logits.float()  # [R, width - 1, V]: predicts choice tokens 1..
                     rest_targets = cont[:, 1:]
                     token_logprobs = torch.cat([token_logprobs, rest.gather(-1, rest_targets.unsqueeze(-1)).squeeze(-1)
                                                 - torch.logsumexp(rest, dim=-1)], dim=1)
@@ -283,10 +329,12 @@ def generate_greedy(
     encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
     outputs: list[str | None] = [None] * len(prompts)
     device = _device(model)
+    states = active_states(model)
     with _eval_mode(model):
         for batch in _length_sorted_batches([len(e) for e in encoded], batch_size):
             ids, mask, positions = _left_pad([encoded[i] for i in batch], pad_id, device)
-            new_tokens = _greedy_decode(model, tokenizer, ids, mask, positions, max_new_tokens, eos_ids, stop_at_newline)
+            new_tokens = _greedy_decode(model, tokenizer, ids, mask, positions, max_new_tokens, eos_ids, stop_at_newline,
+                                        states)
             for row, i in enumerate(batch):
                 text = tokenizer.decode(new_tokens[row], skip_special_tokens=True)
                 outputs[i] = text.split("\n", 1)[0] if stop_at_newline else text
@@ -318,14 +366,18 @@ def _returned_cache(out):
     return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
-def _greedy_decode(model, tokenizer, ids, mask, positions, max_new_tokens, eos_ids, stop_at_newline) -> list[list[int]]:
+def _greedy_decode(model, tokenizer, ids, mask, positions, max_new_tokens, eos_ids, stop_at_newline,
+                   states: EvalPrefixStates | None = None) -> list[list[int]]:
     batch = ids.shape[0]
     generated: list[list[int]] = [[] for _ in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool)
-    try:  # prefill: only the last column's logits are needed
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    except TypeError:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    # prefill: only the last column's logits are needed; the prompt's prefix states (and the
+    # prefix's keys/values, which the decoding steps attend to) can be kept across points
+    with _reuse(states, _key(states, ids, mask, positions), kv="keep"):
+        try:
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        except TypeError:
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
     cache_kwarg = _cache_kwarg_name(model)
     past = _returned_cache(out)
     next_positions = positions[:, -1:] + 1

@@ -1,0 +1,210 @@
+"""Evaluation with kept frozen-prefix states (eval/prefix_states.py): every suite kind and fact
+recall give the same numbers to the last bit as without, at a later evaluation point with
+different memory values; the prefix layers really are skipped; the cache is off or cleared
+wherever the layers below the memory can change; a whole tiny run writes the same files."""
+
+from __future__ import annotations
+
+import csv
+import filecmp
+from pathlib import Path
+
+import pytest
+import torch
+
+from smf_lightning.data.facts import Fact, FactTemplate
+from smf_lightning.data.sources import ChoiceItem, MathItem, PassageItem, QAItem
+from smf_lightning.eval.prefix_states import EvalPrefixStates
+from smf_lightning.eval.suites import FactRecallSuite, GSM8KSuite, HellaSwagSuite, LambadaSuite, NQOpenSuite
+from smf_lightning.memory import MemoryConfig, memory_layers, retrofit
+from smf_lightning.memory.retrofit import decoder_layers, freeze_all_but_values
+from smf_lightning.models.tiny import tiny_qwen2
+
+WORDS = "the a man dog sat on roof quickly house river city old new red blue green ran jumps over lazy fox".split()
+
+
+def _text(rng: torch.Generator, n: int) -> str:
+    return " ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (n,), generator=rng))
+
+
+def _suites() -> list:
+    """One suite of every kind, items of varied lengths (so batches are padded differently)."""
+    rng = torch.Generator().manual_seed(0)
+    n = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=rng))  # noqa: E731
+    qa = [QAItem(f"q{i}", _text(rng, n(2, 9)), (_text(rng, n(1, 3)),)) for i in range(7)]
+    choice = [ChoiceItem(f"c{i}", _text(rng, n(3, 12)), tuple(_text(rng, n(1, 6)) for _ in range(4)), i % 4)
+              for i in range(6)]
+    math = [MathItem(f"m{i}", _text(rng, n(3, 10)), _text(rng, n(4, 12)), str(i)) for i in range(5)]
+    passages = [PassageItem(f"p{i}", _text(rng, n(4, 14)), WORDS[i]) for i in range(7)]
+    facts = [Fact(f"f{i}", _text(rng, n(2, 8)) + "?", w, (w,)) for i, w in enumerate(WORDS[:9])]
+    return [
+        NQOpenSuite(qa, max_new_tokens=5, generation_batch_size=3),
+        HellaSwagSuite(choice),
+        GSM8KSuite(math),
+        LambadaSuite(passages, score_passage=True),
+        FactRecallSuite(facts, FactTemplate("qa", "Question: {question}\nAnswer: {answer}"), max_new_tokens=5,
+                        generation_batch_size=4),
+    ]
+
+
+def _smf_model(layers=(2, 3)):
+    model = retrofit(tiny_qwen2(seed=1), MemoryConfig(layers=list(layers), n_slots=64, heads=2, knn=4, k_dim=16))
+    freeze_all_but_values(model)
+    return model
+
+
+def _train_memory(model, seed: int) -> None:
+    """A stand-in for an SMF task: new, non-zero memory values (nothing else moves)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for mem in memory_layers(model).values():
+            mem.values.weight.normal_(0, 1.0)
+
+
+def _evaluate(model, tok, suites, states=None) -> tuple[list, list]:
+    """(per-item columns of every suite, every logits tensor the LM head produced)."""
+    logits = []
+    hook = model.lm_head.register_forward_hook(lambda m, a, out: logits.append(out.detach().clone()))
+    items = []
+    try:
+        for suite in suites:
+            if states is None:
+                suite.evaluate(model, tok, 2)
+            else:
+                with states.active(model), states.scope(suite.name):
+                    suite.evaluate(model, tok, 2)
+            items.append(dict(suite.last_items))
+    finally:
+        hook.remove()
+    return items, logits
+
+
+def _assert_same(a, b) -> None:
+    (items_a, logits_a), (items_b, logits_b) = a, b
+    assert items_a == items_b
+    assert len(logits_a) == len(logits_b)
+    assert all(torch.equal(x, y) for x, y in zip(logits_a, logits_b))
+
+
+def test_every_suite_and_recall_same_to_the_last_bit(tiny_tok):
+    """Point 1 fills the cache, point 2 (other memory values) reuses it: each equals the
+    uncached evaluation in every logit, score and prediction."""
+    model, suites, states = _smf_model(), _suites(), EvalPrefixStates()
+    _train_memory(model, seed=1)
+    _assert_same(_evaluate(model, tok=tiny_tok, suites=suites, states=states), _evaluate(model, tiny_tok, suites))
+    fill_misses = states.misses
+    assert states.hits == 0 and fill_misses > 0 and states.entries
+    _train_memory(model, seed=2)
+    uncached = _evaluate(model, tiny_tok, suites)
+    _assert_same(_evaluate(model, tiny_tok, suites, states), uncached)
+    assert states.misses == fill_misses  # every forward of point 2 was kept from point 1
+    assert states.hits == fill_misses
+    # the greedy prompts kept their lower layers' keys and values, the scoring forwards did not need them
+    assert any(e.kv is not None for e in states.entries.values())
+    assert any(e.kv is None for e in states.entries.values())
+    _assert_same(_evaluate(model, tiny_tok, suites, states), uncached)  # the kept states are left intact
+
+
+def test_a_hit_skips_the_layers_below_the_memory(tiny_tok):
+    model, states = _smf_model(), EvalPrefixStates()
+    suites = _suites()
+    _evaluate(model, tiny_tok, suites, states)
+    calls = {i: 0 for i in range(4)}
+    hooks = [layer.self_attn.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, layer in enumerate(decoder_layers(model))]
+    try:
+        _evaluate(model, tiny_tok, [s for s in suites if s.name in ("gsm8k", "lambada", "hellaswag")], states)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls[0] == calls[1] == 0 and calls[2] == calls[3] > 0  # memory at 2: layers 0, 1 skipped
+    assert all("forward" not in vars(layer) for layer in decoder_layers(model))  # own forwards back
+
+
+def test_greedy_decoding_reuses_the_prompts_kv_cache(tiny_tok):
+    """Generation only: a hit puts the lower layers' prompt keys/values back, and the decoding
+    steps (which do run every layer) attend to them exactly."""
+    model, states = _smf_model(layers=(3,)), EvalPrefixStates()
+    nq = _suites()[0]
+    _evaluate(model, tiny_tok, [nq], states)
+    _train_memory(model, seed=3)
+    hits = states.hits
+    _assert_same(_evaluate(model, tiny_tok, [nq], states), _evaluate(model, tiny_tok, [nq]))
+    assert states.hits > hits
+
+
+def test_off_where_the_prefix_can_change(tiny_tok):
+    suite = _suites()[2]
+    trainable = retrofit(tiny_qwen2(seed=1), MemoryConfig(layers=[2], n_slots=64, heads=2, knn=4, k_dim=16))
+    states = EvalPrefixStates()
+    _evaluate(trainable, tiny_tok, [suite], states)  # every base parameter trainable (full finetuning)
+    assert not states.entries and states.misses == 0
+    at_zero = _smf_model(layers=(0, 2))  # no layers below the lowest memory layer
+    _evaluate(at_zero, tiny_tok, [suite], states)
+    assert not states.entries
+    embed_trained = _smf_model()
+    embed_trained.get_input_embeddings().weight.requires_grad_(True)
+    _evaluate(embed_trained, tiny_tok, [suite], states)
+    assert not states.entries
+
+
+def test_cleared_when_a_frozen_weight_changes(tiny_tok):
+    model, states, suite = _smf_model(), EvalPrefixStates(), _suites()[2]
+    _evaluate(model, tiny_tok, [suite], states)
+    assert states.entries
+    with torch.no_grad():
+        decoder_layers(model)[0].mlp.down_proj.weight.mul_(1.5)  # e.g. a checkpoint loaded into the base
+    uncached = _evaluate(model, tiny_tok, [suite])
+    misses = states.misses
+    _assert_same(_evaluate(model, tiny_tok, [suite], states), uncached)
+    assert states.misses == misses + len(states.entries) and states.hits == 0
+
+
+def test_a_scope_drops_batches_that_did_not_come_again(tiny_tok):
+    """Recall over a grown set of tasks forms other batches: the old ones are dropped."""
+    model, states = _smf_model(), EvalPrefixStates()
+    recall = _suites()[4]
+    facts = list(recall.facts)
+    recall.facts = facts[:4]
+    _evaluate(model, tiny_tok, [recall], states)
+    first = set(states.entries)
+    recall.facts = facts
+    _evaluate(model, tiny_tok, [recall], states)
+    assert first - set(states.entries)  # some batches of 4 facts are gone
+    assert len(states.entries) == 3  # 9 facts in batches of 4
+
+
+# ----------------------------------------------------------------------------- a whole run
+
+RUN = ["experiment=tiny", "logger.wandb.mode=offline", "callbacks.checkpoint.enabled=false", "callbacks.plots=false",
+       "callbacks.cache_before_eval=false"]
+
+
+def test_tiny_run_writes_the_same_files_with_and_without(tmp_path):
+    """SMF on the tiny model, every suite at every point: every per-item file (scores,
+    predictions, recall) and the summary's numbers are identical; the log shows hits."""
+    from tests.test_train import cli
+
+    runs = {}
+    for flag in ("false", "true"):
+        out = tmp_path / flag
+        res = cli([*RUN, f"callbacks.eval_prefix_cache={flag}", f"hydra.run.dir={out}"])
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[flag] = (out, res.stdout + res.stderr)
+    (plain, _), (cached, log) = runs["false"], runs["true"]
+    assert "prefix cache" in log and "prefix cache 0 hits" not in log.split("after task 1")[-1]
+    files = sorted(p.relative_to(plain) for p in (plain / "items").rglob("*.csv"))
+    assert len(files) >= 3 * 5  # 3 points x (4 suites + recall)
+    for rel in files:
+        assert filecmp.cmp(plain / rel, cached / rel, shallow=False), rel
+    for name in ("heldout.csv", "accuracy_matrix.csv", "accuracy_matrix_heldout_template.csv"):
+        assert (plain / name).read_text() == (cached / name).read_text(), name
+    rows = list(csv.DictReader((cached / "items" / "after_task_1" / "nq_open.csv").open()))
+    assert rows and "prediction" in rows[0]
+
+
+def test_bad_switch_value_is_rejected(tmp_path):
+    from tests.test_train import cli
+
+    res = cli([*RUN, "callbacks.eval_prefix_cache=maybe", f"hydra.run.dir={tmp_path}"])
+    assert res.returncode != 0 and "callbacks.eval_prefix_cache" in res.stderr
