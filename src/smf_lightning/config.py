@@ -155,6 +155,10 @@ def _validate_data(d: DictConfig) -> None:
             from .data.fact_file import validate_file_config
 
             validate_file_config(d)
+        if d.facts == "documents":  # a user's passages are read and checked here too
+            from .data.documents import validate_documents_config
+
+            validate_documents_config(d)
     if "schedule" in d:
         from .data.datamodule import SCHEDULES
 

@@ -24,6 +24,7 @@ from functools import partial
 import lightning as L
 from torch.utils.data import DataLoader
 
+from smf_lightning.data import documents
 from smf_lightning.data.fact_file import FactFile, FactFileError, FactFileSpec, read_fact_file, stream_shortfall
 from smf_lightning.data.facts import (
     DEFAULT_PROBE_PROMPT,
@@ -51,7 +52,7 @@ from smf_lightning.eval.suites import SUITE_NAMES, FactRecallSuite, build_suite,
 
 log = logging.getLogger(__name__)
 
-FACT_SOURCES = ("triviaqa", "synthetic", "file")
+FACT_SOURCES = ("triviaqa", "synthetic", "file", "documents")
 SCHEDULES = ("sequential", "interleaved")
 KNOWN_SUITE = "triviaqa_known"
 FILE_KNOWN_SUITE = "file_known"  # facts=file with known_items > 0: the file's records the model answers
@@ -101,17 +102,29 @@ class FactStreamDataModule(L.LightningDataModule):
         skip_invalid: bool = False,
         probe: bool = True,
         known_items: int = 0,
+        passages_per_task: int | None = None,
+        chunk_overlap: int = 0,
+        require_qa: bool = True,
+        example_max_answer_words: int = 5,
     ):
         """
         tokenizer, probe_model: the run's tokenizer and its *base* model (probed for
             unknown TriviaQA facts; not needed for facts=synthetic or a cached probe with
             `model_fingerprint` given).
         The other arguments are documented in conf/data/facts_triviaqa.yaml; path ... known_items
-        (facts=file only) in conf/data/facts_file.yaml.
+        (facts=file only) in conf/data/facts_file.yaml; passages_per_task ... example_max_answer_words
+        (facts=documents only: a task is passages, facts_per_task = passages_per_task) in
+        conf/data/documents.yaml.
         """
         super().__init__()
         if facts not in FACT_SOURCES:
             raise ValueError(f"Unknown fact source {facts!r}. Allowed: {', '.join(FACT_SOURCES)}.")
+        if facts == "documents":
+            if passages_per_task is None or facts_per_task != passages_per_task:
+                raise ValueError(f"facts=documents counts passages: set passages_per_task (got {passages_per_task}), "
+                                 f"and facts_per_task to the same number (got {facts_per_task}).")
+            if not 0 <= chunk_overlap < max_seq_len:
+                raise ValueError(f"chunk_overlap must be in [0, max_seq_len={max_seq_len}), got {chunk_overlap}")
         check_stream_size(n_tasks, facts_per_task)
         if loss_on not in LOSS_ON:
             raise ValueError(f"Unknown loss_on {loss_on!r}; use one of: {', '.join(LOSS_ON)}.")
@@ -166,7 +179,13 @@ class FactStreamDataModule(L.LightningDataModule):
         self.model_fingerprint = model_fingerprint
         if facts == "file" and not path:
             raise ValueError("facts=file reads the facts from `path` (data.path=FILE); it is not set.")
-        self.file_spec = FactFileSpec(str(path), format, split, fields, list_separator, bool(skip_invalid)) if path else None
+        self.file_spec = (FactFileSpec(str(path), format, split, fields, list_separator, bool(skip_invalid))
+                          if path and facts == "file" else None)
+        self.document_spec = (documents.DocumentSpec(path and str(path), format, split, fields, bool(skip_invalid),
+                                                     bool(require_qa), int(example_max_answer_words))
+                              if facts == "documents" else None)
+        self.chunk_overlap = int(chunk_overlap)
+        self._task_passages: tuple[tuple[documents.Passage, ...], ...] = ()
         self.probe_file = bool(probe)
         self.known_items = int(known_items)
         if self.known_items and not self.probe_file:
@@ -193,6 +212,8 @@ class FactStreamDataModule(L.LightningDataModule):
             raise ValueError("FactStreamDataModule needs the run's tokenizer (tokenizer=...).")
         if self.facts_source == "file":
             self.tasks = self._file_stream()
+        elif self.facts_source == "documents":
+            self.tasks = self._document_stream()
         else:
             if self.facts_source == "synthetic":
                 needed = self.n_tasks * self.facts_per_task
@@ -314,6 +335,40 @@ class FactStreamDataModule(L.LightningDataModule):
                  ff.location, ff.n_read, file_info["skipped_total"], file_info["skipped"], len(ff.facts),
                  sum(filtered.values()), known, file_info["used"])
         return tasks
+
+    def _document_stream(self) -> tuple[tuple[Fact, ...], ...]:
+        """Passages (data/documents.py) split into tasks of passages_per_task, by the records'
+        task labels or by seed; a task's facts are its passages' questions (what recall
+        measures), its training examples the passages' chunks (training_examples)."""
+        df = documents.read_documents(self.document_spec, self.data_root)
+        problem = documents.stream_shortfall(df, self.n_tasks, self.facts_per_task)
+        if problem:
+            raise documents.DocumentError(problem)
+        labels = df.task_labels[: self.n_tasks]
+        if labels:
+            self._task_passages = tuple(
+                split_into_tasks([p for p, t in zip(df.passages, df.tasks) if t == label], 1, self.facts_per_task,
+                                 self.seed)[0] for label in labels)
+        else:
+            self._task_passages = split_into_tasks(df.passages, self.n_tasks, self.facts_per_task, self.seed)
+        for j, passages in enumerate(self._task_passages):
+            if not any(p.qa for p in passages):
+                raise documents.DocumentError(
+                    f"documents {df.location}: task {labels[j] if labels else j} has no questions on any of its passages "
+                    f"({', '.join(p.id for p in passages)}), so nothing would measure it; attach qa pairs.")
+        chunks = [sum(len(self._passage_chunks(p)) for p in passages) for passages in self._task_passages]
+        info = {**df.counts(), "passages_per_task": self.facts_per_task, "chunk_overlap": self.chunk_overlap,
+                "max_seq_len": self.max_seq_len, "chunks_per_task": chunks,
+                "qa_per_task": [sum(len(p.qa) for p in passages) for passages in self._task_passages],
+                "task_passage_ids": [[p.id for p in passages] for passages in self._task_passages],
+                **({"task_labels": labels} if labels else {})}
+        self.info = {"facts": "documents", "facts_origin": f"documents:{df.location}", "documents": info}
+        log.info("Documents %s: %s; %d tasks x %d passages, %s chunks, %s questions per task", df.location,
+                 df.describe(), self.n_tasks, self.facts_per_task, chunks, info["qa_per_task"])
+        return tuple(tuple(f for p in passages for f in p.qa) for passages in self._task_passages)
+
+    def _passage_chunks(self, passage) -> list[TrainingExample]:
+        return documents.passage_examples(self.tokenizer, passage, self.max_seq_len, self.chunk_overlap)
 
     def _unfit_reason(self, fact: Fact) -> str | None:
         if len(fact.answer.split()) > self.max_answer_words:
@@ -491,7 +546,11 @@ class FactStreamDataModule(L.LightningDataModule):
     def training_examples(self, task_index: int) -> list[TrainingExample]:
         """The task's training sequences, fact by fact, each fact under every *training*
         template (held-out templates never appear here), for its question and then each of its
-        paraphrases (same fact id, same answer)."""
+        paraphrases (same fact id, same answer). facts=documents: the chunks of the task's
+        passages, in order (data/documents.py)."""
+        if task_index not in self._train_examples and self.facts_source == "documents":
+            self._require_stream()  # passages' chunks; fact_id = passage id (per-passage slot selection)
+            self._train_examples[task_index] = [ex for p in self._task_passages[task_index] for ex in self._passage_chunks(p)]
         if task_index not in self._train_examples:
             self._train_examples[task_index] = [
                 self._encode(Fact(fact.id, question, fact.answer, fact.aliases), name)

