@@ -208,3 +208,15 @@ def test_bad_switch_value_is_rejected(tmp_path):
 
     res = cli([*RUN, "callbacks.eval_prefix_cache=maybe", f"hydra.run.dir={tmp_path}"])
     assert res.returncode != 0 and "callbacks.eval_prefix_cache" in res.stderr
+
+
+def test_choice_scoring_recomputes_the_context_when_a_choice_forward_is_missing(tiny_tok):
+    """The context's prefix is skipped only when every choice forward of its batch is kept
+    (their cache then needs no real prefix keys/values); otherwise it runs in full."""
+    model, states, hellaswag = _smf_model(), EvalPrefixStates(), _suites()[1]
+    _evaluate(model, tiny_tok, [hellaswag], states)
+    choice_keys = [k for k in states.entries if k[0] == "continues"]
+    assert choice_keys
+    del states.entries[choice_keys[0]]
+    _train_memory(model, seed=4)
+    _assert_same(_evaluate(model, tiny_tok, [hellaswag], states), _evaluate(model, tiny_tok, [hellaswag]))
