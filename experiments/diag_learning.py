@@ -45,7 +45,7 @@ VARIANTS = {
 
 def build(args):
     overrides = ["experiment=facts_seq_quick", "data.n_tasks=1", f"data.facts_per_task={args.facts}",
-                 "data.suites={}", f"trainer.threads={args.threads}", *args.override]
+                 f"data.suites={{triviaqa_known:{{n_items:{args.known}}}}}" if args.known else "data.suites={}", f"trainer.threads={args.threads}", *args.override]
     with initialize_config_dir(config_dir=T.conf_dir(), version_base=None):
         cfg = compose(config_name="train", overrides=overrides)
     model, tok, info = T.load_model(cfg)
@@ -88,8 +88,13 @@ def run_variant(name, cfg, model, tok, dm, bg, method_over, data_over):
 
     from smf_lightning.memory import memory_layers
 
+    mem_over = {k.removeprefix("mem."): method_over.pop(k) for k in list(method_over) if k.startswith("mem.")}
+    saved_mem = {}
     for mem in memory_layers(model).values():
         mem.values.weight.data.zero_()
+        for k, v in mem_over.items():  # read-time settings only (score_scale): addressing ids are unchanged
+            saved_mem[k] = getattr(mem.cfg, k)
+            setattr(mem.cfg, k, v)
     mcfg = OmegaConf.to_container(cfg.method, resolve=True)
     mcfg.update(method_over)
     saved = {k: getattr(dm, k) for k in data_over}
@@ -116,10 +121,13 @@ def run_variant(name, cfg, model, tok, dm, bg, method_over, data_over):
             loss.backward()
             module.after_backward(batch)
             module.take_optimizer_step(wrap)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         secs = (time.time() - t0) / len(batches)
         module.model.eval()
         rec = dm.evaluate_recall(model, tok, [0])[0]
+        known = None
+        if dm.suite_options:
+            known = dm.heldout_suites()["triviaqa_known"].evaluate(model, tok, 64)["em"]
         passes = [round(sum(losses[i:i + n_per_pass]) / n_per_pass, 2) for i in range(0, len(losses), n_per_pass)]
         train_t = [t for t in rec if t not in dm.heldout_templates]
         row = {
@@ -128,6 +136,7 @@ def run_variant(name, cfg, model, tok, dm, bg, method_over, data_over):
             "loss_per_pass": passes,
             "recall": round(sum(rec[t]["em"] for t in train_t) / len(train_t), 3),
             "recall_contains": round(sum(rec[t]["contains"] for t in train_t) / len(train_t), 3),
+            "known_kept": known,
             "heldout": round(sum(rec[t]["em"] for t in dm.heldout_templates) / len(dm.heldout_templates), 3),
             "steps": len(batches), "s_per_step": round(secs, 2),
             "value_row_norm_max": round(float(max(m.values.weight.norm(dim=1).max() for m in memory_layers(model).values())), 2),
@@ -135,6 +144,9 @@ def run_variant(name, cfg, model, tok, dm, bg, method_over, data_over):
         print(json.dumps(row), flush=True)
         return row
     finally:
+        for mem in memory_layers(model).values():
+            for k, v in saved_mem.items():
+                setattr(mem.cfg, k, v)
         for k, v in saved.items():
             setattr(dm, k, v)
         dm._train_examples = {}
@@ -144,6 +156,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--facts", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--known", type=int, default=100, help="known-facts suite size (0 = skip)")
     ap.add_argument("--variants", default="base")
     ap.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
     ap.add_argument("--out", default=None, help="append rows to this JSONL file")

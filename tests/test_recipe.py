@@ -411,3 +411,18 @@ def test_score_scale_sharpens_weights_and_keeps_the_slots():
     torch.testing.assert_close(w2.sum(-1), torch.ones(w2.shape[:-1]))
     with pytest.raises(ValueError, match="score_scale"):
         MemoryConfig(layers=[1], score_scale=0.0, **SMALL).validate()
+
+
+def test_count_by_weight_counts_read_mass_and_steers_the_budget():
+    from smf_lightning.selection.selectors import slot_counts
+
+    ids = torch.tensor([3, 1, 3, 2])
+    w = torch.tensor([0.5, 0.25, 0.125, 0.125])
+    assert slot_counts(ids, 5).tolist() == [0, 1, 1, 2, 0]
+    assert slot_counts(ids, 5, weights=w).tolist() == [0.0, 0.25, 0.125, 0.625, 0.0]
+    # read counts tie slots 1 and 2 (one read each; the lower id wins); read mass prefers slot 1
+    assert select_slots(slot_counts(ids, 5), "tf", 2).tolist() == [1, 3]
+    assert select_slots(slot_counts(ids, 5, weights=w), "tf", 1).tolist() == [3]
+    mass = slot_counts(torch.tensor([2, 1, 2]), 5, weights=torch.tensor([0.1, 0.3, 0.1]))
+    assert select_slots(mass, "tf", 1).tolist() == [1]  # 0.3 beats 2 x 0.1
+    assert select_slots(slot_counts(torch.tensor([2, 1, 2]), 5), "tf", 1).tolist() == [2]  # 2 reads beat 1

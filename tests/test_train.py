@@ -184,6 +184,7 @@ def test_stop_signal_keeps_results_prints_resume_command_and_resumes(tiny_run, t
         ("method=bogus", "method"),
         ("callbacks.suites_at=sometimes", "callbacks.suites_at"),
         ("method.prefix_cache=-1", "method.prefix_cache"),
+        ("method.count_by=tokens", "method.count_by"),
         ("model.memory.layers=[99]", "model.memory.layers"),  # the tiny model has 4 decoder layers
         ("data.loss_on=xyz", "data.loss_on"),
         ("data.heldout_templates=[nope]", "data.heldout_templates"),

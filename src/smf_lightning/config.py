@@ -45,8 +45,9 @@ def validate_config(cfg: DictConfig) -> None:
         cache = m.get("prefix_cache", 0)
         _need(isinstance(cache, int) and not isinstance(cache, bool) and cache >= 0, "method.prefix_cache", cache,
               "an integer >= 0 (batches whose frozen-prefix states are kept; 0 = off)")
-        from .methods.smf import OPTIMIZER_STATE, SELECT_PER
+        from .methods.smf import COUNT_BY, OPTIMIZER_STATE, SELECT_PER
 
+        _need(m.get("count_by", "reads") in COUNT_BY, "method.count_by", m.get("count_by"), " | ".join(COUNT_BY))
         _need(m.get("select_per", "step") in SELECT_PER, "method.select_per", m.get("select_per"), " | ".join(SELECT_PER))
         _need(m.get("optimizer_state", "carry") in OPTIMIZER_STATE, "method.optimizer_state", m.get("optimizer_state"),
               " | ".join(OPTIMIZER_STATE))

@@ -16,7 +16,11 @@ The recipe levers of DOTS (issue 13), each a key of conf/method/smf.yaml:
   batch's facts' slots that the batch read (with one memory layer the addressing never
   changes during SMF, so a fact's reads are the same at every step);
 - ``optimizer_state``: ``fresh`` starts every task with a new optimizer state (DOTS), ``carry``
-  keeps the Adam moments of rows across tasks.
+  keeps the Adam moments of rows across tasks;
+- ``count_by``: ``reads`` counts every read of a slot as 1 (Lin et al.); ``weight`` counts its
+  softmax weight (read mass), so the budget goes to the slots that carry a position's output
+  rather than to the 32nd-best match it barely reads (issue 13: with a sharp softmax a fact's
+  few best slots carry most of each answer position's output).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from .prefix_cache import FrozenPrefixCache
 
 SELECT_PER = ("step", "fact")
 OPTIMIZER_STATE = ("fresh", "carry")
+COUNT_BY = ("reads", "weight")
 
 
 class SparseMemoryFinetune(ContinualLM):
@@ -51,6 +56,9 @@ class SparseMemoryFinetune(ContinualLM):
         self.optimizer_state = self.mcfg.get("optimizer_state", "carry")
         if self.select_per not in SELECT_PER:
             raise ValueError(f"method.select_per={self.select_per!r}; allowed: {', '.join(SELECT_PER)}")
+        self.count_by = self.mcfg.get("count_by", "reads")
+        if self.count_by not in COUNT_BY:
+            raise ValueError(f"method.count_by={self.count_by!r}; allowed: {', '.join(COUNT_BY)}")
         if self.optimizer_state not in OPTIMIZER_STATE:
             raise ValueError(f"method.optimizer_state={self.optimizer_state!r}; allowed: {', '.join(OPTIMIZER_STATE)}")
         hubs = float(self.mcfg.get("exclude_hubs", 0.0) or 0.0)
@@ -126,8 +134,7 @@ class SparseMemoryFinetune(ContinualLM):
                 for row, ex in enumerate(chunk):
                     per_layer = counts.setdefault(ex.fact_id, {})
                     for i, mem in self.memories.items():
-                        ids = mem.last_access.indices[row][mask[row].to(mem.last_access.indices.device)].reshape(-1).cpu()
-                        c = slot_counts(ids, mem.n_slots)
+                        c = self._count(mem.last_access, mem.n_slots, row=row, keep=mask[row])
                         per_layer[i] = per_layer[i] + c if i in per_layer else c
         finally:
             self.model.train(was_training)
@@ -138,17 +145,29 @@ class SparseMemoryFinetune(ContinualLM):
             for fid, per_layer in counts.items()
         }
 
+    def _count(self, acc, n_slots: int, row: int | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-slot counts of the reads kept by ``keep`` (of one batch row, or of the batch's
+        padding-free positions): read counts (count_by=reads) or read mass (count_by=weight)."""
+        ids = acc.indices if row is None else acc.indices[row]
+        keep = acc.mask(keep) if row is None else keep.to(ids.device)
+        if self.count_by == "reads":
+            return slot_counts(ids[keep].reshape(-1).cpu(), n_slots)
+        if acc.weights.shape != acc.indices.shape:
+            raise ValueError("method.count_by=weight needs the reads' weights (the memory layer's record_weights=True).")
+        weights = acc.weights if row is None else acc.weights[row]
+        return slot_counts(ids[keep].reshape(-1).cpu(), n_slots, weights=weights[keep].reshape(-1).cpu())
+
     # ---- steps ------------------------------------------------------------------------
     def on_accumulation_start(self) -> None:
-        self._counts = {i: torch.zeros(m.n_slots, dtype=torch.long) for i, m in self.memories.items()}
+        dtype = torch.float64 if self.count_by == "weight" else torch.long
+        self._counts = {i: torch.zeros(m.n_slots, dtype=dtype) for i, m in self.memories.items()}
         self._batch_facts = []
 
     def after_backward(self, batch: dict) -> None:
         # Selection for the step uses the slot counts summed over its micro-batches.
         mask = loss_position_mask(batch["labels"]) if self.loss_tokens_only else None
         for i, mem in self.memories.items():
-            ids = mem.last_access.slot_ids(mask).cpu()
-            self._counts[i] += slot_counts(ids, mem.n_slots)
+            self._counts[i] += self._count(mem.last_access, mem.n_slots, keep=mask)
         self._batch_facts += list(batch.get("fact_ids", []))
 
     def _step_selection(self, i: int, mem) -> torch.Tensor:

@@ -36,11 +36,13 @@ SCORED_SELECTORS = ("kl", "tfidf", "tf")  # selectors that rank slots by a per-s
 BACKGROUND_SELECTORS = ("kl", "tfidf")  # selectors that need background statistics
 
 
-def slot_counts(slot_ids: torch.Tensor, n_slots: int) -> torch.Tensor:
+def slot_counts(slot_ids: torch.Tensor, n_slots: int, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Access count per slot: LongTensor[n_slots] from flat slot ids (with multiplicity).
 
     ``slot_ids`` is what ``SlotAccess.slot_ids(mask)`` returns: one id per counted token ×
     head × knn. Ids outside ``[0, n_slots)`` are a wiring bug (wrong layer / N) and raise.
+    With ``weights`` (the reads' softmax weights, same shape), the *read mass* per slot
+    instead (float64): a slot counts by how much of each read it carries (method.count_by).
     """
     ids = slot_ids.reshape(-1)
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n_slots):
@@ -48,6 +50,8 @@ def slot_counts(slot_ids: torch.Tensor, n_slots: int) -> torch.Tensor:
             f"slot ids span [{int(ids.min())}, {int(ids.max())}] but n_slots={n_slots}; pass the "
             f"n_slots of the memory layer these ids came from."
         )
+    if weights is not None:
+        return torch.bincount(ids.long(), weights=weights.reshape(-1).double(), minlength=n_slots)
     return torch.bincount(ids.long(), minlength=n_slots)
 
 
