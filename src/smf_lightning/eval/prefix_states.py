@@ -16,10 +16,12 @@ taken from it):
   put into the KV cache: the decoding steps attend to them. The decoding steps themselves
   always run in full (the tokens they see depend on the memory).
 
-About (hidden + 2 * kv_heads * head_dim * L) * 4 bytes per prompt token and hidden * 4 bytes
-per scored token: ~0.2 GB for the four suites at 200 items (GSM8K 100) plus 200 facts on
-Qwen2.5-0.5B with the memory at layer 15. A forward whose batch does not come again is dropped at
-the end of the next run of its scope (fact recall over a grown set of tasks forms new batches).
+About (hidden + 2 * kv_heads * head_dim * L) * 4 bytes per greedy prompt token (18.5 KB on
+Qwen2.5-0.5B with the memory at layer 15) and hidden * 4 bytes per scored token (3.5 KB):
+118 MB for the four suites at 24 items (GSM8K 12) plus 24 facts under 5 templates
+(experiments/bench_eval.py), so about 1 GB at 200 items and 200 facts, half of it recall's
+prompts. A forward whose batch does not come again is dropped at the end of the next run of its
+scope (fact recall over a grown set of tasks forms new batches).
 
 Only where nothing below L can change: ``active`` checks that no parameter of the prefix or of
 the input embedding requires grad (SMF; LoRA and full finetuning train them and keep today's

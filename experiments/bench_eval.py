@@ -1,0 +1,171 @@
+"""Benchmark: one evaluation point of an SMF run with and without the kept frozen-prefix states
+(issue 14, item 3a: "an evaluation point of the four suites at 200 items (GSM8K 100) plus recall
+of 200 facts in <= 0.5 x today's time").
+
+The offline Qwen2.5-class model with the quickstart's memory (conf/experiment/facts_seq_quick.yaml:
+one memory layer at decoder layer 15 of 24), memory values set to random non-zero rows (a trained
+memory; the prefix below layer 15 is the base model's either way). The suites with a run's options
+and batch sizes (conf/data/facts_triviaqa.yaml: NQ-open greedy answers + answer NLL, HellaSwag,
+GSM8K, LAMBADA), and fact recall as a run measures it (datamodule.evaluate_recall): every fact
+under every template (4 training + 1 held-out), all prompts in one greedy pass. Three points, one
+process, the same weights, so every point decodes the same tokens and their numbers must be equal:
+
+- uncached: today's path;
+- fill: the first point with callbacks.eval_prefix_cache (keeps every forward's prefix states);
+- cached: any later point (layers 0..14 skipped for every forward; decoding steps run in full).
+
+A short warm-up runs first (one-time allocations would otherwise land on the first point); with
+--rounds R the cached and uncached points alternate R times after the fill (load changes on a
+shared machine then hit both alike) and each figure is the median.
+
+    python experiments/bench_eval.py                       # 200 items (GSM8K 100), 200 facts
+    python experiments/bench_eval.py --n 32 --facts 32     # a quick run (GSM8K n/2)
+Writes experiments/results/bench_eval.{json,csv}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+SUITES = ("nq_open", "hellaswag", "gsm8k", "lambada")
+
+
+def build(args):
+    import torch
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from smf_lightning import train as T
+    from smf_lightning.data.facts import Fact, make_templates, seeded_order
+    from smf_lightning.data.sources import load_source
+    from smf_lightning.eval.suites import build_suite
+    from smf_lightning.memory import memory_layers
+    from smf_lightning.memory.retrofit import freeze_all_but_values
+
+    with initialize_config_dir(config_dir=T.conf_dir(), version_base=None):
+        cfg = compose(config_name="train", overrides=["experiment=facts_seq_quick", *args.override])
+    model, tok, info = T.load_model(cfg)
+    model = T.maybe_retrofit(cfg, model, info)
+    freeze_all_but_values(model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for mem in memory_layers(model).values():
+            mem.values.weight.normal_(0, 0.02)  # a trained memory: non-zero rows
+    suites = {}
+    for name in SUITES:
+        opts = OmegaConf.to_container(cfg.data.suites.get(name) or {}, resolve=True)
+        opts.pop("n_items", None)
+        if name == "nq_open":
+            opts.setdefault("generation_batch_size", int(cfg.data.generation_batch_size))
+        n = args.n_gsm8k if name == "gsm8k" else args.n
+        suites[name] = build_suite(name, n, seed=0, source="offline", **opts)
+    trivia = load_source("triviaqa", source="offline")
+    order = seeded_order(len(trivia), 0, "bench_eval/facts")
+    items = [trivia.items[i] for i in order if len(trivia.items[i].answers[0].split()) <= 5][: args.facts]
+    facts = [Fact(it.id, it.question, it.answers[0], tuple(it.answers)) for it in items]
+    templates = make_templates(OmegaConf.to_container(cfg.data.templates, resolve=True))
+    prompts = [t.prompt(f.question) for t in templates.values() for f in facts]
+    return cfg, model, tok, suites, prompts
+
+
+def evaluate_point(cfg, model, tok, suites, prompts, states) -> tuple[dict, dict]:
+    """(seconds per part, results per part) of one evaluation point."""
+    import contextlib
+
+    from smf_lightning.eval.scoring import generate_greedy
+
+    seconds, results = {}, {}
+    scope = (lambda name: states.scope(name)) if states is not None else (lambda name: contextlib.nullcontext())
+    with states.active(model) if states is not None else contextlib.nullcontext():
+        t0 = time.perf_counter()
+        with scope("fact_recall"):
+            results["fact_recall"] = generate_greedy(model, tok, prompts, int(cfg.data.recall_max_new_tokens),
+                                                     int(cfg.data.generation_batch_size))
+        seconds["fact_recall"] = time.perf_counter() - t0
+        for name, suite in suites.items():
+            t0 = time.perf_counter()
+            with scope(name):
+                suite.evaluate(model, tok, int(cfg.data.eval_batch_size))
+            seconds[name] = time.perf_counter() - t0
+            results[name] = dict(suite.last_items)
+    return seconds, results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=200, help="items of NQ-open, HellaSwag, LAMBADA")
+    ap.add_argument("--n-gsm8k", type=int, default=None, help="GSM8K items (default: n / 2)")
+    ap.add_argument("--facts", type=int, default=200, help="facts recalled (each under every template)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--rounds", type=int, default=1, help="cached/uncached pairs after the fill (medians)")
+    ap.add_argument("--out", default="bench_eval", help="results file stem under experiments/results/")
+    ap.add_argument("override", nargs="*", help="extra Hydra overrides (e.g. model.memory.layers=[12])")
+    args = ap.parse_args()
+    args.n_gsm8k = args.n_gsm8k or max(1, args.n // 2)
+
+    import torch
+
+    from smf_lightning.eval.prefix_states import EvalPrefixStates
+    from smf_lightning.memory import memory_layers
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from smf_lightning.eval.scoring import generate_greedy, score_continuations
+
+    cfg, model, tok, suites, prompts = build(args)
+    generate_greedy(model, tok, prompts[:4], 2, 4)  # warm-up
+    score_continuations(model, tok, prompts[:4], [" a"] * 4, 4)
+    states = EvalPrefixStates()
+    schedule = [("uncached", None), ("fill", states)] + [("cached", states), ("uncached", None)] * args.rounds
+    times: dict[str, list[dict]] = {"uncached": [], "fill": [], "cached": []}
+    results: dict[str, list] = {"uncached": [], "fill": [], "cached": []}
+    for label, st in schedule:
+        seconds, res = evaluate_point(cfg, model, tok, suites, prompts, st)
+        times[label].append(seconds)
+        results[label].append(res)
+        print(f"{label:9s} " + "  ".join(f"{k} {v:6.1f} s" for k, v in seconds.items()) + f"  total {sum(seconds.values()):7.1f} s",
+              flush=True)
+    reference = results["uncached"][0]
+    same = all(r == reference for rs in results.values() for r in rs)
+    parts = ["fact_recall", *suites]
+    sizes = {"fact_recall": f"{args.facts} facts x {len(prompts) // max(args.facts, 1)} templates",
+             **{n: len(s.items) for n, s in suites.items()}}
+    rows = []
+    for part in [*parts, "total"]:
+        def get(label):
+            return statistics.median(sum(t.values()) if part == "total" else t[part] for t in times[label])
+        u, f, c = get("uncached"), get("fill"), get("cached")
+        rows.append({"part": part, "items": sizes.get(part, ""), "uncached_s": round(u, 2), "fill_s": round(f, 2),
+                     "cached_s": round(c, 2), "fill_ratio": round(f / u, 3), "cached_ratio": round(c / u, 3)})
+    print(f"\n{'part':12s} {'items':>22s} {'uncached':>9s} {'fill':>8s} {'cached':>8s} {'fill/unc':>9s} {'cached/unc':>10s}")
+    for r in rows:
+        print(f"{r['part']:12s} {str(r['items']):>22s} {r['uncached_s']:9.1f} {r['fill_s']:8.1f} {r['cached_s']:8.1f} "
+              f"{r['fill_ratio']:9.3f} {r['cached_ratio']:10.3f}")
+    print(f"same numbers at every point: {same}; kept {states.nbytes / 2**20:.0f} MB, {states.hits} hits, "
+          f"{states.misses} misses")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = {"model": cfg.model.name, "memory_layers": sorted(memory_layers(model)), "threads": torch.get_num_threads(),
+            "load_average_at_end": os.getloadavg(), "n": args.n, "n_gsm8k": args.n_gsm8k, "facts": args.facts,
+            "prompts_recall": len(prompts), "eval_batch_size": int(cfg.data.eval_batch_size),
+            "generation_batch_size": int(cfg.data.generation_batch_size), "same_numbers": same,
+            "rounds": args.rounds, "points": {k: v for k, v in times.items()},
+            "kept_mb": states.nbytes / 2**20, "hits": states.hits, "misses": states.misses}
+    (RESULTS / f"{args.out}.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
+    with (RESULTS / f"{args.out}.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {RESULTS / args.out}.json and .csv")
+    if not same:
+        raise SystemExit("the cached points' numbers differ from the uncached point's")
+
+
+if __name__ == "__main__":
+    main()
