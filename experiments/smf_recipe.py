@@ -53,6 +53,11 @@ LEVERS: list[tuple[str, str, list[str]]] = [
      ["model.memory.heads=4", "model.memory.n_slots=16384", "model.memory.knn=16", "model.memory.layers=[12]"]),
     ("background", "1,000 TriviaQA + 500 NQ QA-format background sequences (was: 128 + 64)",
      ["data.background.triviaqa=128", "data.background.nq_open=64"]),
+    # session 5: the learning bottleneck (RECIPE.md, "Why it learned slowly")
+    ("zca", "memory input ZCA-whitened with the answer positions' covariance (was: diagonal, all tokens)",
+     ["model.memory.input_norm=whiten", "model.memory.whiten_on=all"]),
+    ("suffix", "loss also on the newline after the answer (was: answer tokens only)", ["data.loss_on=answer"]),
+    ("budget", "top-300 slots per fact at Adam lr 0.3 (was: top-30 at lr 1.0)", ["method.top_t=30", "method.lr=1.0"]),
 ]
 
 
@@ -71,7 +76,8 @@ OLD_DEFAULTS = [
 def rows() -> dict[str, list[str]]:
     out: dict[str, list[str]] = {"old_defaults": OLD_DEFAULTS}
     for k in range(1, len(LEVERS) + 1):
-        out[f"+{LEVERS[k - 1][0]}"] = [o for _, _, old in LEVERS[k:] for o in old]
+        # levers k.. back to their old values; an earlier lever's old value wins where two set the same key
+        out[f"+{LEVERS[k - 1][0]}"] = [o for _, _, old in reversed(LEVERS[k:]) for o in old]
     out["recipe_kl"] = out.pop(f"+{LEVERS[-1][0]}")  # every lever on: the recipe
     out["recipe_tfidf"] = ["method.selector=tfidf"]
     return out
