@@ -185,6 +185,8 @@ def test_stop_signal_keeps_results_prints_resume_command_and_resumes(tiny_run, t
         ("callbacks.suites_at=sometimes", "callbacks.suites_at"),
         ("method.prefix_cache=-1", "method.prefix_cache"),
         ("method.count_by=tokens", "method.count_by"),
+        ("callbacks.intervals.resamples=-1", "callbacks.intervals.resamples"),
+        ("callbacks.eval_prefix_cache=maybe", "callbacks.eval_prefix_cache"),
         ("model.memory.layers=[99]", "model.memory.layers"),  # the tiny model has 4 decoder layers
         ("data.loss_on=xyz", "data.loss_on"),
         ("data.heldout_templates=[nope]", "data.heldout_templates"),

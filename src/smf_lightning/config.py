@@ -60,8 +60,14 @@ def validate_config(cfg: DictConfig) -> None:
     if m.name == "lora":
         _need(int(m.r) >= 1, "method.r", m.r, "an integer >= 1")
 
-    suites_at = cfg.get("callbacks", {}).get("suites_at", "every_task")
+    callbacks = cfg.get("callbacks", {})
+    suites_at = callbacks.get("suites_at", "every_task")
     _need(suites_at in SUITES_AT, "callbacks.suites_at", suites_at, " | ".join(SUITES_AT))
+    prefix = callbacks.get("eval_prefix_cache", True)
+    _need(isinstance(prefix, bool), "callbacks.eval_prefix_cache", prefix, "true | false")
+    resamples = callbacks.get("intervals", {}).get("resamples", 0)
+    _need(isinstance(resamples, int) and not isinstance(resamples, bool) and resamples >= 0,
+          "callbacks.intervals.resamples", resamples, "an integer >= 0 (bootstrap resamples; 0 = no intervals)")
 
     model = cfg.model
     _need(model.source in SOURCES, "model.source", model.source, " | ".join(SOURCES))

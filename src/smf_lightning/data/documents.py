@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from smf_lightning.config import ConfigError
-from smf_lightning.data.fact_file import _BadRecord, _json_array_records, _jsonl_records, _text, _text_list
+from smf_lightning.data.fact_file import _BadRecord, _json_array_records, _jsonl_records, _text, _text_list, split_shortfall
 from smf_lightning.data.facts import Fact, TrainingExample
 
 log = logging.getLogger(__name__)
@@ -376,23 +376,8 @@ def write_jsonl(df: DocumentFile, out: str | Path) -> Path:
 
 def stream_shortfall(df: DocumentFile, n_tasks: int, per_task: int) -> str | None:
     """Why `df` cannot fill n_tasks x passages_per_task (None if it can)."""
-    needed = n_tasks * per_task
-    labels = df.task_labels
-    if not labels:
-        if len(df.passages) < needed:
-            return (f"documents {df.location} have only {len(df.passages)} usable passages ({df.describe()}), but the "
-                    f"stream needs n_tasks x passages_per_task = {n_tasks} x {per_task} = {needed}; add passages, or "
-                    f"lower data.n_tasks or data.passages_per_task.")
-        return None
-    if len(labels) < n_tasks:
-        return (f"documents {df.location} name {len(labels)} tasks ({', '.join(labels[:10])}), but data.n_tasks={n_tasks}; "
-                f"lower data.n_tasks, or drop the task field (data.fields.task=null) to split the passages by seed.")
-    for label in labels[:n_tasks]:
-        have = df.tasks.count(label)
-        if have < per_task:
-            return (f"documents {df.location}: task {label!r} has only {have} usable passages ({df.describe()}), but "
-                    f"data.passages_per_task={per_task}; add passages to it or lower data.passages_per_task.")
-    return None
+    return split_shortfall(df.passages, df.tasks, df.task_labels, n_tasks, per_task, subject=f"documents {df.location}",
+                           plural=True, noun="passages", per_task_key="passages_per_task", counts=df.describe())
 
 
 def validate_documents_config(d) -> None:

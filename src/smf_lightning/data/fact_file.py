@@ -353,23 +353,30 @@ def _text_list(value, key: str, names: dict[str, str], separator: str | None) ->
 def stream_shortfall(ff: FactFile, n_tasks: int, facts_per_task: int, filtered: str = "") -> str | None:
     """Why `ff` cannot fill n_tasks x facts_per_task (None if it can): counts included.
     `filtered` describes facts dropped after reading (too long, known), for the message."""
-    needed = n_tasks * facts_per_task
-    counts = f"{ff.describe()}{filtered}"
-    labels = ff.task_labels
+    return split_shortfall(ff.facts, ff.tasks, ff.task_labels, n_tasks, facts_per_task, subject=f"facts file {ff.location}",
+                           plural=False, noun="facts", per_task_key="facts_per_task", counts=f"{ff.describe()}{filtered}")
+
+
+def split_shortfall(items, tasks, labels, n_tasks: int, per_task: int, *, subject: str, plural: bool, noun: str,
+                    per_task_key: str, counts: str) -> str | None:
+    """Why `items` (with their task labels `tasks`, distinct `labels` in order; none: a seeded
+    split) cannot fill n_tasks x per_task; None if they can. Shared by facts files and documents."""
+    has, names = ("have", "name") if plural else ("has", "names")
+    needed = n_tasks * per_task
     if not labels:
-        if len(ff.facts) < needed:
-            return (f"facts file {ff.location} has only {len(ff.facts)} usable facts ({counts}), but the stream needs "
-                    f"n_tasks x facts_per_task = {n_tasks} x {facts_per_task} = {needed}; add facts, or lower "
-                    f"data.n_tasks or data.facts_per_task.")
+        if len(items) < needed:
+            return (f"{subject} {has} only {len(items)} usable {noun} ({counts}), but the stream needs "
+                    f"n_tasks x {per_task_key} = {n_tasks} x {per_task} = {needed}; add {noun}, or lower "
+                    f"data.n_tasks or data.{per_task_key}.")
         return None
     if len(labels) < n_tasks:
-        return (f"facts file {ff.location} names {len(labels)} tasks ({', '.join(labels[:10])}), but data.n_tasks={n_tasks}; "
-                f"lower data.n_tasks, or drop the task field (data.fields.task=null) to split the facts by seed.")
+        return (f"{subject} {names} {len(labels)} tasks ({', '.join(labels[:10])}), but data.n_tasks={n_tasks}; "
+                f"lower data.n_tasks, or drop the task field (data.fields.task=null) to split the {noun} by seed.")
     for label in labels[:n_tasks]:
-        have = ff.tasks.count(label)
-        if have < facts_per_task:
-            return (f"facts file {ff.location}: task {label!r} has only {have} usable facts ({counts}), but "
-                    f"data.facts_per_task={facts_per_task}; add facts to it or lower data.facts_per_task.")
+        have = tasks.count(label)
+        if have < per_task:
+            return (f"{subject}: task {label!r} has only {have} usable {noun} ({counts}), but "
+                    f"data.{per_task_key}={per_task}; add {noun} to it or lower data.{per_task_key}.")
     return None
 
 
