@@ -129,7 +129,9 @@ def report() -> None:
         row = {
             "row": name, "recall": s["fact_recall"], "recall_heldout_template": s["fact_recall_heldout_template"],
             "acc": s["acc"], "bwt": s["bwt"], "known_kept": h.get("triviaqa_known", {}).get("after"),
+            "known_kept_ci95": h.get("triviaqa_known", {}).get("ci95"),
             **{f"{k}_rel_change": h[k]["rel_change"] for k in SUITES if k in h},
+            **{f"{k}_rel_change_ci95": h[k].get("rel_change_ci95") for k in SUITES if k in h},
             **{f"{k}_metric": h[k]["metric"] for k in SUITES if k in h},
             "steps": s["steps"], "seconds_per_step": s["seconds_per_step"],
             "wall_minutes": (s["seconds_per_step"] * s["steps"] + s["eval_seconds"]) / 60,
@@ -145,12 +147,19 @@ def report() -> None:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(table)
-    lines = ["| row | recall | held-out tmpl | ACC | BWT | known kept | NQ NLL | GSM8K NLL | LAMBADA ppl | HellaSwag | steps | s/step | wall min |",
+    lines = ["| row | recall | held-out tmpl | ACC | BWT | known kept | NQ F1 | GSM8K NLL | LAMBADA ppl | HellaSwag | steps | s/step | wall min |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in table:
-        pct = lambda k: "" if r.get(k) is None else f"{100 * r[k]:+.1f}%"  # noqa: E731
+        def pct(k):  # relative change with its paired 95% interval where the run has one
+            if r.get(k) is None:
+                return ""
+            ci = r.get(f"{k}_ci95")
+            return f"{100 * r[k]:+.1f}%" + (f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else "")
+
+        known = _fmt(r["known_kept"], 3) + (f" [{r['known_kept_ci95'][0]:.3f}, {r['known_kept_ci95'][1]:.3f}]"
+                                            if r.get("known_kept_ci95") else "")
         lines.append(f"| {r['row']} | {_fmt(r['recall'])} | {_fmt(r['recall_heldout_template'])} | {_fmt(r['acc'])} | "
-                     f"{_fmt(r['bwt'], 3)} | {_fmt(r['known_kept'], 3)} | {pct('nq_open_rel_change')} | {pct('gsm8k_rel_change')} | "
+                     f"{_fmt(r['bwt'], 3)} | {known} | {pct('nq_open_rel_change')} | {pct('gsm8k_rel_change')} | "
                      f"{pct('lambada_rel_change')} | {pct('hellaswag_rel_change')} | {r['steps']} | "
                      f"{_fmt(r['seconds_per_step'], 1)} | {_fmt(r['wall_minutes'], 0)} |")
     (RESULTS / "recipe_table.md").write_text("\n".join(lines) + "\n")
