@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from smf_lightning.config import ConfigError
-from smf_lightning.data.fact_file import _BadRecord, _json_array_records, _jsonl_records, _text, _text_list, split_shortfall
+from smf_lightning.data.fact_file import (_HUB_ID, _BadRecord, _json_array_records, _jsonl_records, _text, _text_list,
+                                         collect_records, split_shortfall)
 from smf_lightning.data.facts import Fact, TrainingExample
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,6 @@ FORMATS = ("auto", "jsonl", "text", "disk", "hub")
 DOCUMENT_KEYS = ("path", "format", "split", "fields", "skip_invalid", "passages_per_task", "chunk_overlap",
                  "require_qa", "example_max_answer_words")
 _SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".txt": "text"}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_SHOWN_SKIPS = 20
 
 
 class DocumentError(ConfigError):
@@ -188,28 +187,9 @@ def read_documents(spec: DocumentSpec, data_root: str | None = None, log_skips: 
     names = spec.field_names()
     fmt = resolve_format(spec)
     location, records = _open_records(spec, fmt, names)
-    passages, tasks, where, first_at = [], [], [], {}
-    skipped: Counter = Counter()
-    n_read = 0
-    for at, default_id, raw in records:
-        n_read += 1
-        try:
-            if isinstance(raw, _BadRecord):
-                raise raw
-            passage, task = _parse_record(raw, names, default_id, spec.require_qa)
-            if passage.id in first_at:
-                raise _BadRecord("duplicate_id", f"duplicate id {passage.id!r} (first at {first_at[passage.id]})")
-        except _BadRecord as bad:
-            if not spec.skip_invalid:
-                raise DocumentError(f"{at}: {bad} Fix the record, or skip bad records with data.skip_invalid=true.") from None
-            skipped[bad.reason] += 1
-            if log_skips and sum(skipped.values()) <= _SHOWN_SKIPS:
-                log.warning("documents: skipped %s: %s", at, bad)
-            continue
-        first_at[passage.id] = at
-        passages.append(passage)
-        tasks.append(task)
-        where.append(at)
+    passages, tasks, where, n_read, skipped = collect_records(
+        records, lambda raw, default_id: _parse_record(raw, names, default_id, spec.require_qa),
+        skip_invalid=spec.skip_invalid, error=DocumentError, label="documents", log=log if log_skips else None)
     if any(t is not None for t in tasks) and None in tasks:
         lacking = where[tasks.index(None)]
         raise DocumentError(f"{lacking}: no task (field {names['task']!r}), but other records have one: give every "

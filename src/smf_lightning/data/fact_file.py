@@ -32,7 +32,7 @@ import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,12 +130,14 @@ class FactFile:
 # Reading
 
 
-def read_fact_file(spec: FactFileSpec, log_skips: bool = True) -> FactFile:
-    """Parse and validate every record of `spec.path`; raise FactFileError on the first bad
-    record (or skip and count it with skip_invalid; `log_skips` logs each skipped record)."""
-    names = spec.field_names()
-    fmt, location, records = _open_records(spec, names)
-    facts, tasks, where, first_at = [], [], [], {}
+def collect_records(records: Iterable, parse: Callable, *, skip_invalid: bool, error: type[Exception], label: str,
+                    log: logging.Logger | None) -> tuple[list, list, list, int, Counter]:
+    """The valid items of `records` ((location, default id, raw record or _BadRecord) triples),
+    each parsed by ``parse(raw, default_id) -> (item with .id, task label or None)``; ids must be
+    unique. A bad record raises `error` naming its location, or with `skip_invalid` is counted
+    by reason (and logged, the first _SHOWN_SKIPS of them, when `log` is given). Returns (items,
+    their tasks, their locations, records read, skipped counts). Shared by facts files and documents."""
+    items, tasks, where, first_at = [], [], [], {}
     skipped: Counter = Counter()
     n_read = 0
     for at, default_id, raw in records:
@@ -143,20 +145,32 @@ def read_fact_file(spec: FactFileSpec, log_skips: bool = True) -> FactFile:
         try:
             if isinstance(raw, _BadRecord):
                 raise raw
-            fact, task = _parse_record(raw, names, default_id, spec.list_separator if fmt == "csv" else None)
-            if fact.id in first_at:
-                raise _BadRecord("duplicate_id", f"duplicate id {fact.id!r} (first at {first_at[fact.id]})")
+            item, task = parse(raw, default_id)
+            if item.id in first_at:
+                raise _BadRecord("duplicate_id", f"duplicate id {item.id!r} (first at {first_at[item.id]})")
         except _BadRecord as bad:
-            if not spec.skip_invalid:
-                raise FactFileError(f"{at}: {bad} Fix the record, or skip bad records with data.skip_invalid=true.") from None
+            if not skip_invalid:
+                raise error(f"{at}: {bad} Fix the record, or skip bad records with data.skip_invalid=true.") from None
             skipped[bad.reason] += 1
-            if log_skips and sum(skipped.values()) <= _SHOWN_SKIPS:
-                log.warning("facts file: skipped %s: %s", at, bad)
+            if log is not None and sum(skipped.values()) <= _SHOWN_SKIPS:
+                log.warning("%s: skipped %s: %s", label, at, bad)
             continue
-        first_at[fact.id] = at
-        facts.append(fact)
+        first_at[item.id] = at
+        items.append(item)
         tasks.append(task)
         where.append(at)
+    return items, tasks, where, n_read, skipped
+
+
+def read_fact_file(spec: FactFileSpec, log_skips: bool = True) -> FactFile:
+    """Parse and validate every record of `spec.path`; raise FactFileError on the first bad
+    record (or skip and count it with skip_invalid; `log_skips` logs each skipped record)."""
+    names = spec.field_names()
+    fmt, location, records = _open_records(spec, names)
+    separator = spec.list_separator if fmt == "csv" else None
+    facts, tasks, where, n_read, skipped = collect_records(
+        records, lambda raw, default_id: _parse_record(raw, names, default_id, separator),
+        skip_invalid=spec.skip_invalid, error=FactFileError, label="facts file", log=log if log_skips else None)
     if any(t is not None for t in tasks) and None in tasks:
         # Some records fix their task and some do not: the split would be half fixed.
         keep = [i for i, t in enumerate(tasks) if t is not None]
