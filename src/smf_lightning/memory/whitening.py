@@ -44,6 +44,14 @@ class _Stop(Exception):
     pass
 
 
+def _statistics(mem) -> dict[str, torch.Tensor]:
+    """A memory layer's fitted-statistics buffers by cache name (``whiten`` only with input_norm=zca)."""
+    stats = {"mean": mem.in_mean, "std": mem.in_std}
+    if hasattr(mem, "in_whiten"):
+        stats["whiten"] = mem.in_whiten
+    return stats
+
+
 @torch.no_grad()
 def fit_input_whitening(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *,
                         loss_tokens_only: bool = False, progress: bool = False) -> dict[int, dict]:
@@ -125,10 +133,9 @@ def load_or_fit_input_whitening(model: nn.Module, batches_fn: Callable[[], Itera
     if all(m.cfg.input_norm == "none" for m in mems.values()):
         return {}
     for mem in mems.values():  # the key is the model without statistics: reset to identity first
-        mem.in_mean.zero_()
-        mem.in_std.fill_(1.0)
-        if hasattr(mem, "in_whiten"):
-            mem.in_whiten.copy_(torch.eye(mem.in_whiten.shape[0]))
+        identity = {"mean": torch.zeros_like(mem.in_mean), "std": torch.ones_like(mem.in_std)}
+        for name, buf in _statistics(mem).items():
+            buf.copy_(identity.get(name, torch.eye(buf.shape[0])))
     full_key = {"format": CACHE_FORMAT, "model": fingerprint_model(model), "corpus": dict(key),
                 "loss_tokens_only": bool(loss_tokens_only),
                 "input_norm": {str(i): m.cfg.input_norm for i, m in mems.items()}}
@@ -138,19 +145,13 @@ def load_or_fit_input_whitening(model: nn.Module, batches_fn: Callable[[], Itera
     if st.is_file() and js.is_file():
         tensors = load_file(str(st))
         for idx, mem in mems.items():
-            mem.in_mean.copy_(tensors[f"layer{idx}.mean"])
-            mem.in_std.copy_(tensors[f"layer{idx}.std"])
-            if hasattr(mem, "in_whiten"):
-                mem.in_whiten.copy_(tensors[f"layer{idx}.whiten"])
+            for name, buf in _statistics(mem).items():
+                buf.copy_(tensors[f"layer{idx}.{name}"])
         return json.loads(js.read_text())["info"]
     info = fit_input_whitening(model, batches_fn(), loss_tokens_only=loss_tokens_only, progress=progress)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for idx, mem in mems.items():
-        tensors[f"layer{idx}.mean"] = mem.in_mean.detach().cpu().contiguous()
-        tensors[f"layer{idx}.std"] = mem.in_std.detach().cpu().contiguous()
-        if hasattr(mem, "in_whiten"):
-            tensors[f"layer{idx}.whiten"] = mem.in_whiten.detach().cpu().contiguous()
+    tensors = {f"layer{idx}.{name}": buf.detach().cpu().contiguous()
+               for idx, mem in mems.items() for name, buf in _statistics(mem).items()}
     tmp = st.with_name(st.name + f".tmp{os.getpid()}")
     save_file(tensors, str(tmp))
     os.replace(tmp, st)
