@@ -51,11 +51,7 @@ def build(args):
     model, tok, info = T.load_model(cfg)
     dm = T.build_datamodule(cfg, model, tok)
     model = T.maybe_retrofit(cfg, model, info)
-    from smf_lightning.memory.whitening import load_or_fit_input_whitening
-
-    load_or_fit_input_whitening(model, lambda: dm.background_batches(sort_by_length=True), Path(cfg.paths.cache_dir) / "whitening",
-                                {"corpus": dm.background_key(), "batch_size": dm.background_batch_size, "data_source": dm.source},
-                                loss_tokens_only=cfg.model.memory.get("whiten_on", "all") == "loss", progress=False)
+    T.input_whitening(cfg, model, dm)
     bg = T.background_stats(cfg, model, dm)
     return cfg, model, tok, dm, bg
 

@@ -84,6 +84,18 @@ def build_datamodule(cfg: DictConfig, model, tokenizer):
     return dm
 
 
+def input_whitening(cfg: DictConfig, model, dm) -> dict:
+    """Fit (or load from $SMF_CACHE/whitening) the memory input statistics on the background corpus."""
+    from .memory.whitening import load_or_fit_input_whitening
+
+    return load_or_fit_input_whitening(
+        model, lambda: dm.background_batches(sort_by_length=True), Path(cfg.paths.cache_dir) / "whitening",
+        {"corpus": dm.background_key(), "batch_size": dm.background_batch_size, "data_source": dm.source},
+        loss_tokens_only=cfg.model.memory.get("whiten_on", "all") == "loss",
+        progress=bool(cfg.trainer.enable_progress_bar),
+    )
+
+
 def background_stats(cfg: DictConfig, model, dm) -> dict:
     """Per-layer background slot statistics (design.md §3), cached under $SMF_CACHE/background."""
     from .selection.background import load_or_compute_background_stats
@@ -187,14 +199,7 @@ def _run(cfg: DictConfig) -> dict:
     model = maybe_retrofit(cfg, model, model_info)
     log.info("parameters: %s", model_info["param_counts"])
     if cfg.method.get("retrofit") and cfg.model.memory.get("input_norm", "none") != "none" and not cfg.model.get("init_checkpoint"):
-        from .memory.whitening import load_or_fit_input_whitening
-
-        model_info["input_whitening"] = load_or_fit_input_whitening(
-            model, lambda: dm.background_batches(sort_by_length=True), Path(cfg.paths.cache_dir) / "whitening",
-            {"corpus": dm.background_key(), "batch_size": dm.background_batch_size, "data_source": dm.source},
-            loss_tokens_only=cfg.model.memory.get("whiten_on", "all") == "loss",
-            progress=bool(cfg.trainer.enable_progress_bar),
-        )
+        model_info["input_whitening"] = input_whitening(cfg, model, dm)
     if cfg.method.get("retrofit") and cfg.model.memory.get("key_init", "random") == "kmeans" and not cfg.model.get("init_checkpoint"):
         from .memory.key_init import init_keys_kmeans
 
