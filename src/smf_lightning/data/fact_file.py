@@ -55,6 +55,26 @@ class FactFileError(ConfigError):
     """The facts file cannot give the stream it is asked for (exit code 2, one line)."""
 
 
+@dataclass(frozen=True)
+class RecordKeys:
+    """What a reader's errors call the data and the config keys they tell the user to fix: a
+    facts file's by default (data.path, data.fields, ...); a held-out suite read from a file
+    names its own (data.suites.NAME.source, ...; eval/custom_suites.py)."""
+
+    noun: str = "facts"  # "facts file X does not exist", "cannot read facts dataset X"
+    path_key: str = "data.path"
+    format_key: str = "data.format"
+    split_key: str = "data.split"
+    fields_key: str = "data.fields"
+    skip_key: str = "data.skip_invalid"
+    required: tuple[str, ...] = REQUIRED_FIELDS  # fields every record needs: a missing column is a mapping error
+    formats: str = "set data.format=jsonl or data.format=csv"  # what to do when the suffix says nothing
+    error: type[Exception] = FactFileError
+
+
+FACT_FILE_KEYS = RecordKeys()
+
+
 class _BadRecord(Exception):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
@@ -71,6 +91,7 @@ class FactFileSpec:
     fields: Mapping[str, str] | None = None
     list_separator: str = "|"
     skip_invalid: bool = False
+    subset: str | None = None  # a hub dataset's configuration (datasets.load_dataset(path, subset))
 
     def field_names(self) -> dict[str, str]:
         names = dict(zip(RECORD_FIELDS, RECORD_FIELDS))
@@ -131,12 +152,13 @@ class FactFile:
 
 
 def collect_records(records: Iterable, parse: Callable, *, skip_invalid: bool, error: type[Exception], label: str,
-                    log: logging.Logger | None) -> tuple[list, list, list, int, Counter]:
+                    log: logging.Logger | None, skip_key: str = "data.skip_invalid") -> tuple[list, list, list, int, Counter]:
     """The valid items of `records` ((location, default id, raw record or _BadRecord) triples),
     each parsed by ``parse(raw, default_id) -> (item with .id, task label or None)``; ids must be
     unique. A bad record raises `error` naming its location, or with `skip_invalid` is counted
-    by reason (and logged, the first _SHOWN_SKIPS of them, when `log` is given). Returns (items,
-    their tasks, their locations, records read, skipped counts). Shared by facts files and documents."""
+    by reason (and logged, the first _SHOWN_SKIPS of them, when `log` is given); `skip_key` is the
+    config key that turns skipping on. Returns (items, their tasks, their locations, records read,
+    skipped counts). Shared by facts files, documents and held-out suites read from files."""
     items, tasks, where, first_at = [], [], [], {}
     skipped: Counter = Counter()
     n_read = 0
@@ -150,7 +172,7 @@ def collect_records(records: Iterable, parse: Callable, *, skip_invalid: bool, e
                 raise _BadRecord("duplicate_id", f"duplicate id {item.id!r} (first at {first_at[item.id]})")
         except _BadRecord as bad:
             if not skip_invalid:
-                raise error(f"{at}: {bad} Fix the record, or skip bad records with data.skip_invalid=true.") from None
+                raise error(f"{at}: {bad} Fix the record, or skip bad records with {skip_key}=true.") from None
             skipped[bad.reason] += 1
             if log is not None and sum(skipped.values()) <= _SHOWN_SKIPS:
                 log.warning("%s: skipped %s: %s", label, at, bad)
@@ -166,7 +188,7 @@ def read_fact_file(spec: FactFileSpec, log_skips: bool = True) -> FactFile:
     """Parse and validate every record of `spec.path`; raise FactFileError on the first bad
     record (or skip and count it with skip_invalid; `log_skips` logs each skipped record)."""
     names = spec.field_names()
-    fmt, location, records = _open_records(spec, names)
+    fmt, location, records = open_records(spec, names)
     separator = spec.list_separator if fmt == "csv" else None
     facts, tasks, where, n_read, skipped = collect_records(
         records, lambda raw, default_id: _parse_record(raw, names, default_id, separator),
@@ -189,20 +211,20 @@ def read_fact_file(spec: FactFileSpec, log_skips: bool = True) -> FactFile:
     return FactFile(location, fmt, facts, tasks, where, n_read, skipped)
 
 
-def resolve_format(spec: FactFileSpec) -> str:
+def resolve_format(spec: FactFileSpec, keys: RecordKeys = FACT_FILE_KEYS) -> str:
     """jsonl | csv | disk | hub for `spec.path` (format=auto: by suffix or directory; a
     missing path that looks like owner/name is a hub id)."""
     if spec.format not in FORMATS:
-        raise FactFileError(f"bad config: data.format={spec.format!r}; allowed: {' | '.join(FORMATS)}.")
+        raise keys.error(f"bad config: {keys.format_key}={spec.format!r}; allowed: {' | '.join(FORMATS)}.")
     path = Path(spec.path).expanduser()
     if spec.format == "hub":
         return "hub"
     if not path.exists():
         if spec.format == "auto" and path.suffix.lower() not in _SUFFIX_FORMATS and _HUB_ID.match(spec.path):
             return "hub"
-        raise FactFileError(
-            f"facts file {spec.path} does not exist (data.path); give a JSONL or CSV file, a datasets save_to_disk "
-            f"directory, or a hub dataset id (owner/name)."
+        raise keys.error(
+            f"{keys.noun} file {spec.path} does not exist ({keys.path_key}); give a JSONL or CSV file, a datasets "
+            f"save_to_disk directory, or a hub dataset id (owner/name)."
         )
     if spec.format != "auto":
         return spec.format
@@ -210,27 +232,30 @@ def resolve_format(spec: FactFileSpec) -> str:
         return "disk"
     fmt = _SUFFIX_FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise FactFileError(
-            f"facts file {spec.path}: cannot tell the format from the suffix {path.suffix!r}; "
-            f"set data.format=jsonl or data.format=csv."
-        )
+        raise keys.error(f"{keys.noun} file {spec.path}: cannot tell the format from the suffix {path.suffix!r}; "
+                         f"{keys.formats}.")
     return fmt
 
 
-def _open_records(spec: FactFileSpec, names: dict[str, str]) -> tuple[str, str, Iterator]:
-    fmt = resolve_format(spec)
+def open_records(spec: FactFileSpec, names: dict[str, str | None],
+                 keys: RecordKeys = FACT_FILE_KEYS) -> tuple[str, str, Iterator]:
+    """(format, location, records) of `spec`: (where, default id, raw record or _BadRecord)
+    triples for collect_records. Raises keys.error if the source cannot be read or lacks a
+    column for one of keys.required (mapped to file names by `names`)."""
+    fmt = resolve_format(spec, keys)
     path = Path(spec.path).expanduser()
     if fmt in ("jsonl", "csv"):
         try:
             text = path.read_text(encoding="utf-8-sig")  # utf-8-sig: spreadsheet exports start with a BOM
         except (OSError, UnicodeDecodeError) as e:
-            raise FactFileError(f"cannot read facts file {spec.path}: {e}") from None
+            raise keys.error(f"cannot read {keys.noun} file {spec.path}: {e}") from None
         if fmt == "csv":
-            return fmt, str(path), _csv_records(text, str(spec.path), "\t" if path.suffix.lower() == ".tsv" else ",", names)
+            return fmt, str(path), _csv_records(text, str(spec.path), "\t" if path.suffix.lower() == ".tsv" else ",", names,
+                                                keys)
         if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
             return fmt, str(path), _json_array_records(text, str(spec.path))
         return fmt, str(path), _jsonl_records(text, str(spec.path))
-    return fmt, (str(path) if fmt == "disk" else f"hub:{spec.path}"), _dataset_records(spec, fmt, names)
+    return fmt, (str(path) if fmt == "disk" else f"hub:{spec.path}"), _dataset_records(spec, fmt, names, keys)
 
 
 def _jsonl_records(text: str, name: str) -> Iterator:
@@ -257,10 +282,10 @@ def _json_array_records(text: str, name: str) -> Iterator:
             "not_an_object", f"a record must be a JSON object {{...}}, got {type(record).__name__}.")
 
 
-def _csv_records(text: str, name: str, delimiter: str, names: dict[str, str]) -> Iterator:
+def _csv_records(text: str, name: str, delimiter: str, names: dict[str, str], keys: RecordKeys) -> Iterator:
     reader = csv.DictReader(text.splitlines(keepends=True), delimiter=delimiter)
     header = reader.fieldnames or []
-    _check_columns(header, names, name)
+    _check_columns(header, names, name, keys)
     while True:
         start = reader.line_num + 1  # the line the next row starts on
         try:
@@ -268,7 +293,7 @@ def _csv_records(text: str, name: str, delimiter: str, names: dict[str, str]) ->
         except StopIteration:
             return
         except csv.Error as e:
-            raise FactFileError(f"cannot read facts file {name}:{start}: {e}") from None
+            raise keys.error(f"cannot read {keys.noun} file {name}:{start}: {e}") from None
         at, default_id = f"{name}:{start}", f"line-{start}"
         if None in row:  # more cells than the header has columns
             yield at, default_id, _BadRecord(
@@ -277,32 +302,33 @@ def _csv_records(text: str, name: str, delimiter: str, names: dict[str, str]) ->
             yield at, default_id, row
 
 
-def _dataset_records(spec: FactFileSpec, fmt: str, names: dict[str, str]) -> Iterator:
+def _dataset_records(spec: FactFileSpec, fmt: str, names: dict[str, str], keys: RecordKeys) -> Iterator:
     import datasets
 
     try:
         if fmt == "disk":
             data = datasets.load_from_disk(str(Path(spec.path).expanduser()))
         else:
-            data = datasets.load_dataset(spec.path, split=spec.split or "train")
+            data = datasets.load_dataset(spec.path, spec.subset, split=spec.split or "train")
     except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ...)
-        raise FactFileError(f"cannot read facts dataset {spec.path}: {type(e).__name__}: {e}") from None
+        raise keys.error(f"cannot read {keys.noun} dataset {spec.path}: {type(e).__name__}: {e}") from None
     if isinstance(data, datasets.DatasetDict):
         split = spec.split or "train"
         if split not in data:
-            raise FactFileError(f"facts dataset {spec.path} has splits {', '.join(data)}; choose one with data.split=NAME.")
+            raise keys.error(f"{keys.noun} dataset {spec.path} has splits {', '.join(data)}; choose one with "
+                             f"{keys.split_key}=NAME.")
         data = data[split]
-    _check_columns(list(data.column_names), names, spec.path)
+    _check_columns(list(data.column_names), names, spec.path, keys)
     return ((f"{spec.path}: row {i}", f"row-{i}", row) for i, row in enumerate(data))
 
 
-def _check_columns(columns: list[str], names: dict[str, str], name: str) -> None:
+def _check_columns(columns: list[str], names: dict[str, str], name: str, keys: RecordKeys) -> None:
     """A required field missing from every record is a mapping problem, not a bad record."""
-    for key in REQUIRED_FIELDS:
+    for key in keys.required:
         if names[key] not in columns:
-            raise FactFileError(
-                f"facts file {name} has no column {names[key]!r} for the {key} (columns: {', '.join(map(str, columns))}); "
-                f"map it with data.fields.{key}=COLUMN."
+            raise keys.error(
+                f"{keys.noun} file {name} has no column {names[key]!r} for the {key} (columns: "
+                f"{', '.join(map(str, columns))}); map it with {keys.fields_key}.{key}=COLUMN."
             )
 
 
