@@ -14,13 +14,16 @@ with a KV cache), see smf_lightning.eval.scoring. Subsets are fixed by a seed: t
 subset as a prefix, and other users of the same dataset (the background corpus) take
 items from the *end* of the same permutation and never overlap.
 
-| suite       | metrics (primary first)                                  | what it is |
-|-------------|-----------------------------------------------------------|------------|
-| `nq_open`   | f1 ↑, em ↑, answer_nll ↓                                 | greedy answer vs gold answers, SQuAD normalisation (Lin et al. 2025 report NQ F1); NLL per token of the first gold answer |
-| `hellaswag` | acc_norm ↑, acc ↑                                         | choice with the best log-likelihood per *character* of the ending (lm-evaluation-harness acc_norm: independent of the tokenizer, so Qwen and SmolLM numbers compare); acc = unnormalised sum |
-| `gsm8k`     | nll ↓, bits_per_byte ↓                                   | NLL per token of the gold worked solution and final answer given the question |
-| `lambada`   | last_word_ppl ↓, last_word_acc ↑, (passage_ppl ↓)         | exp(mean NLL of the last word), greedy reproduces the last word, token perplexity of the whole passage (with score_passage=True) |
-| fact recall | em ↑, contains ↑                                         | greedy answer under one template; em = normalised exact match (no credit for "Niger Niger Niger"), contains = lenient alias containment |
+Suites come in kinds; the four built-in suites are instances of them, and a user's own suite
+is any kind pointed at a file or dataset by config (eval/custom_suites.py, conf/data/facts_triviaqa.yaml):
+
+| kind (class)                          | built-in instance | metrics (primary first)                     | what it is |
+|---------------------------------------|-------------------|---------------------------------------------|------------|
+| `qa` (QASuite)                        | `nq_open`         | f1 ↑, em ↑, answer_nll ↓                    | greedy answer vs gold answers, SQuAD normalisation (Lin et al. 2025 report NQ F1); NLL per token of the first gold answer |
+| `multiple_choice` (MultipleChoiceSuite) | `hellaswag`     | acc_norm ↑, acc ↑                           | choice with the best log-likelihood per *character* of the ending (lm-evaluation-harness acc_norm: independent of the tokenizer, so Qwen and SmolLM numbers compare); acc = unnormalised sum |
+| `perplexity` (PerplexitySuite)        | `gsm8k` (nll ↓, bits_per_byte ↓ only) | ppl ↓, nll ↓, bits_per_byte ↓ | token perplexity of a text, given its context if it has one (GSM8K: the gold worked solution and final answer given the question) |
+| `last_word` (LambadaSuite)            | `lambada`         | last_word_ppl ↓, last_word_acc ↑, (passage_ppl ↓) | exp(mean NLL of the last word), greedy reproduces the last word, token perplexity of the whole passage (with score_passage=True) |
+| fact recall (FactRecallSuite)         |                   | em ↑, contains ↑                            | greedy answer under one template; em = normalised exact match (no credit for "Niger Niger Niger"), contains = lenient alias containment |
 """
 
 from __future__ import annotations
@@ -45,6 +48,15 @@ SUITE_NAMES = ("nq_open", "hellaswag", "gsm8k", "lambada", "triviaqa_known")
 # model answers; the datamodule builds it, since it needs the model's probe.
 
 
+@dataclass(frozen=True)
+class TextItem:
+    """A text whose tokens a `perplexity` suite scores, after its `context` if it has one."""
+
+    id: str
+    text: str
+    context: str | None = None
+
+
 def _aggregate_all(aggregates: dict[str, Aggregate], columns: dict[str, list]) -> dict[str, float]:
     return {metric: aggregate(agg, columns) for metric, agg in aggregates.items()}
 
@@ -55,8 +67,9 @@ def _aggregate_all(aggregates: dict[str, Aggregate], columns: dict[str, list]) -
 
 
 @dataclass
-class NQOpenSuite:
-    """NaturalQuestions-open: greedy answer F1/EM and the NLL of the gold answer."""
+class QASuite:
+    """Open questions (kind `qa`): greedy answer F1/EM against the gold answers and the NLL of
+    the first gold answer."""
 
     items: Sequence[QAItem]
     prompt: str = "Question: {question}?\nAnswer:"
@@ -64,8 +77,8 @@ class NQOpenSuite:
     generation_batch_size: int | None = None  # rows per greedy batch (None: batch_size); decoding is
     #   bound by reading the weights once per step, so larger batches are nearly free per row
     max_length: int = 512
-    name: str = "nq_open"
-    origin: str = ""  # where the items came from (hub/offline location)
+    name: str = "qa"
+    origin: str = ""  # where the items came from (hub/offline location, or the suite's file)
     primary_metric: str = "f1"
     higher_is_better: bool = True
     last_predictions: list[str] = field(default_factory=list, repr=False)
@@ -97,13 +110,22 @@ class NQOpenSuite:
 
 
 @dataclass
-class HellaSwagSuite:
-    """HellaSwag: length-normalised (per character) log-likelihood choice accuracy."""
+class NQOpenSuite(QASuite):
+    """NaturalQuestions-open (the built-in `qa` suite)."""
+
+    name: str = "nq_open"
+
+
+@dataclass
+class MultipleChoiceSuite:
+    """Multiple choice (kind `multiple_choice`): length-normalised (per character) log-likelihood
+    choice accuracy. Each choice is scored after the context (rendered by `prompt`) and a space."""
 
     items: Sequence[ChoiceItem]
+    prompt: str = "{context}"
     max_length: int = 512
-    name: str = "hellaswag"
-    origin: str = ""  # where the items came from (hub/offline location)
+    name: str = "multiple_choice"
+    origin: str = ""  # where the items came from (hub/offline location, or the suite's file)
     primary_metric: str = "acc_norm"
     higher_is_better: bool = True
     last_items: dict[str, list] = field(default_factory=dict, repr=False)
@@ -111,7 +133,8 @@ class HellaSwagSuite:
 
     def evaluate(self, model, tokenizer, batch_size: int) -> dict[str, float]:
         endings = [[" " + e for e in it.endings] for it in self.items]
-        scored = score_choices(model, tokenizer, [it.ctx for it in self.items], endings, batch_size, self.max_length)
+        contexts = [self.prompt.replace("{context}", it.ctx) for it in self.items]
+        scored = score_choices(model, tokenizer, contexts, endings, batch_size, self.max_length)
         hits_norm, hits_raw = [], []
         for it, ends, choice_scores in zip(self.items, endings, scored):
             sums = [s.sum_logprob for s in choice_scores]
@@ -122,38 +145,86 @@ class HellaSwagSuite:
 
 
 @dataclass
-class GSM8KSuite:
-    """GSM8K: NLL of the gold worked solution (and final answer) given the question."""
+class HellaSwagSuite(MultipleChoiceSuite):
+    """HellaSwag (the built-in `multiple_choice` suite)."""
+
+    name: str = "hellaswag"
+
+
+@dataclass
+class PerplexitySuite:
+    """Perplexity of texts (kind `perplexity`): the log-likelihood of every token of an item's
+    text, given its context (rendered by `prompt`, then `separator`) when it has one. Without a
+    context the text's first token has nothing to predict it (unless the tokenizer adds a BOS),
+    so it is left out of tokens and bytes alike."""
+
+    items: Sequence[TextItem]
+    prompt: str = "{context}"
+    separator: str = " "  # between the context and the text
+    max_length: int = 1024  # longer items lose context tokens from the left (a context-free text: its start)
+    name: str = "perplexity"
+    origin: str = ""
+    primary_metric: str = "ppl"
+    higher_is_better: bool = False
+    last_items: dict[str, list] = field(default_factory=dict, repr=False)
+    aggregates = {"ppl": Aggregate("ppl_ratio", "logprob", "tokens"), "nll": Aggregate("nll_ratio", "logprob", "tokens"),
+                  "bits_per_byte": Aggregate("bits_ratio", "logprob", "bytes")}
+
+    def pairs(self) -> list[tuple[str | None, str]]:
+        """(context or None, scored text) per item."""
+        return [(None if it.context is None else self.prompt.replace("{context}", it.context),
+                 it.text if it.context is None else self.separator + it.text) for it in self.items]
+
+    def evaluate(self, model, tokenizer, batch_size: int) -> dict[str, float]:
+        pairs = self.pairs()
+        sequences: list = [None] * len(pairs)
+        n_scored: list = [None] * len(pairs)
+        nbytes: list = [None] * len(pairs)
+        given = [i for i, (ctx, _) in enumerate(pairs) if ctx is not None]
+        free = [i for i, (ctx, _) in enumerate(pairs) if ctx is None]
+        if given:
+            for i, (ids, n) in zip(given, encode_context_continuation(
+                    tokenizer, [pairs[i][0] for i in given], [pairs[i][1] for i in given], self.max_length)):
+                sequences[i], n_scored[i], nbytes[i] = ids, n, len(pairs[i][1].encode("utf-8"))
+        for i, ids in zip(free, tokenizer([pairs[i][1] for i in free], add_special_tokens=True)["input_ids"] if free else ()):
+            ids = list(ids[-self.max_length:])
+            if len(ids) < 2:
+                raise ValueError(f"{self.name}: item {self.items[i].id!r} is one token long and has no context; "
+                                 f"there is nothing to score (give it a context field, or drop it).")
+            sequences[i], n_scored[i] = ids, len(ids) - 1
+            nbytes[i] = len(tokenizer.decode(ids[1:]).encode("utf-8"))  # the scored tokens' text
+        scored = score_sequences(model, sequences, n_scored, batch_size, pad_token_id(tokenizer))
+        self.last_items = {"id": [it.id for it in self.items]}
+        columns = {"logprob": [s.sum_logprob for s in scored], "tokens": [s.n_tokens for s in scored], "bytes": nbytes}
+        for agg in self.aggregates.values():  # the columns the suite's metrics read
+            for column in agg.columns:
+                self.last_items[column] = columns[column]
+        return _aggregate_all(self.aggregates, self.last_items)
+
+
+@dataclass
+class GSM8KSuite(PerplexitySuite):
+    """GSM8K (the built-in `perplexity` suite): NLL of the gold worked solution (and final
+    answer) given the question."""
 
     items: Sequence[MathItem]
     prompt: str = "Question: {question}\nAnswer:"
     max_length: int = 768
     name: str = "gsm8k"
-    origin: str = ""  # where the items came from (hub/offline location)
     primary_metric: str = "nll"
-    higher_is_better: bool = False
-    last_items: dict[str, list] = field(default_factory=dict, repr=False)
     aggregates = {"nll": Aggregate("nll_ratio", "logprob", "tokens"), "bits_per_byte": Aggregate("bits_ratio", "logprob", "bytes")}
 
     def continuation(self, item: MathItem) -> str:
         return f" {item.solution}\nThe answer is {item.answer}."
 
-    def evaluate(self, model, tokenizer, batch_size: int) -> dict[str, float]:
-        prompts = [self.prompt.replace("{question}", it.question) for it in self.items]
-        continuations = [self.continuation(it) for it in self.items]
-        scored = score_continuations(model, tokenizer, prompts, continuations, batch_size, self.max_length)
-        self.last_items = {
-            "id": [it.id for it in self.items],
-            "logprob": [s.sum_logprob for s in scored],
-            "tokens": [s.n_tokens for s in scored],
-            "bytes": [len(c.encode("utf-8")) for c in continuations],
-        }
-        return _aggregate_all(self.aggregates, self.last_items)
+    def pairs(self) -> list[tuple[str | None, str]]:
+        return [(self.prompt.replace("{question}", it.question), self.continuation(it)) for it in self.items]
 
 
 @dataclass
 class LambadaSuite:
-    """LAMBADA (OpenAI version): last-word perplexity and accuracy, passage perplexity.
+    """Last-word prediction (kind `last_word`; the built-in LAMBADA suite, OpenAI version):
+    last-word perplexity and accuracy, passage perplexity.
 
     One forward per batch; with `score_passage` it scores every passage token, so the last
     word's and the whole passage's numbers come from the same pass. Last-word accuracy = the greedy prediction
@@ -163,7 +234,7 @@ class LambadaSuite:
     score_passage: bool = False
     max_length: int = 512
     name: str = "lambada"
-    origin: str = ""  # where the items came from (hub/offline location)
+    origin: str = ""  # where the items came from (hub/offline location, or the suite's file)
     primary_metric: str = "last_word_ppl"
     higher_is_better: bool = False
     last_items: dict[str, list] = field(default_factory=dict, repr=False)
@@ -240,6 +311,9 @@ class FactRecallSuite:
 
 
 _SUITE_CLASSES = {"nq_open": NQOpenSuite, "hellaswag": HellaSwagSuite, "gsm8k": GSM8KSuite, "lambada": LambadaSuite}
+SUITE_KINDS = {"qa": QASuite, "multiple_choice": MultipleChoiceSuite, "perplexity": PerplexitySuite,
+               "last_word": LambadaSuite}  # the kinds a suite of one's own can have (eval/custom_suites.py)
+BUILTIN_KINDS = {"nq_open": "qa", "hellaswag": "multiple_choice", "gsm8k": "perplexity", "lambada": "last_word"}
 
 
 def suite_subset_order(name: str, n_total: int, seed: int) -> list[int]:
