@@ -220,3 +220,39 @@ def test_choice_scoring_recomputes_the_context_when_a_choice_forward_is_missing(
     del states.entries[choice_keys[0]]
     _train_memory(model, seed=4)
     _assert_same(_evaluate(model, tiny_tok, [hellaswag], states), _evaluate(model, tiny_tok, [hellaswag]))
+
+
+def test_recall_over_a_growing_set_of_tasks_hits_at_every_point(tiny_tok):
+    """Recall batches within each task (evaluate_task_recall), so the 'before' point (all tasks)
+    keeps every batch and each later point (tasks 0..i) reuses them: no miss after the first
+    point, every logit and prediction equal to the uncached evaluation."""
+    from smf_lightning.eval.suites import evaluate_task_recall
+
+    model, states = _smf_model(), EvalPrefixStates()
+    facts = list(_suites()[4].facts)  # 9 facts: 3 tasks of 3
+    templates = [FactTemplate("qa", "Question: {question}\nAnswer: {answer}"), FactTemplate("s", "{question} It is {answer}.")]
+
+    def point(tasks, with_states):
+        suites = {j: {t.name: FactRecallSuite(facts[3 * j:3 * j + 3], t, max_new_tokens=4, name=f"task{j}/{t.name}")
+                      for t in templates} for j in tasks}
+        items, logits = {}, []
+        hook = model.lm_head.register_forward_hook(lambda m, a, out: logits.append(out.detach().clone()))
+        try:
+            if with_states:
+                with states.active(model), states.scope("fact_recall"):
+                    evaluate_task_recall(model, tiny_tok, suites, 4, items)
+            else:
+                evaluate_task_recall(model, tiny_tok, suites, 4, items)
+        finally:
+            hook.remove()
+        return items, logits
+
+    _train_memory(model, seed=1)
+    _assert_same(point(range(3), True), point(range(3), False))
+    fill = states.misses
+    assert states.hits == 0 and fill == 3 * 2  # 6 prompts per task, batches of 4
+    for seen in (1, 2, 3):
+        _train_memory(model, seed=1 + seen)
+        _assert_same(point(range(seen), True), point(range(seen), False))
+        assert states.misses == fill  # every batch of tasks 0..seen-1 was kept at the first point
+    assert states.hits == 2 * (1 + 2 + 3)

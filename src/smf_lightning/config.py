@@ -11,15 +11,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from .errors import ConfigError  # noqa: F401  (raised here; importers take it from here or errors.py)
+
 METHODS = ("smf", "full_ft", "lora")
 SMF_OPTIMIZERS = ("adam", "sgd")
 SOURCES = ("auto", "hub", "offline", "tiny")
 MEMORY_MODES = ("additive", "replace")
 SUITES_AT = ("every_task", "first_last")  # callbacks.suites_at: when the held-out suites run
-
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the key and the allowed values."""
 
 
 def _need(cond: bool, key: str, value, allowed: str) -> None:
@@ -154,7 +152,6 @@ def _validate_data(d: DictConfig) -> None:
     """The fact stream's options that need no data or model to check."""
     from .data.datamodule import BACKGROUND_SOURCES, FACT_SOURCES
     from .data.facts import LOSS_ON
-    from .eval.suites import SUITE_NAMES
 
     if "facts" in d:
         _need(d.facts in FACT_SOURCES, "data.facts", d.facts, " | ".join(FACT_SOURCES))
@@ -183,8 +180,10 @@ def _validate_data(d: DictConfig) -> None:
         _need(len(held) >= 1, "data.heldout_templates", held, "at least one template name (never trained on)")
         _need(len(set(names) - set(held)) >= 1, "data.heldout_templates", held,
               "a subset of data.templates that leaves at least one template to train on")
-    for name in d.get("suites") or {}:
-        _need(name in SUITE_NAMES, f"data.suites.{name}", name, "suite names " + " | ".join(SUITE_NAMES))
+    if d.get("suites"):  # suites of one's own are read and checked here, before the model loads
+        from .eval.custom_suites import validate_suites
+
+        validate_suites(OmegaConf.to_container(d.suites, resolve=True))
     for name in d.get("background") or {}:
         _need(name in BACKGROUND_SOURCES, f"data.background.{name}", name, "sources " + " | ".join(BACKGROUND_SOURCES))
 

@@ -48,7 +48,8 @@ from smf_lightning.data.facts import (
 )
 from smf_lightning.data.sources import PassageItem, QAItem, load_source
 from smf_lightning.eval.scoring import pad_token_id
-from smf_lightning.eval.suites import SUITE_NAMES, FactRecallSuite, build_suite, suite_subset_order
+from smf_lightning.eval.custom_suites import build_custom_suite, check_suite_config, is_custom
+from smf_lightning.eval.suites import FactRecallSuite, build_suite, evaluate_task_recall, suite_subset_order
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +129,8 @@ class FactStreamDataModule(L.LightningDataModule):
         check_stream_size(n_tasks, facts_per_task)
         if loss_on not in LOSS_ON:
             raise ValueError(f"Unknown loss_on {loss_on!r}; use one of: {', '.join(LOSS_ON)}.")
-        for name in suites:
-            if name not in SUITE_NAMES:
-                raise ValueError(f"Unknown held-out suite {name!r}. Allowed suites: {', '.join(SUITE_NAMES)}.")
+        for name, opts in suites.items():
+            check_suite_config(name, opts)  # the keys only; a suite's own data is read when it is built
         for name in background:
             if name not in BACKGROUND_SOURCES:
                 raise ValueError(f"Unknown background source {name!r}. Allowed: {', '.join(BACKGROUND_SOURCES)}.")
@@ -509,7 +509,8 @@ class FactStreamDataModule(L.LightningDataModule):
 
     def _background_order(self, name: str, n_total: int, n_background: int) -> list[int]:
         """The last items of the suite's seeded permutation: disjoint from the suite's first items."""
-        n_suite = int(self.suite_options.get(name, {}).get("n_items", 0))
+        opts = self.suite_options.get(name, {})
+        n_suite = 0 if is_custom(opts) else int(opts.get("n_items", 0))  # a suite of one's own reads other data
         if n_suite + n_background > n_total:
             raise ValueError(
                 f"{name}: suite n_items ({n_suite}) + background ({n_background}) exceed the {n_total} items; lower one."
@@ -620,34 +621,23 @@ class FactStreamDataModule(L.LightningDataModule):
 
     def evaluate_recall(self, model, tokenizer, tasks: Sequence[int], batch_size: int | None = None,
                         items: dict | None = None) -> dict[int, dict[str, dict[str, float]]]:
-        """Recall of every fact of `tasks` under every template, in as few greedy batches as
-        possible (all prompts of all tasks and templates together): task -> template ->
-        {"em", "contains"}. Same numbers as recall_suites(j)[t].evaluate(...), faster when
-        tasks are small. `items`, if given, receives each (task, template)'s per-fact columns
+        """Recall of every fact of `tasks` under every template: task -> template -> {"em",
+        "contains"}; one greedy pass per task over all its templates (see
+        eval/suites.evaluate_task_recall). Same numbers as recall_suites(j)[t].evaluate(...).
+        `items`, if given, receives each (task, template)'s per-fact columns
         (FactRecallSuite.last_items) for intervals and items/ files."""
-        from smf_lightning.eval.scoring import generate_greedy
-
-        jobs = [(j, name) for j in tasks for name in (*self.train_templates, *self.heldout_templates)]
-        suites = {(j, name): self.recall_suites(j)[name] for j, name in jobs}
-        prompts = [s.template.prompt(f.question) for s in suites.values() for f in s.facts]
-        predictions = generate_greedy(
-            model, tokenizer, prompts, self.recall_max_new_tokens, batch_size or self.generation_batch_size
-        )
-        results: dict[int, dict[str, dict[str, float]]] = {j: {} for j in tasks}
-        pos = 0
-        for (j, name), suite in suites.items():
-            n = len(suite.facts)
-            results[j][name] = suite.score_predictions(predictions[pos:pos + n])
-            if items is not None:
-                items[j, name] = suite.last_items
-            pos += n
-        return results
+        return evaluate_task_recall(model, tokenizer, {j: self.recall_suites(j) for j in tasks},
+                                    batch_size or self.generation_batch_size, items)
 
     def heldout_suites(self) -> dict:
         """The held-out capability suites configured in `suites`, built once."""
         if self._heldout_suites is None:
             self._heldout_suites = {}
             for name, opts in self.suite_options.items():
+                if is_custom(opts):  # a suite kind over the user's own file or dataset
+                    self._heldout_suites[name] = build_custom_suite(
+                        name, opts, self.seed, generation_batch_size=self.generation_batch_size)
+                    continue
                 opts = dict(opts)
                 n_items = int(opts.pop("n_items"))
                 if name == KNOWN_SUITE:

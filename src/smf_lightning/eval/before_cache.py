@@ -5,7 +5,8 @@ memory (its output is exactly 0, so every logit is the base model's to the last 
 (B = 0), full finetuning — scores exactly the same numbers before training. A sweep of N jobs
 would compute them N times (minutes each at 200 items per suite). They are cached on disk
 keyed by everything that changes them: the base model's fingerprint, the fact stream, the
-templates, every suite's items and options, the batch sizes (padding changes the arithmetic
+templates, every suite's options and items (by content: a suite's own file can change under
+the same config), the batch sizes (padding changes the arithmetic
 slightly), the dtype and ``EVAL_FORMAT`` (bumped whenever scoring code changes its numbers).
 A replace-mode memory or an init checkpoint is not the base function: never cached.
 """
@@ -33,8 +34,16 @@ def _fact_key(fact) -> list:
     return [fact.id, fact.question, fact.answer, list(fact.aliases)]
 
 
+def _items_digest(items) -> str:
+    # items are frozen dataclasses (QAItem, ChoiceItem, TextItem, ...): their repr holds every field
+    return hashlib.blake2b(repr(list(items)).encode(), digest_size=12).hexdigest()
+
+
 def before_eval_key(cfg, dm, base_fingerprint: str) -> dict:
     from omegaconf import OmegaConf
+
+    # a datamodule stand-in without held-out suites (tests) has no items to key
+    suites = dm.heldout_suites() if hasattr(dm, "heldout_suites") else {}
 
     return {
         "format": EVAL_FORMAT,
@@ -45,6 +54,7 @@ def before_eval_key(cfg, dm, base_fingerprint: str) -> dict:
         "templates": {n: t.text for n, t in dm.templates.items()},
         "heldout_templates": list(dm.heldout_templates),
         "suites": OmegaConf.to_container(cfg.data.suites, resolve=True) if "suites" in cfg.data else {},
+        "suite_items": {name: _items_digest(suite.items) for name, suite in suites.items()},
         "known_facts": [_fact_key(f) for f in getattr(dm, "_known", [])],
         "probe_prompt": dm.probe_prompt,
         "seed": dm.seed,

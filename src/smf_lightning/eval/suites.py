@@ -28,7 +28,8 @@ is any kind pointed at a file or dataset by config (eval/custom_suites.py, conf/
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from smf_lightning.data.facts import Fact, FactTemplate, recall_scores, seeded_order
@@ -308,6 +309,39 @@ class FactRecallSuite:
         """(fact id, last prediction, exact match) from the last evaluate call."""
         _, _, suffix = self.template.render("", "")
         return [(f.id, p, recall_scores(p, suffix, f.aliases)[0]) for f, p in zip(self.facts, self.last_predictions)]
+
+
+def evaluate_task_recall(model, tokenizer, task_suites: Mapping[int, Mapping[str, FactRecallSuite]], batch_size: int,
+                         items: dict | None = None) -> dict[int, dict[str, dict[str, float]]]:
+    """Fact recall of several tasks (task -> template name -> its FactRecallSuite): task ->
+    template -> {"em", "contains"}; `items`, if given, receives each (task, template)'s
+    last_items.
+
+    One greedy pass per task over all its templates' prompts: batches are formed within a
+    task, so each task's batches are the same at every evaluation point, however many tasks
+    are seen. The frozen-prefix states kept for them (eval/prefix_states.py, a scope per task)
+    then serve every later point; one pass over all tasks' prompts together would form other
+    batches whenever a task is added, and nothing kept would come again."""
+    from smf_lightning.eval.prefix_states import active_states
+
+    states = active_states(model)
+    results: dict[int, dict[str, dict[str, float]]] = {}
+    for j, suites in task_suites.items():
+        suites = dict(suites)
+        prompts = [s.template.prompt(f.question) for s in suites.values() for f in s.facts]
+        max_new = {s.max_new_tokens for s in suites.values()}
+        if len(max_new) != 1:
+            raise ValueError(f"task {j}: its recall suites decode different numbers of tokens ({sorted(max_new)})")
+        with states.scope(f"fact_recall/task{j}") if states is not None else contextlib.nullcontext():
+            predictions = generate_greedy(model, tokenizer, prompts, max_new.pop(), batch_size) if prompts else []
+        results[j], pos = {}, 0
+        for name, suite in suites.items():
+            n = len(suite.facts)
+            results[j][name] = suite.score_predictions(predictions[pos:pos + n])
+            if items is not None:
+                items[j, name] = suite.last_items
+            pos += n
+    return results
 
 
 _SUITE_CLASSES = {"nq_open": NQOpenSuite, "hellaswag": HellaSwagSuite, "gsm8k": GSM8KSuite, "lambada": LambadaSuite}
