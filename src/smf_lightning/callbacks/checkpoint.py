@@ -6,7 +6,12 @@ weights from it (see ``ContinualLM.on_save_checkpoint``); it carries trainable w
 optimizer state and every callback's state (evaluation history, slot statistics).
 
 ``stop_after_task=k`` (``debug.stop_after_task``) SIGKILLs the run right after task k's
-checkpoint is durable: the deterministic kill point of the resume tests (interrupt.py)."""
+checkpoint is durable: the deterministic kill point of the resume tests (interrupt.py).
+
+Data parallel (DDP): Lightning's ``save_checkpoint`` writes the file on rank 0 only (every rank
+holds the same state) and ends with a barrier; the rename and fsync are rank 0's too (two
+ranks renaming one temp file crashed the second, issue 16), followed by a barrier so no rank
+starts the next task before the checkpoint is durable."""
 
 from __future__ import annotations
 
@@ -26,10 +31,13 @@ class TaskCheckpoint(L.Callback):
     def on_train_epoch_end(self, trainer, module) -> None:
         # Runs after the evaluation callback (it is last in the callback list), so the
         # checkpoint includes this task's results.
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".ckpt.tmp")
-        trainer.save_checkpoint(tmp, weights_only=False)  # with optimizer and callback states
-        os.replace(tmp, self.path)
-        fsync_file_and_dir(self.path)
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(tmp, weights_only=False)  # with optimizer and callback states; rank 0 writes
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)
+            fsync_file_and_dir(self.path)
+        trainer.strategy.barrier("task checkpoint")
         if self.stop_after_task is not None and trainer.current_epoch == int(self.stop_after_task):
             kill_self_hard()

@@ -10,7 +10,15 @@ paired between "before" and a later point for changes (eval/intervals.py).
 
 With ``prefix_states`` (callbacks.eval_prefix_cache, SMF), the hidden states entering the
 lowest memory layer of every evaluation forward are kept from the first point on and the
-layers below are skipped at later points: same numbers, less time (eval/prefix_states.py)."""
+layers below are skipped at later points: same numbers, less time (eval/prefix_states.py).
+
+Data parallel (DDP): evaluation runs on rank 0 only while the other ranks wait at a barrier
+(every rank holds the same weights, so one evaluation is the run's; sharding it would need
+every suite's metrics to be reducible across ranks). Files, plots and wandb are written by
+rank 0 only. The barrier waits up to the process group's timeout (Lightning's default: 30
+minutes), which an evaluation of the real model fits. Under ``strategy=ddp_spawn`` the fit
+runs in spawned processes, so the main process's callback never sees it: ``finished`` and
+``summary`` then read back the ``summary.json`` that rank 0 wrote during this fit."""
 
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 
 from ..config import SUITES_AT
 import numpy as np
@@ -46,6 +55,19 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def peak_gpu_mb(device: torch.device) -> float | None:
+    """Peak CUDA memory allocated by tensors on ``device`` since the process started (None off GPU)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def _synchronize(device: torch.device) -> None:
+    # CUDA kernels run asynchronously: a step's wall time is only known once its kernels finished
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _clean(x):
@@ -118,9 +140,30 @@ class ContinualEvaluation(L.Callback):
         self.train_seconds = 0.0
         self.steps = 0
         self.eval_seconds = 0.0
-        self.summary: dict = {}
-        self.finished = False
+        self._summary: dict = {}
+        self._finished = False
+        self._created = time.time()  # a summary.json older than this is not this run's
         self._t0: float | None = None
+
+    # ---------------------------------------------------------------- result
+    def _summary_on_disk(self) -> dict | None:
+        """This fit's summary.json when another process (rank 0 of ddp_spawn) wrote it."""
+        path = self.out_dir / "summary.json"
+        if not path.is_file() or path.stat().st_mtime < self._created:
+            return None
+        return json.loads(path.read_text())
+
+    @property
+    def finished(self) -> bool:
+        """The last task was evaluated (on any rank of this run)."""
+        return self._finished or self._summary_on_disk() is not None
+
+    @property
+    def summary(self) -> dict:
+        """summary.json's content ({} on ranks other than 0, and before the last task)."""
+        if self._summary or self._finished:
+            return self._summary
+        return self._summary_on_disk() or {}
 
     # ---------------------------------------------------------------- evaluation
     def _evaluate(self, module, label: str, tasks: range, suites: bool = True) -> None:
@@ -276,6 +319,12 @@ class ContinualEvaluation(L.Callback):
             lg.log_metrics(metrics, step=trainer.global_step)
 
     def on_train_start(self, trainer, module) -> None:
+        if trainer.is_global_zero:
+            self._evaluate_before(trainer, module)
+        trainer.strategy.barrier("evaluation before")
+        module.model.train()
+
+    def _evaluate_before(self, trainer, module) -> None:
         if not self.labels:  # not a resumed run: the baseline row, over every task
             cached = self.before_cache.load() if self.before_cache is not None else None
             if cached is not None:
@@ -290,12 +339,13 @@ class ContinualEvaluation(L.Callback):
                                             "R_contains": self.R_contains[0], "heldout": self.heldout[0],
                                             "items": self.items[0], "recall_items": self.recall_items[0]})
             self._log(trainer, 0)
-        module.model.train()
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        _synchronize(module.device)
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        _synchronize(module.device)
         self.train_seconds += time.perf_counter() - self._t0
         if module._micro == 0:
             self.steps += 1
@@ -303,11 +353,15 @@ class ContinualEvaluation(L.Callback):
     def on_train_epoch_end(self, trainer, module) -> None:
         task = trainer.current_epoch
         last = task == self.dm.n_tasks - 1
-        self._evaluate(module, f"after task {task}", range(task + 1), suites=last or self.suites_at == "every_task")
-        self._log(trainer, len(self.R) - 1)
+        if trainer.is_global_zero:
+            self._evaluate(module, f"after task {task}", range(task + 1), suites=last or self.suites_at == "every_task")
+            self._log(trainer, len(self.R) - 1)
+            if last:
+                self._finish(trainer, module)
+        trainer.strategy.barrier(f"evaluation after task {task}")
         module.model.train()
         if last:
-            self._finish(trainer, module)
+            self._finished = True  # on every rank: the run is complete
 
     # ---------------------------------------------------------------- files
     def _write_progress(self) -> None:
@@ -362,7 +416,7 @@ class ContinualEvaluation(L.Callback):
             recall[figure] = self._recall_intervals(figure, sum(mat[-1]) / n, sum(mat[0]) / n)
         degradation, degradation_ci = self._degradation()
         history = module.updated_params_history
-        self.summary = _clean({
+        self._summary = _clean({
             **self.run_info,
             "n_tasks": n,
             "facts_per_task": self.dm.facts_per_task,
@@ -383,6 +437,7 @@ class ContinualEvaluation(L.Callback):
             "eval_seconds": self.eval_seconds,
             "before_eval_from_cache": self.before_from_cache,
             "peak_rss_mb": peak_rss_mb(),
+            "peak_gpu_mb": peak_gpu_mb(module.device),  # null on CPU
             "trainable_params": module.trainable_param_count(),
             "updated_params_per_step": sum(history) / len(history) if history else 0,
             "accuracy_matrix": self.R,
@@ -390,10 +445,9 @@ class ContinualEvaluation(L.Callback):
             "eval_points": self.labels,
             "data": self.dm.info,
         })
-        _atomic_write(self.out_dir / "summary.json", json.dumps(self.summary, indent=2))
+        _atomic_write(self.out_dir / "summary.json", json.dumps(self._summary, indent=2))
         if self.plots:
             self._plot(trainer)
-        self.finished = True
 
     def _plot(self, trainer) -> None:
         pngs = [

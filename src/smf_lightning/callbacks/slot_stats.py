@@ -1,6 +1,9 @@
 """Log SMF's slot statistics every optimizer step and memory layer (design.md §7):
 accessed and selected slots, KL(p_batch ‖ p_bg), overlap with earlier tasks' slots and hub
-concentration — to the loggers, to ``slot_stats.csv`` and as ``slot_stats.png``."""
+concentration — to the loggers, to ``slot_stats.csv`` and as ``slot_stats.png``.
+
+Under DDP every rank holds the same global counts and selection (selection/distributed.py),
+so every rank keeps the same rows; only rank 0 writes the files."""
 
 from __future__ import annotations
 
@@ -43,6 +46,8 @@ class SlotStatsLogger(L.Callback):
         if not self.rows:
             return
         self.history.end_task()
+        if not trainer.is_global_zero:
+            return
         cols = list(self.rows[0].keys()) + sorted({k for r in self.rows for k in r} - set(self.rows[0]))
         with (self.out_dir / "slot_stats.csv").open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=cols)

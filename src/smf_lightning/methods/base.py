@@ -11,6 +11,8 @@ the same path so gradient accumulation and clipping mean the same for all method
 
 from __future__ import annotations
 
+import contextlib
+
 import lightning as L
 import torch
 from torch import nn
@@ -75,7 +77,8 @@ class ContinualLM(L.LightningModule):
             opt.zero_grad(set_to_none=True)
             self.on_accumulation_start()
         loss = self.lm_loss(batch)
-        self.manual_backward(loss / self.accumulate)
+        with self.backward_sync():
+            self.manual_backward(loss / self.accumulate)
         self.after_backward(batch)
         self._micro += 1
         if self._micro == self.accumulate:
@@ -87,6 +90,11 @@ class ContinualLM(L.LightningModule):
         return loss.detach()
 
     # hooks for subclasses
+    def backward_sync(self):
+        """Context of the backward: DDP's gradient all-reduce runs as usual (baselines). SMF blocks it
+        and reduces only its selected rows itself (selection/distributed.py)."""
+        return contextlib.nullcontext()
+
     def on_accumulation_start(self) -> None:
         pass
 

@@ -21,6 +21,12 @@ The recipe levers of DOTS (issue 13), each a key of conf/method/smf.yaml:
   softmax weight (read mass), so the budget goes to the slots that carry a position's output
   rather than to the 32nd-best match it barely reads (issue 13: with a sharp softmax a fact's
   few best slots carry most of each answer position's output).
+
+Data parallel (DDP, issue 16): every rank selects the same rows and applies the same update.
+The step's slot counts are summed over ranks before selection, rank 0's selection is
+broadcast, DDP's all-reduce of the (sparse) value gradient is blocked and the optimizer
+averages only the selected rows' gradients over ranks (selection/distributed.py). The
+random selector's generator is seeded with the run's seed, the same on every rank.
 """
 
 from __future__ import annotations
@@ -29,11 +35,25 @@ import torch
 
 from ..memory import freeze_all_but_values, memory_layers
 from ..optim import SlotAdam, SlotSGD
+from ..selection import distributed
 from ..selection.selectors import hub_slots, loss_position_mask, select_slots, slot_counts
 from .base import ContinualLM
 from .prefix_cache import FrozenPrefixCache
 
 SELECT_PER = ("step", "fact")
+# trainer.precision values SMF supports. bf16-mixed: the base model's matmuls in bf16 under
+# autocast, while the memory addressing, the softmax over slot scores and the value gather run in
+# fp32 (memory/layer.py) and the value table, its gradient and SlotAdam's moments stay fp32.
+SUPPORTED_PRECISION = {
+    "32-true": None,
+    "bf16-mixed": None,
+    "16-mixed": "fp16 needs loss scaling (GradScaler), which SlotAdam / SlotSGD do not implement for their "
+                "selected rows; use trainer.precision=bf16-mixed",
+    "bf16-true": "it casts the value table to bfloat16, whose 8-bit mantissa swallows small row updates; use "
+                 "trainer.precision=bf16-mixed, or model.dtype=bfloat16 with trainer.precision=32-true (the frozen "
+                 "base in bf16, the value table kept fp32 by the retrofit)",
+    "16-true": "it casts the value table to float16; use trainer.precision=bf16-mixed",
+}
 OPTIMIZER_STATE = ("fresh", "carry")
 COUNT_BY = ("reads", "weight")
 
@@ -72,18 +92,53 @@ class SparseMemoryFinetune(ContinualLM):
         self.owned = {i: torch.zeros(m.n_slots, dtype=torch.bool) for i, m in self.memories.items()}
         self._task_selected = {i: torch.zeros(m.n_slots, dtype=torch.bool) for i, m in self.memories.items()}
         self.fact_slots: dict[str, dict[int, torch.Tensor]] = {}
-        self._generator = torch.Generator().manual_seed(seed)  # random selector only
+        # random selector only; the same seed on every rank, so DDP ranks draw the same slots
+        self._generator = torch.Generator().manual_seed(seed)
         self._counts: dict[int, torch.Tensor] = {}
         self._batch_facts: list[str] = []
         self.last_selection: dict[int, torch.Tensor] = {}
         self.last_counts: dict[int, torch.Tensor] = {}
         self.prefix_cache = FrozenPrefixCache(model, capacity=int(self.mcfg.get("prefix_cache", 0) or 0))
 
+    # ---- pickling (strategy=ddp_spawn sends the module to its processes) ---------------
+    def __getstate__(self) -> dict:
+        # a torch.Generator does not survive torch.multiprocessing's pickling; its state does
+        state = dict(super().__getstate__())
+        state["_generator"] = self._generator.get_state()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        generator = torch.Generator()
+        generator.set_state(state.pop("_generator"))
+        super().__setstate__(state)
+        self._generator = generator
+
+    def setup(self, stage: str) -> None:
+        precision = str(self.trainer.precision)
+        if precision not in SUPPORTED_PRECISION or SUPPORTED_PRECISION[precision]:
+            why = SUPPORTED_PRECISION.get(precision) or "it is not one SMF was written for"
+            raise ValueError(f"trainer.precision={precision} is not supported by SMF: {why}. "
+                             f"Supported: {', '.join(k for k, v in SUPPORTED_PRECISION.items() if v is None)}.")
+
     def lm_loss(self, batch: dict) -> torch.Tensor:
         with self.prefix_cache.reuse(batch):
             return super().lm_loss(batch)
 
     def configure_optimizers(self):
+        opt = self._build_optimizer()
+        if distributed.world_size() > 1:  # DDP: the selected rows' gradients averaged over ranks
+            opt.reduce_grad_rows = lambda rows: distributed.average_rows(rows, self.device)
+        return opt
+
+    def backward_sync(self):
+        if distributed.world_size() > 1:
+            # DDP would all-reduce the whole sparse value gradient (unsupported by NCCL, and
+            # O(accessed rows)); the optimizer reduces the selected rows instead.
+            return self.trainer.strategy.block_backward_sync()
+        return super().backward_sync()
+
+    def _build_optimizer(self):
         values = [m.values.weight for m in self.memories.values()]
         clip = self.mcfg.get("grad_clip")
         clip = float(clip) if clip else None
@@ -183,7 +238,9 @@ class SparseMemoryFinetune(ContinualLM):
     def take_optimizer_step(self, opt) -> int:
         selection = {}
         for i, mem in self.memories.items():
-            sel = self._step_selection(i, mem)
+            # DDP: the step's counts over every rank's shard (integer sum, exact), one selection
+            self._counts[i] = distributed.sum_over_ranks(self._counts[i], self.device)
+            sel = distributed.broadcast_ids(self._step_selection(i, mem), self.device)
             self.last_selection[i] = sel
             self._task_selected[i][sel] = True
             selection[mem.values.weight] = sel.to(mem.values.weight.device)

@@ -45,6 +45,18 @@ they are scaled by ``min(1, max_grad_norm / (norm + 1e-6))`` exactly as
 Do not also clip with Lightning's ``gradient_clip_val`` (it would count unselected rows and
 touch a sparse gradient it cannot clip). ``last_grad_norm`` holds the pre-clip norm of the
 last step (for logging).
+
+Data parallel (DDP): with ``reduce_grad_rows`` set (a callable on a dense ``[t, v_dim]`` block,
+e.g. :func:`smf_lightning.selection.distributed.average_rows`), each parameter's gathered
+selected-row gradient is reduced across ranks before clipping and the update, so every rank
+applies the same update from the same global gradient. A rank whose ``grad`` is None then
+takes part with zero rows (a collective must be entered by every rank). The selection must
+be the same on every rank (selection/distributed.py).
+
+Precision: the update of a 16-bit table (``float16`` / ``bfloat16``) is computed in float32
+and rounded once when written back, and SlotAdam's moments are kept in float32 for such
+tables: ``exp_avg_sq`` holds squared gradients, which underflow or lose all but 8 bits in
+bfloat16, and ``lr · m / sqrt(v)`` of a small step would round to zero against a bf16 row.
 """
 
 from __future__ import annotations
@@ -58,6 +70,12 @@ from torch.optim import Optimizer
 # SlotAdam allocates state for this many rows at once (all of them when N is smaller:
 # 2 x 58 MB for the seed paper's 16,384 x 896), then doubles the capacity when needed.
 INITIAL_STATE_ROWS = 16_384
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(p: torch.Tensor) -> torch.dtype:
+    """Dtype of a table's update arithmetic and optimizer state: float32 for 16-bit tables."""
+    return torch.float32 if p.dtype in LOW_PRECISION else p.dtype
 
 
 class _SlotOptimizer(Optimizer):
@@ -75,6 +93,7 @@ class _SlotOptimizer(Optimizer):
                         f"of shape {tuple(p.shape)}. Pass only memory value weights (memory_value_params)."
                     )
         self.max_grad_norm = max_grad_norm
+        self.reduce_grad_rows: Callable[[torch.Tensor], torch.Tensor] | None = None  # DDP: see module doc
         self.last_grad_norm: float | None = None
         self._selection: dict[int, torch.Tensor] | None = None
         self._lookups: dict[int, torch.Tensor] = {}  # scratch row maps, not optimizer state
@@ -135,6 +154,8 @@ class _SlotOptimizer(Optimizer):
         not selected are skipped without being summed: O(nnz + matched·v_dim), no O(N) work.
         """
         grad = p.grad
+        if grad is None:  # only under reduce_grad_rows: this rank contributes zeros
+            return torch.zeros((ids.numel(), p.shape[1]), dtype=p.dtype, device=p.device)
         if not grad.is_sparse:
             return grad.index_select(0, ids)
         if grad.sparse_dim() != 1:
@@ -200,10 +221,13 @@ class _SlotOptimizer(Optimizer):
         work = []  # (group, param, ids, grad rows)
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
+                if p.grad is None and self.reduce_grad_rows is None:
                     continue
                 ids = selection[id(p)]
-                work.append((group, p, ids, self._gather_grad_rows(p, ids)))
+                rows = self._gather_grad_rows(p, ids).to(compute_dtype(p))  # clip and reduce in fp32
+                if self.reduce_grad_rows is not None:
+                    rows = self.reduce_grad_rows(rows)
+                work.append((group, p, ids, rows))
         self._clip([g for *_, g in work])
         for group, p, ids, g in work:
             if ids.numel():
@@ -215,21 +239,22 @@ class _SlotOptimizer(Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         # torch casts every non-"step" state tensor to the parameter's float dtype; our
-        # integer state (row maps, per-row step counts) must stay integer.
+        # integer state (row maps, per-row step counts) must stay integer, and the float32
+        # moments of a 16-bit table must stay float32 (compute_dtype).
         saved_groups = state_dict["param_groups"]
-        ints: dict[int, dict[str, torch.Tensor]] = {}
+        kept: dict[int, dict[str, torch.Tensor]] = {}
         for saved, group in zip(saved_groups, self.param_groups):
             for pid, p in zip(saved["params"], group["params"]):
                 s = state_dict["state"].get(pid, {})
-                ints[id(p)] = {
-                    k: v.to(device=p.device)
+                kept[id(p)] = {
+                    k: v.to(device=p.device, dtype=compute_dtype(p) if v.is_floating_point() else v.dtype)
                     for k, v in s.items()
-                    if torch.is_tensor(v) and not (v.is_floating_point() or v.is_complex())
+                    if torch.is_tensor(v) and not v.is_complex()
                 }
         super().load_state_dict(state_dict)
         for p in self._params():
-            if id(p) in ints and ints[id(p)]:
-                self.state[p].update(ints[id(p)])
+            if id(p) in kept and kept[id(p)]:
+                self.state[p].update(kept[id(p)])
         self._selection = None
 
 
@@ -252,11 +277,12 @@ class SlotSGD(_SlotOptimizer):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay), max_grad_norm)
 
     def _update_rows(self, group, p, ids, grad_rows):
-        rows = p.index_select(0, ids)
+        rows = p.index_select(0, ids).to(compute_dtype(p))
+        grad_rows = grad_rows.to(rows.dtype)
         if group["weight_decay"]:
             grad_rows = grad_rows.add(rows, alpha=group["weight_decay"])
         rows.add_(grad_rows, alpha=-group["lr"])
-        p.index_copy_(0, ids, rows)
+        p.index_copy_(0, ids, rows.to(p.dtype))
 
 
 class SlotAdam(_SlotOptimizer):
@@ -298,8 +324,8 @@ class SlotAdam(_SlotOptimizer):
         if "slot_to_row" not in state:
             cap = min(p.shape[0], max(INITIAL_STATE_ROWS, ids.numel()))
             state["slot_to_row"] = torch.full((p.shape[0],), -1, dtype=torch.long, device=p.device)
-            state["exp_avg"] = torch.zeros((cap, p.shape[1]), dtype=p.dtype, device=p.device)
-            state["exp_avg_sq"] = torch.zeros((cap, p.shape[1]), dtype=p.dtype, device=p.device)
+            state["exp_avg"] = torch.zeros((cap, p.shape[1]), dtype=compute_dtype(p), device=p.device)
+            state["exp_avg_sq"] = torch.zeros((cap, p.shape[1]), dtype=compute_dtype(p), device=p.device)
             state["row_step"] = torch.zeros(cap, dtype=torch.long, device=p.device)
             state["n_rows"] = 0
         rows = state["slot_to_row"].index_select(0, ids)
@@ -323,6 +349,8 @@ class SlotAdam(_SlotOptimizer):
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         state = self.state[p]
         rows = self._state_rows(p, ids)
+        dtype = compute_dtype(p)
+        grad_rows = grad_rows.to(dtype)
         step = state["row_step"].index_select(0, rows) + 1
         state["row_step"].index_copy_(0, rows, step)
         m = state["exp_avg"].index_select(0, rows)
@@ -336,14 +364,14 @@ class SlotAdam(_SlotOptimizer):
         step64 = step.to(torch.float64)
         bias1 = 1 - torch.pow(beta1, step64)
         bias2_sqrt = (1 - torch.pow(beta2, step64)).sqrt()
-        step_size = (lr / bias1).to(p.dtype).unsqueeze(1)
-        denom = (v.sqrt() / bias2_sqrt.to(p.dtype).unsqueeze(1)).add_(eps)
+        step_size = (lr / bias1).to(dtype).unsqueeze(1)
+        denom = (v.sqrt() / bias2_sqrt.to(dtype).unsqueeze(1)).add_(eps)
 
-        values = p.index_select(0, ids)
+        values = p.index_select(0, ids).to(dtype)
         if wd:
             values.mul_(1 - lr * wd)
         values.sub_(m / denom * step_size)
-        p.index_copy_(0, ids, values)
+        p.index_copy_(0, ids, values.to(p.dtype))
 
     def row_state(self, p: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """``exp_avg``, ``exp_avg_sq`` ([len(ids), v_dim]) and ``step`` ([len(ids)]) of the given
@@ -351,8 +379,8 @@ class SlotAdam(_SlotOptimizer):
         ids = torch.as_tensor(ids, dtype=torch.long, device=p.device)
         state = self.state[p]
         out = {
-            "exp_avg": torch.zeros((ids.numel(), p.shape[1]), dtype=p.dtype, device=p.device),
-            "exp_avg_sq": torch.zeros((ids.numel(), p.shape[1]), dtype=p.dtype, device=p.device),
+            "exp_avg": torch.zeros((ids.numel(), p.shape[1]), dtype=compute_dtype(p), device=p.device),
+            "exp_avg_sq": torch.zeros((ids.numel(), p.shape[1]), dtype=compute_dtype(p), device=p.device),
             "step": torch.zeros(ids.numel(), dtype=torch.long, device=p.device),
         }
         if "slot_to_row" not in state:
