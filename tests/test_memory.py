@@ -163,3 +163,59 @@ def test_model_without_mlp_fails_clearly():
     net = torch.nn.Sequential(torch.nn.Linear(4, 4))
     with pytest.raises(ValueError, match="mlp"):
         retrofit(net, MemoryConfig(layers=[0], **SMALL))
+
+
+# ---- precision (issue 16): the addressing and the value table stay float32 ----------------
+
+def test_addressing_under_bf16_autocast_is_the_fp32_addressing():
+    """Sub-key scores, top-knn and softmax run with autocast off: under bf16 autocast a token reads
+    exactly the slots and weights it reads in fp32 (CPU autocast would otherwise run the query and
+    score matmuls in bf16, where neighbouring scores tie or swap)."""
+    mem = ProductKeyMemory(64, MemoryConfig(n_slots=256, heads=2, knn=4, k_dim=16))
+    x = torch.randn(3, 7, 64)
+    idx, w = mem.lookup(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        idx_b, w_b = mem.lookup(x)
+        out = mem(x)
+    assert torch.equal(idx, idx_b) and torch.equal(w, w_b) and w_b.dtype == torch.float32
+    assert out.dtype == torch.bfloat16  # the output projection follows the run's precision
+
+
+def test_bf16_model_keeps_a_float32_value_table(tiny_tok):
+    model = retrofit(tiny_qwen2().to(torch.bfloat16), MemoryConfig(layers=[1], n_slots=256, heads=2, knn=4, k_dim=16))
+    mem = memory_layers(model)[1]
+    assert mem.values.weight.dtype == torch.float32 and mem.query.weight.dtype == torch.bfloat16
+    enc = tiny_tok(["Question: Who wrote Hamlet?"], return_tensors="pt")
+    logits = model(**enc).logits
+    assert torch.isfinite(logits).all()
+    assert mem.last_access.weights.dtype == torch.float32
+
+
+def _smf_fit(precision: str, steps: int = 3):
+    import lightning as L
+
+    from smf_lightning.methods import SparseMemoryFinetune
+
+    model = retrofit(tiny_qwen2(), MemoryConfig(layers=[1], n_slots=256, heads=2, knn=4, k_dim=16))
+    module = SparseMemoryFinetune(model, {"selector": "tf", "top_t": 8, "optimizer": "adam", "lr": 0.1, "prefix_cache": 0})
+    ids = torch.randint(3, 200, (2, 10), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    trainer = L.Trainer(accelerator="cpu", precision=precision, max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch] * steps, batch_size=None))
+    return module
+
+
+def test_smf_trains_under_bf16_mixed_with_fp32_values_and_state():
+    module = _smf_fit("bf16-mixed")
+    mem = module.memories[1]
+    opt = module.trainer.optimizers[0]
+    assert mem.values.weight.dtype == torch.float32 and opt.state[mem.values.weight]["exp_avg"].dtype == torch.float32
+    moved = torch.nonzero(mem.values.weight.detach().any(1)).squeeze(1)
+    assert 0 < moved.numel() <= 3 * 8  # at most top_t new rows per step
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_smf_rejects_precisions_that_cast_the_value_table(precision):
+    with pytest.raises(ValueError, match="trainer.precision=bf16-mixed"):
+        _smf_fit(precision, steps=1)

@@ -313,3 +313,44 @@ def test_lightning_drives_the_optimizer_via_on_before_optimizer_step(tmp_path):
     untouched[ever] = False
     assert torch.equal(model.bag.weight.detach()[untouched], w0[untouched])
     assert not torch.equal(model.bag.weight.detach()[ever], w0[ever])
+
+
+# ---- precision (issue 16) ---------------------------------------------------------------
+
+@pytest.mark.parametrize("make_opt", [lambda p: SlotAdam(p, lr=1e-3), lambda p: SlotSGD(p, lr=0.5)], ids=["adam", "sgd"])
+def test_bf16_table_is_updated_in_fp32_and_rounded_once(make_opt):
+    """A bfloat16 table's step equals the float32 step on the same numbers, rounded to bf16 once;
+    SlotAdam's moments stay float32, also through a state_dict round trip."""
+    g = torch.Generator().manual_seed(0)
+    w16 = nn.Parameter(torch.randn(32, 8, generator=g).to(torch.bfloat16))
+    w32 = nn.Parameter(w16.detach().float())
+    ids = torch.tensor([1, 5, 9])
+    opt16, opt32 = make_opt([w16]), make_opt([w32])
+    for _ in range(3):
+        grad = torch.randn(32, 8, generator=g).to(torch.bfloat16)
+        w16.grad, w32.grad = grad.clone(), grad.float()
+        opt16.step(selection={w16: ids})
+        opt32.step(selection={w32: ids})
+        assert torch.equal(w16.detach(), w32.detach().to(torch.bfloat16))
+        w32.data.copy_(w16.detach().float())  # the reference continues from the rounded table
+    if isinstance(opt16, SlotAdam):
+        assert opt16.state[w16]["exp_avg_sq"].dtype == torch.float32
+        buf = io.BytesIO()
+        torch.save(opt16.state_dict(), buf)
+        fresh = SlotAdam([w16], lr=1e-3)
+        fresh.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+        assert fresh.state[w16]["exp_avg"].dtype == torch.float32
+        assert torch.equal(fresh.state[w16]["exp_avg_sq"], opt16.state[w16]["exp_avg_sq"])
+
+
+def test_reduce_grad_rows_sees_the_selected_rows_before_clipping():
+    w = nn.Parameter(torch.zeros(16, 4))
+    opt = SlotSGD([w], lr=1.0, max_grad_norm=10.0)
+    seen = []
+    opt.reduce_grad_rows = lambda rows: seen.append(rows.clone()) or rows * 0.5  # e.g. a mean over 2 ranks
+    w.grad = torch.zeros(16, 4)
+    w.grad[3] = 1.0
+    opt.step(selection={w: torch.tensor([3, 7])})
+    assert len(seen) == 1 and seen[0].shape == (2, 4) and torch.equal(seen[0][0], torch.ones(4))
+    assert opt.last_grad_norm == pytest.approx(1.0)  # the norm of the reduced rows: 0.5 * ||(1,1,1,1)||
+    assert torch.equal(w.detach()[3], torch.full((4,), -0.5)) and not w.detach()[7].any()

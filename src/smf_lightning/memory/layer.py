@@ -16,10 +16,19 @@ finetune only its value rows. design.md §2 is the spec this file implements:
 All heads share one value table, so slot ids live in [0, N) whichever head picked them.
 Every forward leaves the picked slots in ``self.last_access`` for slot statistics and
 slot selection (selection/), with the padding mask attached by the retrofit hook.
+
+Precision (``trainer.precision=bf16-mixed``, or a ``bfloat16`` model): the addressing (query,
+sub-key scores, top-knn, softmax) and the weighted gather of value rows run in float32 with
+autocast off; only the gate and output projections follow the run's precision. bf16 keeps 8
+bits of mantissa, so neighbouring sub-key scores would tie or swap and which slots a token
+reads — what slot statistics, background counts and selection are keyed on — would depend on
+the precision; the cost is small (sqrt(N) sub-keys per head, heads·knn rows per token). The
+value table itself is kept in float32 by the retrofit (memory/retrofit.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -133,6 +142,13 @@ class SlotAccess:
         return self.indices[self.mask(mask)].reshape(-1)
 
 
+def _autocast_off(x: torch.Tensor):
+    """Autocast disabled on x's device type (a no-op when no autocast is active)."""
+    if x.device.type in ("cuda", "cpu", "xpu", "mps"):
+        return torch.autocast(device_type=x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _last_columns(mask: torch.Tensor, T: int) -> torch.Tensor:
     # During cached generation the attention mask covers the whole prefix while the
     # memory only sees the newest T positions: align on the right.
@@ -191,25 +207,33 @@ class ProductKeyMemory(nn.Module):
             # Zero values: the retrofitted model is the base model at step 0 (design.md §2).
             self.values.weight.zero_()
         else:
-            self.values.weight.normal_(0.0, self.v_dim**-0.5, generator=g)
+            # sampled on the CPU generator, then copied: works whatever device the table is on
+            self.values.weight.copy_(torch.empty(self.values.weight.shape).normal_(0.0, self.v_dim**-0.5, generator=g))
 
     def query_halves(self, x: torch.Tensor) -> torch.Tensor:
-        """[..., heads, 2, k_dim/2]: the (normalised) query halves scored against the sub-keys."""
+        """[..., heads, 2, k_dim/2]: the (normalised) query halves scored against the sub-keys,
+        in float32 (module doc: precision)."""
         half = self.k_dim // 2
-        if self.cfg.input_norm != "none":
-            x = x - self.in_mean.to(x.dtype)
-            if self.cfg.input_norm == "whiten":
-                x = x / self.in_std.to(x.dtype)
-            elif self.cfg.input_norm == "zca":
-                x = x @ self.in_whiten.to(x.dtype)  # symmetric, so x Z = (Z x^T)^T
-        q = self.query(x).view(*x.shape[:-1], self.heads, 2, half)
-        return F.layer_norm(q, (half,)) if self.cfg.query_norm else q
+        with _autocast_off(x):
+            x = x.float()
+            if self.cfg.input_norm != "none":
+                x = x - self.in_mean.float()
+                if self.cfg.input_norm == "whiten":
+                    x = x / self.in_std.float()
+                elif self.cfg.input_norm == "zca":
+                    x = x @ self.in_whiten.float()  # symmetric, so x Z = (Z x^T)^T
+            q = F.linear(x, self.query.weight.float()).view(*x.shape[:-1], self.heads, 2, half)
+            return F.layer_norm(q, (half,)) if self.cfg.query_norm else q
 
     def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Slot ids and fp32 softmax weights, each [B, T, heads, knn]."""
+        with _autocast_off(x):
+            return self._lookup(x)
+
+    def _lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, _ = x.shape
         q = self.query_halves(x).view(B * T, self.heads, 2, self.k_dim // 2)
-        keys = self.keys.to(q.dtype)
+        keys = self.keys.float()
         s1 = torch.einsum("bhd,hnd->bhn", q[:, :, 0], keys[:, 0])  # [BT, H, sqrt N]
         s2 = torch.einsum("bhd,hnd->bhn", q[:, :, 1], keys[:, 1])
         s1, i1 = s1.topk(self.knn, dim=-1)
@@ -232,7 +256,8 @@ class ProductKeyMemory(nn.Module):
         )
         flat_idx = idx.view(B * T, self.heads * self.knn)
         flat_w = w.view(B * T, self.heads * self.knn).to(self.values.weight.dtype)
-        y = self.values(flat_idx, per_sample_weights=flat_w).view(B, T, self.v_dim).to(x.dtype)
+        with _autocast_off(x):  # the weighted sum of value rows in the table's dtype (float32)
+            y = self.values(flat_idx, per_sample_weights=flat_w).view(B, T, self.v_dim).to(x.dtype)
         if self.out is None:  # output="direct"
             return y
         return self.out(y * F.silu(self.gate(x)))

@@ -64,6 +64,9 @@ def retrofit(model: nn.Module, cfg: MemoryConfig) -> nn.Module:
     ref = next(model.parameters())
     for i in cfg.layers:
         memory = ProductKeyMemory(hidden, cfg, layer_idx=i).to(device=ref.device, dtype=ref.dtype)
+        # The value table stays float32 in a 16-bit model: it is what SMF trains, and a bf16 row
+        # (8-bit mantissa) would swallow small updates (memory/layer.py: precision).
+        memory.values.float()
         layers[i].mlp = MemoryMLP(layers[i].mlp, memory, cfg.mode)
     model.memory_config = cfg
     model.register_forward_pre_hook(_share_attention_mask, with_kwargs=True)
