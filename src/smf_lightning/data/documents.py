@@ -41,7 +41,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from smf_lightning.config import ConfigError
+from smf_lightning.errors import ConfigError
 from smf_lightning.data.fact_file import (_HUB_ID, _BadRecord, _json_array_records, _jsonl_records, _text, _text_list,
                                          collect_records, split_shortfall)
 from smf_lightning.data.facts import Fact, TrainingExample

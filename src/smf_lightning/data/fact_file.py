@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from smf_lightning.config import ConfigError
+from smf_lightning.errors import ConfigError
 from smf_lightning.data.facts import Fact
 
 log = logging.getLogger(__name__)
