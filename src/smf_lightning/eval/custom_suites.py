@@ -37,7 +37,7 @@ import dataclasses
 import logging
 from collections.abc import Mapping
 
-from smf_lightning.config import ConfigError
+from smf_lightning.errors import ConfigError
 from smf_lightning.data.fact_file import (FORMATS, FactFileSpec, RecordKeys, _BadRecord, _text, _text_list,
                                           collect_records, open_records)
 from smf_lightning.data.sources import ChoiceItem, PassageItem, QAItem
