@@ -6,8 +6,10 @@ The offline Qwen2.5-class model with the quickstart's memory (conf/experiment/fa
 one memory layer at decoder layer 15 of 24), memory values set to random non-zero rows (a trained
 memory; the prefix below layer 15 is the base model's either way). The suites with a run's options
 and batch sizes (conf/data/facts_triviaqa.yaml: NQ-open greedy answers + answer NLL, HellaSwag,
-GSM8K, LAMBADA), and fact recall as a run measures it (datamodule.evaluate_recall): every fact
-under every template (4 training + 1 held-out), all prompts in one greedy pass. Three points, one
+GSM8K, LAMBADA), and fact recall as a run measures it (datamodule.evaluate_recall, i.e.
+eval/suites.evaluate_task_recall): the facts split into --tasks tasks, every fact under every
+template (4 training + 1 held-out), one greedy pass per task (the point after the last task,
+or the "before" point, sees all tasks; a point after task i reuses tasks 0..i alike). Three points, one
 process, the same weights, so every point decodes the same tokens and their numbers must be equal:
 
 - uncached: today's path;
@@ -20,6 +22,7 @@ shared machine then hit both alike) and each figure is the median.
 
     python experiments/bench_eval.py                       # 200 items (GSM8K 100), 200 facts
     python experiments/bench_eval.py --n 32 --facts 32     # a quick run (GSM8K n/2)
+    nice -n 5 python experiments/bench_eval.py --n 32 --facts 40 --out bench_eval_n32   # what fits in ~30 min on 2 shared cores
 Writes experiments/results/bench_eval.{json,csv}.
 """
 
@@ -42,17 +45,18 @@ def build(args):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from smf_lightning import train as T
+    from smf_lightning.models.build import load_model, maybe_retrofit
+    from smf_lightning.train import conf_dir
     from smf_lightning.data.facts import Fact, make_templates, seeded_order
     from smf_lightning.data.sources import load_source
-    from smf_lightning.eval.suites import build_suite
+    from smf_lightning.eval.suites import FactRecallSuite, build_suite
     from smf_lightning.memory import memory_layers
     from smf_lightning.memory.retrofit import freeze_all_but_values
 
-    with initialize_config_dir(config_dir=T.conf_dir(), version_base=None):
+    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
         cfg = compose(config_name="train", overrides=["experiment=facts_seq_quick", *args.override])
-    model, tok, info = T.load_model(cfg)
-    model = T.maybe_retrofit(cfg, model, info)
+    model, tok, info = load_model(cfg)
+    model = maybe_retrofit(cfg, model, info)
     freeze_all_but_values(model)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -71,23 +75,27 @@ def build(args):
     items = [trivia.items[i] for i in order if len(trivia.items[i].answers[0].split()) <= 5][: args.facts]
     facts = [Fact(it.id, it.question, it.answers[0], tuple(it.answers)) for it in items]
     templates = make_templates(OmegaConf.to_container(cfg.data.templates, resolve=True))
-    prompts = [t.prompt(f.question) for t in templates.values() for f in facts]
-    return cfg, model, tok, suites, prompts
+    per_task = -(-len(facts) // args.tasks)
+    recall = {j: {name: FactRecallSuite(facts[j * per_task:(j + 1) * per_task], t, int(cfg.data.recall_max_new_tokens),
+                                        name=f"task{j}/{name}") for name, t in templates.items()}
+              for j in range(args.tasks)}
+    return cfg, model, tok, suites, recall
 
 
-def evaluate_point(cfg, model, tok, suites, prompts, states) -> tuple[dict, dict]:
+def evaluate_point(cfg, model, tok, suites, recall, states) -> tuple[dict, dict]:
     """(seconds per part, results per part) of one evaluation point."""
     import contextlib
 
-    from smf_lightning.eval.scoring import generate_greedy
+    from smf_lightning.eval.suites import evaluate_task_recall
 
     seconds, results = {}, {}
     scope = (lambda name: states.scope(name)) if states is not None else (lambda name: contextlib.nullcontext())
     with states.active(model) if states is not None else contextlib.nullcontext():
         t0 = time.perf_counter()
         with scope("fact_recall"):
-            results["fact_recall"] = generate_greedy(model, tok, prompts, int(cfg.data.recall_max_new_tokens),
-                                                     int(cfg.data.generation_batch_size))
+            items: dict = {}
+            evaluate_task_recall(model, tok, recall, int(cfg.data.generation_batch_size), items)
+            results["fact_recall"] = items
         seconds["fact_recall"] = time.perf_counter() - t0
         for name, suite in suites.items():
             t0 = time.perf_counter()
@@ -103,6 +111,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200, help="items of NQ-open, HellaSwag, LAMBADA")
     ap.add_argument("--n-gsm8k", type=int, default=None, help="GSM8K items (default: n / 2)")
     ap.add_argument("--facts", type=int, default=200, help="facts recalled (each under every template)")
+    ap.add_argument("--tasks", type=int, default=5, help="tasks the facts are split into (recall batches per task)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--rounds", type=int, default=1, help="cached/uncached pairs after the fill (medians)")
     ap.add_argument("--out", default="bench_eval", help="results file stem under experiments/results/")
@@ -119,7 +128,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from smf_lightning.eval.scoring import generate_greedy, score_continuations
 
-    cfg, model, tok, suites, prompts = build(args)
+    load_at_start = os.getloadavg()
+    cfg, model, tok, suites, recall = build(args)
+    prompts = [s.template.prompt(f.question) for task in recall.values() for s in task.values() for f in s.facts]
     generate_greedy(model, tok, prompts[:4], 2, 4)  # warm-up
     score_continuations(model, tok, prompts[:4], [" a"] * 4, 4)
     states = EvalPrefixStates()
@@ -127,7 +138,7 @@ def main() -> None:
     times: dict[str, list[dict]] = {"uncached": [], "fill": [], "cached": []}
     results: dict[str, list] = {"uncached": [], "fill": [], "cached": []}
     for label, st in schedule:
-        seconds, res = evaluate_point(cfg, model, tok, suites, prompts, st)
+        seconds, res = evaluate_point(cfg, model, tok, suites, recall, st)
         times[label].append(seconds)
         results[label].append(res)
         print(f"{label:9s} " + "  ".join(f"{k} {v:6.1f} s" for k, v in seconds.items()) + f"  total {sum(seconds.values()):7.1f} s",
@@ -135,7 +146,7 @@ def main() -> None:
     reference = results["uncached"][0]
     same = all(r == reference for rs in results.values() for r in rs)
     parts = ["fact_recall", *suites]
-    sizes = {"fact_recall": f"{args.facts} facts x {len(prompts) // max(args.facts, 1)} templates",
+    sizes = {"fact_recall": f"{args.facts} facts x {len(prompts) // max(args.facts, 1)} templates, {args.tasks} tasks",
              **{n: len(s.items) for n, s in suites.items()}}
     rows = []
     for part in [*parts, "total"]:
@@ -151,8 +162,8 @@ def main() -> None:
     print(f"same numbers at every point: {same}; kept {states.nbytes / 2**20:.0f} MB, {states.hits} hits, "
           f"{states.misses} misses")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"model": cfg.model.name, "memory_layers": sorted(memory_layers(model)), "threads": torch.get_num_threads(),
-            "load_average_at_end": os.getloadavg(), "n": args.n, "n_gsm8k": args.n_gsm8k, "facts": args.facts,
+    meta = {"model": cfg.model.name, "load_average_at_start": load_at_start, "memory_layers": sorted(memory_layers(model)), "threads": torch.get_num_threads(),
+            "load_average_at_end": os.getloadavg(), "n": args.n, "n_gsm8k": args.n_gsm8k, "facts": args.facts, "tasks": args.tasks,
             "prompts_recall": len(prompts), "eval_batch_size": int(cfg.data.eval_batch_size),
             "generation_batch_size": int(cfg.data.generation_batch_size), "same_numbers": same,
             "rounds": args.rounds, "points": {k: v for k, v in times.items()},

@@ -1,7 +1,7 @@
 """Why does SMF learn slowly? A loss-and-recall probe of one task, many variants, one process.
 
 Loads the model, the stream, the whitening and the background once (through the same
-builders as train.py), then for each variant rebuilds a fresh SMF module (values back to
+builders as the continual stage, models/build.py), then for each variant rebuilds a fresh SMF module (values back to
 zero), trains one task with the variant's settings and prints the training loss per pass,
 recall on the training templates and coverage: the share of each answer-predicting
 position's read weight that falls on rows the step may update (first answer token and
@@ -26,7 +26,9 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from smf_lightning import train as T  # noqa: E402
+from smf_lightning.models import build as M  # noqa: E402
+from smf_lightning.stages.continual import build_datamodule  # noqa: E402
+from smf_lightning.train import conf_dir  # noqa: E402
 from smf_lightning.selection.selectors import loss_position_mask  # noqa: E402
 
 # name -> (method overrides, data overrides)
@@ -46,13 +48,13 @@ VARIANTS = {
 def build(args):
     overrides = ["experiment=facts_seq_quick", "data.n_tasks=1", f"data.facts_per_task={args.facts}",
                  f"data.suites={{triviaqa_known:{{n_items:{args.known}}}}}" if args.known else "data.suites={}", f"trainer.threads={args.threads}", *args.override]
-    with initialize_config_dir(config_dir=T.conf_dir(), version_base=None):
+    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
         cfg = compose(config_name="train", overrides=overrides)
-    model, tok, info = T.load_model(cfg)
-    dm = T.build_datamodule(cfg, model, tok)
-    model = T.maybe_retrofit(cfg, model, info)
-    T.input_whitening(cfg, model, dm)
-    bg = T.background_stats(cfg, model, dm)
+    model, tok, info = M.load_model(cfg)
+    dm = build_datamodule(cfg, model, tok)
+    model = M.maybe_retrofit(cfg, model, info)
+    M.input_whitening(cfg, model, dm)
+    bg = M.background_stats(cfg, model, dm)
     return cfg, model, tok, dm, bg
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from smf_lightning.heal import build_healing_corpus, heal_memory, make_batches, perplexity, training_batches
+from smf_lightning.stages.heal import build_healing_corpus, heal_memory, make_batches, perplexity, training_batches
 from smf_lightning.memory import MemoryConfig, retrofit
 from smf_lightning.memory.key_init import init_keys_kmeans, slot_usage_stats
 from smf_lightning.models.loading import load_base_model

@@ -1,4 +1,4 @@
-"""Healing stage (heal.py) on the tiny Qwen2 with invented QA text (seconds)."""
+"""Healing stage (stages/heal.py) on the tiny Qwen2 with invented QA text (seconds)."""
 
 import dataclasses
 import json
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from smf_lightning.heal import (
+from smf_lightning.stages.heal import (
     build_healing_corpus,
     heal_memory,
     make_batches,
@@ -113,10 +113,11 @@ def _compose(tmp_path, *overrides):
 
 
 def test_run_healing_end_to_end_and_continual_stage_loads_it(tmp_path, tiny_tok):
-    from smf_lightning.train import load_model, run
+    from smf_lightning.models.build import load_model
+    from smf_lightning.train import run
 
     cfg = _compose(tmp_path, "heal.max_steps=10", "heal.eval_every=5")
-    summary = run(cfg)  # train.run dispatches stage=heal to run_healing
+    summary = run(cfg)  # train.run dispatches stage=heal to stages/heal.py
     assert json.loads((tmp_path / "heal_summary.json").read_text())["after_ppl"] == summary["after_ppl"]
     assert (tmp_path / "heal_ppl.png").stat().st_size > 0
     assert (tmp_path / "heal_metrics.csv").read_text().splitlines()[0] == "step,train_loss,heldout_ppl"
@@ -135,7 +136,7 @@ def test_run_healing_end_to_end_and_continual_stage_loads_it(tmp_path, tiny_tok)
 
 def test_heal_config_errors(tmp_path):
     from smf_lightning.config import ConfigError
-    from smf_lightning.heal import run_healing
+    from smf_lightning.stages.heal import run as run_healing
 
     with pytest.raises(ConfigError, match="heal.target_ppl_ratio=0.9"):
         run_healing(_compose(tmp_path, "heal.target_ppl_ratio=0.9"))
@@ -148,7 +149,7 @@ def test_heal_config_errors(tmp_path):
     reason="MemoryConfig has no key_init field yet (model.memory.key_init is wired by the lead)",
 )
 def test_run_healing_with_kmeans_keys(tmp_path):
-    from smf_lightning.heal import run_healing
+    from smf_lightning.stages.heal import run as run_healing
 
     summary = run_healing(_compose(tmp_path, "heal.max_steps=2", "model.memory.key_init=kmeans"))
     assert summary["key_init"] == "kmeans"

@@ -194,7 +194,8 @@ def test_stop_signal_keeps_results_prints_resume_command_and_resumes(tiny_run, t
         ("+data.suites.mmlu={n_items:4}", "data.suites.mmlu"),
         ("+data.background.wikipedia=4", "data.background.wikipedia"),
         ("trainer.devices=2", "trainer.devices"),
-        ("+trainer.strategy=ddp", "trainer.strategy"),
+        ("trainer.strategy=ddp", "trainer.strategy"),
+        ("+trainer.max_epochs=5", "trainer.max_epochs"),  # the stream sets it (stages/continual.py)
         ("debug.stop_after_task=5", "debug.stop_after_task"),
         ("debug.signal=HUP", "debug.signal"),
     ],

@@ -22,10 +22,14 @@ signal reaches.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
+from pathlib import Path
 
 import lightning as L
+
+log = logging.getLogger("smf_lightning")
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 DEBUG_SIGNALS = {"TERM": signal.SIGTERM, "INT": signal.SIGINT}
@@ -62,6 +66,24 @@ def stop_on_signals():
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def log_resume_hint(out_dir: Path) -> None:
+    """Log the exact command that continues a stopped run from its last completed task."""
+    import shlex
+
+    ckpt = Path(out_dir) / "checkpoints" / "last.ckpt"
+    if not ckpt.exists():
+        log.warning("no task was completed (no %s): rerun the same command to start again.", ckpt)
+        return
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("ckpt_path=", "debug."))]
+    except ValueError:  # not under Hydra (run() called directly)
+        overrides = []
+    cmd = ["python", "-m", "smf_lightning.train", *overrides, f"ckpt_path={ckpt}"]
+    log.warning("resume with:\n  %s", " ".join(shlex.quote(c) for c in cmd))
 
 
 def fsync_file_and_dir(path: os.PathLike) -> None:

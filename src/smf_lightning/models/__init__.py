@@ -1,5 +1,6 @@
-"""Pretrained base models: loading from hub / local dir / GGUF / offline catalogue (loading.py),
-and a tiny random Qwen2 for unit tests (tiny.py)."""
+"""The run's model: built from the config in one place (build.py: load, retrofit, whitening,
+k-means keys, background statistics), pretrained base models loaded from hub / local dir /
+GGUF / offline catalogue (loading.py), and a tiny random Qwen2 for unit tests (tiny.py)."""
 
 from smf_lightning.models.loading import OFFLINE_EQUIVALENTS, LoadedModel, ModelLoadError, load_base_model
 

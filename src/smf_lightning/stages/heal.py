@@ -9,17 +9,20 @@ healing (it *is* the base model at step 0); ``replace`` memory needs it.
     python -m smf_lightning.train experiment=heal
     python -m smf_lightning.train experiment=facts_seq_quick model.init_checkpoint=<run dir>/healed
 
-One recipe, three steps, top to bottom (cf. torchtune recipes):
-1. setup: load the base model (``train.load_model``), build the general-text corpus
+One recipe, three steps, top to bottom (:class:`HealRecipe`; cf. torchtune recipes):
+1. setup: load the base model (models/build.py), build the general-text corpus
    (:func:`build_healing_corpus`: training and held-out passages never overlap, and the
    items the held-out capability suites use are never trained on), measure the unmodified
-   base model's held-out perplexity once, retrofit (``train.maybe_retrofit``), optionally
-   k-means the keys (``memory/key_init.py``);
-2. train (:func:`heal_memory`): dense AdamW over all memory parameters, everything else
+   base model's held-out perplexity once, retrofit, optionally k-means the keys on the
+   training text (models/build.py, memory/key_init.py);
+2. run (:func:`heal_memory`): dense AdamW over all memory parameters, everything else
    frozen, held-out perplexity every ``eval_every`` steps; stop at the target ratio to the
    base perplexity or at the step budget;
 3. save: the healed model with ``save_retrofitted`` (loadable via ``model.init_checkpoint``),
    ``heal_summary.json``, ``heal_metrics.csv`` and ``heal_ppl.png`` in the run directory.
+
+The stage runs its own loop, not a Lightning Trainer: it reads ``trainer.threads`` and
+``trainer.enable_progress_bar`` only, and no logger or callback.
 
 Value gradients are dense during healing: the design's sparse EmbeddingBag gradient exists
 for SMF (few rows per step); healing updates every row a batch reads with AdamW, which has
@@ -42,9 +45,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data.facts import TrainingExample, collate_examples, seeded_order, synthetic_facts
-from .memory import memory_layers, param_counts, save_retrofitted
-from .methods.base import next_token_nll
+from ..config import ConfigError
+from ..data.facts import TrainingExample, collate_examples, seeded_order, synthetic_facts
+from ..memory import memory_layers, param_counts, save_retrofitted
+from ..methods.base import next_token_nll
+from ..models.build import init_keys, load_model, maybe_retrofit
+from . import start_run
 
 log = logging.getLogger("smf_lightning")
 
@@ -85,8 +91,8 @@ def _documents(name: str, n_needed: int | None, *, seed: int, reserved: int, sou
         # The generator is sequential and the fact stream takes its first items: skip them.
         facts = synthetic_facts(reserved + n_needed, seed)[reserved:]
         return [_document_text(name, f) for f in facts], f"synthetic(seed={seed})", n_needed
-    from .data.sources import load_source
-    from .eval.suites import suite_subset_order
+    from ..data.sources import load_source
+    from ..eval.suites import suite_subset_order
 
     data = load_source(name, source=source, data_root=data_root)
     # The held-out suites take the *first* items of this very permutation (eval/suites.py):
@@ -366,9 +372,8 @@ def plot_healing(history: Sequence[dict], base_ppl: float, target_ppl: float | N
 # ----------------------------------------------------------------------------- the stage
 
 
-def _check_heal_config(cfg) -> None:
-    from .config import ConfigError
-
+def check_config(cfg) -> None:
+    """The ``heal:`` block and the model suit healing (before anything is loaded)."""
     h = cfg.get("heal")
     if h is None:
         raise ConfigError("stage=heal needs a `heal:` config block; run it as `experiment=heal` (conf/experiment/heal.yaml).")
@@ -399,97 +404,115 @@ def _check_heal_config(cfg) -> None:
         raise ConfigError(f"bad config: model.memory.key_init={cfg.model.memory.key_init!r}; allowed: random | kmeans.")
 
 
-def run_healing(cfg) -> dict:
+class HealRecipe:
+    """``setup → run → save`` of one healing run."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def setup(self) -> None:
+        """The base model, the corpus, the base model's held-out perplexity (measured once,
+        before the retrofit), the retrofit, optional k-means keys on the training text."""
+        from omegaconf import OmegaConf
+
+        from ..eval.scoring import pad_token_id
+        from ..memory.key_init import slot_usage_stats
+
+        cfg = self.cfg
+        check_config(cfg)
+        h = cfg.heal
+        self.out_dir = start_run(cfg)
+        self.progress = bool(cfg.trainer.enable_progress_bar)
+        log.info("loading model %s (source=%s)", cfg.model.name, cfg.model.source)
+        model, self.tokenizer, self.info = load_model(cfg)
+        self.pad_id = pad_token_id(self.tokenizer)
+        self.corpus = build_healing_corpus(
+            self.tokenizer, OmegaConf.to_container(h.corpus, resolve=True), n_heldout=int(h.n_heldout),
+            max_len=int(h.max_len), seed=int(cfg.data.seed), reserved=int(h.reserved_suite_items),
+            source=cfg.data.source, data_root=cfg.data.data_root,
+        )
+        self.heldout = make_batches(self.corpus.heldout, int(h.eval_batch_size), self.pad_id)
+        log.info("healing corpus: %s", self.corpus.info["sources"])
+        self.base_ppl = perplexity(model, self.heldout)  # the unmodified base model, measured once
+        log.info("held-out perplexity of the base model: %.3f", self.base_ppl)
+
+        self.model = model = maybe_retrofit(cfg, model, self.info)
+        if not memory_layers(model):
+            raise ValueError("no memory layers after retrofit: stage=heal needs method.retrofit=true (e.g. method=smf).")
+        self.key_report = None
+        if cfg.model.memory.get("key_init", "random") == "kmeans":
+            # k-means on training text only: the held-out text stays unseen by every fitted quantity.
+            self.key_report = init_keys(cfg, model, make_batches(self.corpus.train, int(h.batch_size), self.pad_id))
+        self.usage_before = slot_usage_stats(model, self.heldout)
+
+    def run(self) -> None:
+        """Dense AdamW over the memory parameters until the target perplexity or the step budget."""
+        from ..memory.key_init import slot_usage_stats
+
+        cfg, h = self.cfg, self.cfg.heal
+        self.target = None if h.target_ppl_ratio is None else float(h.target_ppl_ratio) * self.base_ppl
+        self.kinds = tuple(h.get("trainable", MEMORY_PARAM_KINDS))
+        self.trainable = sum(p.numel() for p in memory_parameters(self.model, self.kinds))
+        self.result = heal_memory(
+            self.model,
+            training_batches(self.corpus.train, int(h.batch_size), self.pad_id, seed=int(cfg.seed)),
+            self.heldout,
+            lr=float(h.lr), betas=tuple(h.betas), weight_decay=float(h.weight_decay),
+            grad_clip=None if h.grad_clip is None else float(h.grad_clip),
+            max_steps=int(h.max_steps), eval_every=int(h.eval_every), target_ppl=self.target, trainable=self.kinds,
+            progress=self.progress,
+        )
+        self.usage_after = slot_usage_stats(self.model, self.heldout)
+        log.info("held-out perplexity: base %.3f, retrofitted %.3f -> healed %.3f after %d steps",
+                 self.base_ppl, self.result.before_ppl, self.result.final_ppl, self.result.steps)
+
+    def save(self) -> dict:
+        """heal_summary.json, heal_metrics.csv, heal_ppl.png and the healed model (healed/)."""
+        from omegaconf import OmegaConf
+
+        cfg, h, result, base_ppl = self.cfg, self.cfg.heal, self.result, self.base_ppl
+        model, out_dir = self.model, self.out_dir
+        summary = {
+            "stage": "heal",
+            "model": {k: v for k, v in self.info.items() if k not in ("param_counts", "memory")},
+            "memory": model.memory_config.to_dict(),
+            "key_init": cfg.model.memory.get("key_init", "random"),
+            "key_init_report": self.key_report,
+            "corpus": self.corpus.info,
+            "base_ppl": base_ppl,
+            "before_ppl": result.before_ppl,
+            "after_ppl": result.final_ppl,
+            "ppl_ratio_before": result.before_ppl / base_ppl,
+            "ppl_ratio_after": result.final_ppl / base_ppl,
+            "target_ppl_ratio": None if h.target_ppl_ratio is None else float(h.target_ppl_ratio),
+            "reached_target": result.reached_target,
+            "steps": result.steps,
+            "max_steps": int(h.max_steps),
+            "seconds": result.seconds,
+            "seconds_per_step": result.seconds / result.steps if result.steps else None,
+            "trainable_params": self.trainable,
+            "param_counts": param_counts(model),
+            "slot_usage": {"before": self.usage_before, "after": self.usage_after},
+            "heal_config": OmegaConf.to_container(h, resolve=True),
+            "seed": int(cfg.seed),
+            "checkpoint": None,
+        }
+        if h.get("save", True):
+            healing_record = {k: summary[k] for k in ("base_ppl", "before_ppl", "after_ppl", "steps", "reached_target", "key_init")}
+            ckpt = save_retrofitted(model, out_dir / CHECKPOINT_DIR, self.tokenizer,
+                                    base_info=dict(summary["model"], healing=healing_record))
+            summary["checkpoint"] = str(ckpt)
+            log.info("healed model saved to %s; continue with: python -m smf_lightning.train experiment=facts_seq_quick "
+                     "model.init_checkpoint=%s", ckpt, ckpt)
+        write_metrics_csv(result.history, out_dir / "heal_metrics.csv")
+        plot_healing(result.history, base_ppl, self.target, out_dir / "heal_ppl.png")
+        (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
+        return summary
+
+
+def run(cfg) -> dict:
     """The healing stage (``stage: heal``); returns the summary also written to heal_summary.json."""
-    import lightning as L
-    from omegaconf import OmegaConf
-
-    from .eval.scoring import pad_token_id
-    from .memory.key_init import init_keys_kmeans, slot_usage_stats
-    from .train import load_model, maybe_retrofit
-
-    _check_heal_config(cfg)
-    h = cfg.heal
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.trainer.get("threads"):
-        torch.set_num_threads(int(cfg.trainer.threads))
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    progress = bool(cfg.trainer.enable_progress_bar)
-
-    # 1. setup -------------------------------------------------------------------------
-    log.info("loading model %s (source=%s)", cfg.model.name, cfg.model.source)
-    model, tokenizer, info = load_model(cfg)
-    pad_id = pad_token_id(tokenizer)
-    corpus = build_healing_corpus(
-        tokenizer, OmegaConf.to_container(h.corpus, resolve=True), n_heldout=int(h.n_heldout), max_len=int(h.max_len),
-        seed=int(cfg.data.seed), reserved=int(h.reserved_suite_items), source=cfg.data.source, data_root=cfg.data.data_root,
-    )
-    heldout = make_batches(corpus.heldout, int(h.eval_batch_size), pad_id)
-    log.info("healing corpus: %s", corpus.info["sources"])
-    base_ppl = perplexity(model, heldout)  # the unmodified base model, measured once
-    log.info("held-out perplexity of the base model: %.3f", base_ppl)
-
-    model = maybe_retrofit(cfg, model, info)
-    if not memory_layers(model):
-        raise ValueError("no memory layers after retrofit: stage=heal needs method.retrofit=true (e.g. method=smf).")
-    key_init = cfg.model.memory.get("key_init", "random")
-    key_report = None
-    if key_init == "kmeans":
-        # k-means on training text only: the held-out text stays unseen by every fitted quantity.
-        kmeans_batches = make_batches(corpus.train, int(h.batch_size), pad_id)
-        key_report = init_keys_kmeans(model, kmeans_batches, seed=int(cfg.model.memory.seed), progress=progress)
-    usage_before = slot_usage_stats(model, heldout)
-
-    # 2. train -------------------------------------------------------------------------
-    target = None if h.target_ppl_ratio is None else float(h.target_ppl_ratio) * base_ppl
-    kinds = tuple(h.get("trainable", MEMORY_PARAM_KINDS))
-    trainable = sum(p.numel() for p in memory_parameters(model, kinds))
-    result = heal_memory(
-        model,
-        training_batches(corpus.train, int(h.batch_size), pad_id, seed=int(cfg.seed)),
-        heldout,
-        lr=float(h.lr), betas=tuple(h.betas), weight_decay=float(h.weight_decay),
-        grad_clip=None if h.grad_clip is None else float(h.grad_clip),
-        max_steps=int(h.max_steps), eval_every=int(h.eval_every), target_ppl=target, trainable=kinds, progress=progress,
-    )
-    usage_after = slot_usage_stats(model, heldout)
-    log.info("held-out perplexity: base %.3f, retrofitted %.3f -> healed %.3f after %d steps",
-             base_ppl, result.before_ppl, result.final_ppl, result.steps)
-
-    # 3. save --------------------------------------------------------------------------
-    summary = {
-        "stage": "heal",
-        "model": {k: v for k, v in info.items() if k not in ("param_counts", "memory")},
-        "memory": model.memory_config.to_dict(),
-        "key_init": key_init,
-        "key_init_report": key_report,
-        "corpus": corpus.info,
-        "base_ppl": base_ppl,
-        "before_ppl": result.before_ppl,
-        "after_ppl": result.final_ppl,
-        "ppl_ratio_before": result.before_ppl / base_ppl,
-        "ppl_ratio_after": result.final_ppl / base_ppl,
-        "target_ppl_ratio": None if h.target_ppl_ratio is None else float(h.target_ppl_ratio),
-        "reached_target": result.reached_target,
-        "steps": result.steps,
-        "max_steps": int(h.max_steps),
-        "seconds": result.seconds,
-        "seconds_per_step": result.seconds / result.steps if result.steps else None,
-        "trainable_params": trainable,
-        "param_counts": param_counts(model),
-        "slot_usage": {"before": usage_before, "after": usage_after},
-        "heal_config": OmegaConf.to_container(h, resolve=True),
-        "seed": int(cfg.seed),
-        "checkpoint": None,
-    }
-    if h.get("save", True):
-        healing_record = {k: summary[k] for k in ("base_ppl", "before_ppl", "after_ppl", "steps", "reached_target", "key_init")}
-        ckpt = save_retrofitted(model, out_dir / CHECKPOINT_DIR, tokenizer, base_info=dict(summary["model"], healing=healing_record))
-        summary["checkpoint"] = str(ckpt)
-        log.info("healed model saved to %s; continue with: python -m smf_lightning.train experiment=facts_seq_quick "
-                 "model.init_checkpoint=%s", ckpt, ckpt)
-    write_metrics_csv(result.history, out_dir / "heal_metrics.csv")
-    plot_healing(result.history, base_ppl, target, out_dir / "heal_ppl.png")
-    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
-    return summary
+    recipe = HealRecipe(cfg)
+    recipe.setup()
+    recipe.run()
+    return recipe.save()

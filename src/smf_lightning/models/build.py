@@ -1,0 +1,120 @@
+"""The run's model, built from ``cfg.model`` and ``cfg.method``: the one place both stages
+(stages/continual.py, stages/heal.py) and the experiment scripts get it from.
+
+In the order a stage calls them:
+1. :func:`load_model` — the starting model: a healed/retrofitted checkpoint
+   (``model.init_checkpoint``), the tiny test model (``model.source=tiny``), or a pretrained
+   base model (models/loading.py: hub, local directory, GGUF, offline catalogue);
+2. :func:`maybe_retrofit` — memory layers added when the method trains them
+   (``method.retrofit``; memory/retrofit.py), unless the model has them already;
+3. :func:`prepare_memory` — the memory's data-fitted parts on the background corpus:
+   input whitening (``model.memory.input_norm``; memory/whitening.py) and k-means keys
+   (``model.memory.key_init=kmeans``; memory/key_init.py). An init checkpoint carries both;
+4. :func:`background_stats` — SMF's background slot statistics, what the TF-IDF / KL
+   selectors compare a batch against (selection/background.py).
+
+Whitening and background statistics are cached under ``$SMF_CACHE`` keyed by the model, the
+corpus and the batching, so a sweep computes them once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def load_model(cfg: DictConfig):
+    """(model, tokenizer, info) for cfg.model: the run's starting model, not yet retrofitted."""
+    import torch
+
+    from ..memory import load_retrofitted
+
+    mcfg = cfg.model
+    dtype = getattr(torch, mcfg.dtype)
+    if mcfg.get("init_checkpoint"):
+        from transformers import AutoTokenizer
+
+        path = Path(mcfg.init_checkpoint)
+        model = load_retrofitted(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        info = dict(model.retrofit_meta.get("base", {}), init_checkpoint=str(path))
+    elif mcfg.source == "tiny":
+        from .tiny import tiny_qwen2, tiny_tokenizer
+
+        model, tokenizer = tiny_qwen2(seed=int(cfg.seed)), tiny_tokenizer()
+        info = {"name": "tiny", "source": "tiny", "note": "randomly initialised test model"}
+    else:
+        from .loading import load_base_model
+
+        loaded = load_base_model(mcfg.name, source=mcfg.source, dtype=mcfg.dtype)
+        model, tokenizer, info = loaded.model, loaded.tokenizer, dict(loaded.info)
+    return model, tokenizer, info
+
+
+def maybe_retrofit(cfg: DictConfig, model, info: dict):
+    """Add memory layers when the method needs them (and the model has none yet); records the
+    parameter counts and the memory config in ``info``."""
+    from ..memory import MemoryConfig, memory_layers, param_counts, retrofit
+
+    if cfg.method.get("retrofit") and not memory_layers(model):
+        retrofit(model, MemoryConfig(**OmegaConf.to_container(cfg.model.memory, resolve=True)))
+    info["param_counts"] = param_counts(model)
+    if memory_layers(model):
+        info["memory"] = model.memory_config.to_dict()
+    return model
+
+
+def fits_memory(cfg: DictConfig) -> bool:
+    """Whether the run fits the memory's data-dependent parts itself: a fresh retrofit does;
+    an init checkpoint carries its whitening and keys."""
+    return bool(cfg.method.get("retrofit")) and not cfg.model.get("init_checkpoint")
+
+
+def input_whitening(cfg: DictConfig, model, dm) -> dict:
+    """Fit (or load from $SMF_CACHE/whitening) the memory input statistics on the background corpus."""
+    from ..memory.whitening import load_or_fit_input_whitening
+
+    return load_or_fit_input_whitening(
+        model, lambda: dm.background_batches(sort_by_length=True), Path(cfg.paths.cache_dir) / "whitening",
+        {"corpus": dm.background_key(), "batch_size": dm.background_batch_size, "data_source": dm.source},
+        loss_tokens_only=cfg.model.memory.get("whiten_on", "all") == "loss",
+        progress=bool(cfg.trainer.enable_progress_bar),
+    )
+
+
+def init_keys(cfg: DictConfig, model, batches) -> dict | None:
+    """k-means sub-keys on ``batches`` when ``model.memory.key_init=kmeans`` (and the run fits
+    the memory); the per-layer report, or None when the keys stay as they are."""
+    if not fits_memory(cfg) or cfg.model.memory.get("key_init", "random") != "kmeans":
+        return None
+    from ..memory.key_init import init_keys_kmeans
+
+    return init_keys_kmeans(model, batches, seed=int(cfg.model.memory.seed), progress=bool(cfg.trainer.enable_progress_bar))
+
+
+def prepare_memory(cfg: DictConfig, model, info: dict, dm) -> None:
+    """The continual stage's memory fitting on the background corpus of ``dm``: input
+    whitening, then k-means keys (addressing reads the whitened input). Reports go into ``info``."""
+    if not fits_memory(cfg):
+        return
+    if cfg.model.memory.get("input_norm", "none") != "none":
+        info["input_whitening"] = input_whitening(cfg, model, dm)
+    if cfg.model.memory.get("key_init", "random") == "kmeans":
+        info["key_init"] = init_keys(cfg, model, dm.background_batches())
+
+
+def background_stats(cfg: DictConfig, model, dm) -> dict:
+    """Per-layer background slot statistics (design.md §3), cached under $SMF_CACHE/background."""
+    from ..selection.background import load_or_compute_background_stats
+
+    key = {"corpus": dm.background_key(), "batch_size": dm.background_batch_size, "data_source": dm.source,
+           "batching": "length-sorted"}
+    return load_or_compute_background_stats(
+        model,
+        lambda: dm.background_batches(sort_by_length=True),
+        Path(cfg.paths.cache_dir) / "background",
+        key,
+        loss_tokens_only=bool(cfg.method.get("loss_tokens_only", True)),
+        progress=bool(cfg.trainer.enable_progress_bar),
+    )
