@@ -146,3 +146,14 @@ def test_logger_options_compose_on_top_of_the_default(tmp_path, option, name, ta
     entries = logger_entries(tiny_cfg(tmp_path, f"logger={option}", "logger.wandb.mode=offline"))
     assert list(entries) == ["csv", "wandb", name]
     assert entries[name]._target_ == f"lightning.pytorch.loggers.{target}"
+
+
+def test_a_logger_group_without_wandb_passes_the_checks(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from smf_lightning.config import validate_config
+
+    cfg = tiny_cfg(tmp_path, "logger.wandb=null")
+    validate_config(cfg)
+    check_config(cfg)
+    assert [type(lg) for lg in build_loggers(cfg)] == [CSVLogger]

@@ -104,8 +104,9 @@ def validate_config(cfg: DictConfig) -> None:
             f"bad config: ckpt_path={ckpt!r} does not exist. Pass the checkpoints/last.ckpt of the "
             f"interrupted run (with the same overrides as that run), or drop ckpt_path to start afresh."
         )
-    w = cfg.logger.wandb
-    _need(w.mode in ("offline", "online", "disabled"), "logger.wandb.mode", w.mode, "offline | online | disabled")
+    w = (cfg.get("logger") or {}).get("wandb") or {}  # logger.wandb=null, or a logger group without wandb
+    _need(w.get("mode", "offline") in ("offline", "online", "disabled"), "logger.wandb.mode", w.get("mode"),
+          "offline | online | disabled")
 
 
 def decoder_layer_count(model_cfg: DictConfig) -> int | None:
