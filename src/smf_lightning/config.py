@@ -189,20 +189,52 @@ def _validate_data(d: DictConfig) -> None:
         _need(name in BACKGROUND_SOURCES, f"data.background.{name}", name, "sources " + " | ".join(BACKGROUND_SOURCES))
 
 
+# Strategies that run SMF data-parallel with one slot selection for all ranks (issue 16,
+# selection/distributed.py). ddp_spawn starts its processes itself; ddp re-runs the command line
+# in every rank, so it suits a single run (or processes a cluster started, e.g. SLURM tasks).
+DATA_PARALLEL = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
+
+
 def _validate_trainer(t: DictConfig) -> None:
-    """One process on one device is what the project runs today; multi-device training would
-    let every rank select its own slots and write the same files (issue 16)."""
+    """Several devices need an explicit data-parallel strategy; ``ddp`` cannot run inside a
+    Hydra multirun of the basic launcher (Lightning relaunches sys.argv, i.e. the whole sweep)."""
     devices = t.get("devices", 1)
+    shown = devices if not isinstance(devices, ListConfig) else list(devices)
     one = devices in (1, "1") or (isinstance(devices, ListConfig | list) and len(devices) == 1)
     if devices == "auto":
         import torch
 
         one = torch.cuda.device_count() <= 1
-    _need(one, "trainer.devices", devices if not isinstance(devices, ListConfig) else list(devices),
-          "1 (a single device; multi-device runs are not supported yet)")
     strategy = t.get("strategy")
-    _need(strategy in (None, "auto", "single_device"), "trainer.strategy", strategy, "auto | single_device")
+    strategy = "auto" if strategy is None else strategy
+    if not isinstance(strategy, str):  # a strategy object from a _target_ config: the user's choice
+        return
+    if not one:
+        _need(strategy in DATA_PARALLEL, "trainer.devices", shown,
+              f"1, or several devices with trainer.strategy={' | '.join(DATA_PARALLEL)} "
+              f"(got trainer.strategy={strategy}; ddp_spawn also works inside a sweep)")
+    else:
+        _need(strategy in ("auto", "single_device"), "trainer.strategy", strategy,
+              "auto | single_device with one device (a data-parallel strategy needs trainer.devices > 1)")
     _need(int(t.get("num_nodes", 1)) == 1, "trainer.num_nodes", t.get("num_nodes"), "1")
+    if strategy == "ddp" and _in_basic_multirun():
+        _need(False, "trainer.strategy", strategy,
+              "ddp_spawn inside a --multirun sweep (Lightning's ddp re-runs sys.argv, i.e. the whole sweep, in "
+              "every rank), or hydra/launcher=slurm with one job per sweep point (README: scaling out)")
+
+
+def _in_basic_multirun() -> bool:
+    """Inside a --multirun whose jobs run in this process (Hydra's basic launcher)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized():
+            return False
+        hc = HydraConfig.get()
+        return hc.mode == RunMode.MULTIRUN and "BasicLauncher" in str(hc.launcher.get("_target_", ""))
+    except (ImportError, ValueError, AttributeError):
+        return False
 
 
 def _validate_debug(debug, d: DictConfig) -> None:

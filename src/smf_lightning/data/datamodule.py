@@ -595,8 +595,18 @@ class FactStreamDataModule(L.LightningDataModule):
         # loader is requested at the start of each epoch, before any epoch hook runs.
         if self.trainer is not None:
             self.set_task(self.trainer.current_epoch)
+        batches = self.train_batches(self.current_task)
+        sampler = None
+        if self.trainer is not None and self.trainer.world_size > 1:
+            # DDP: rank r takes batches r, r + W, ... in schedule order (step k: batch k*W + r), so a
+            # step of W ranks x batch b sees what one process with batch W*b would. Lightning's own
+            # distributed sampler would shuffle a training loader's batches.
+            from torch.utils.data import DistributedSampler
+
+            sampler = DistributedSampler(batches, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank,
+                                         shuffle=False)
         return DataLoader(
-            self.train_batches(self.current_task), batch_size=None, shuffle=False,
+            batches, batch_size=None, shuffle=False, sampler=sampler,
             collate_fn=partial(collate_examples, pad_id=pad_token_id(self.tokenizer)),
         )
 
