@@ -5,6 +5,24 @@ anything heavy loads and hands it to the stage it names (``stage:``), one recipe
 under stages/ (continual.py: the fact stream; heal.py: healing replace-mode memory). Data
 flows one way: config → model + data → Lightning loop → evaluation → files and loggers
 (design.md §8). SIGTERM / SIGINT stop a run within seconds, completed results kept (interrupt.py).
+
+Where each decision is made, one place each:
+- the settings: conf/ (defaults and their comments); bad values: config.py, and each stage's
+  ``check_config`` for what its loop needs (stages/continual.py: trainer, logger, callbacks groups);
+- the model: models/build.py (load, retrofit, whitening, k-means keys, background statistics);
+  the memory layer itself: memory/;
+- the schedule (tasks, their order, batches and passes): data/datamodule.py (``data.*``);
+- the selector (which slots a step may update): selection/selectors.py, applied each step by
+  methods/smf.py (``method.selector``, ``method.top_t``);
+- the optimizer (how the selected rows move): optim/sparse.py (SlotAdam, SlotSGD), built by
+  methods/smf.py; the baselines' in methods/baselines.py;
+- the loop: stages/continual.py (the Lightning Trainer, conf/trainer/), stages/heal.py;
+- the evaluation: callbacks/evaluation.py decides when (before training, after every task),
+  eval/ what (suites, scoring, metrics, intervals);
+- the output files: callbacks/evaluation.py (summary.json, accuracy matrices, heldout.csv,
+  items/; PNGs drawn by callbacks/plots.py), callbacks/slot_stats.py (slot_stats.csv), callbacks/checkpoint.py
+  (checkpoints/last.ckpt), loggers.py (csv/, wandb/), callbacks/sweep.py (sweep_summary.csv),
+  stages/heal.py (heal_summary.json, healed/).
 """
 
 from __future__ import annotations
