@@ -1,5 +1,18 @@
-"""Hydra callback: when a multirun sweep ends, collect every job's summary.json into
-``sweep_summary.csv`` and draw the learning-vs-forgetting plot in the sweep directory."""
+"""Sweeps: the Hydra callback that, when a multirun sweep ends, collects every job's
+summary.json into ``sweep_summary.csv`` and draws the learning-vs-forgetting plot in the sweep
+directory; and how the jobs of the submitit launchers of ``hydra/launcher=slurm`` /
+``hydra/launcher=local`` (conf/hydra/launcher/; the classes live in
+``hydra_plugins/smf_lightning_launcher``, the package Hydra takes launchers from) resume from
+their last task checkpoint when they run again.
+
+A SLURM job runs again after a time limit (submitit's USR2 ``signal_delay_s`` before it:
+``checkpoint()`` resubmits the same call, up to ``max_num_timeout`` times) or after a
+preemption that SLURM requeues: either way the same launcher call starts over in the same job
+directory. :func:`resume_overrides` then adds ``ckpt_path=<job dir>/checkpoints/last.ckpt``
+when that directory holds a task checkpoint and no ``summary.json`` (the job had not finished),
+so the run continues after its last completed task with nothing of the completed tasks lost
+(callbacks/checkpoint.py writes the checkpoint atomically after every task).
+"""
 
 from __future__ import annotations
 
@@ -83,3 +96,20 @@ class SweepSummary(Callback):
             log.info("sweep summary of %d jobs: %s", len(rows), sweep_dir / "sweep_summary.csv")
         else:
             log.warning("no job of the sweep in %s wrote a summary.json; nothing to summarise", sweep_dir)
+
+
+# ---- submitit launchers whose jobs resume -----------------------------------------------------
+
+CHECKPOINT = Path("checkpoints") / "last.ckpt"  # under the job's output dir (conf/callbacks: checkpoint.dirpath)
+
+
+def resume_overrides(job_dir: Path, overrides: list[str]) -> list[str]:
+    """The job's overrides, plus ``ckpt_path=`` its last task checkpoint when it stopped before
+    finishing (checkpoint present, no summary.json) and no checkpoint was given explicitly."""
+    ckpt = Path(job_dir) / CHECKPOINT
+    if any(o.lstrip("+~").startswith("ckpt_path=") for o in overrides):
+        return list(overrides)
+    if not ckpt.is_file() or (Path(job_dir) / "summary.json").is_file():
+        return list(overrides)
+    log.warning("job %s ran before and stopped after a completed task: resuming from %s", job_dir, ckpt)
+    return [*overrides, f"ckpt_path={ckpt}"]
