@@ -108,10 +108,6 @@ def run_row(name: str, overrides: list[str]) -> int:
 SUITES = ("triviaqa_known", "nq_open", "gsm8k", "lambada", "hellaswag")
 
 
-def _fmt(x, digits=2) -> str:
-    return "" if x is None else f"{x:.{digits}f}"
-
-
 def report() -> None:
     table = []
     for name, overrides in rows().items():
@@ -147,21 +143,11 @@ def report() -> None:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(table)
-    lines = ["| row | recall | held-out tmpl | ACC | BWT | known kept | NQ F1 | GSM8K NLL | LAMBADA ppl | HellaSwag | steps | s/step | wall min |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in table:
-        def pct(k):  # relative change with its paired 95% interval where the run has one
-            if r.get(k) is None:
-                return ""
-            ci = r.get(f"{k}_ci95")
-            return f"{100 * r[k]:+.1f}%" + (f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else "")
+    sys.path.insert(0, str(HERE))
+    from report import report as sweep_report
 
-        known = _fmt(r["known_kept"], 3) + (f" [{r['known_kept_ci95'][0]:.3f}, {r['known_kept_ci95'][1]:.3f}]"
-                                            if r.get("known_kept_ci95") else "")
-        lines.append(f"| {r['row']} | {_fmt(r['recall'])} | {_fmt(r['recall_heldout_template'])} | {_fmt(r['acc'])} | "
-                     f"{_fmt(r['bwt'], 3)} | {known} | {pct('nq_open_rel_change')} | {pct('gsm8k_rel_change')} | "
-                     f"{pct('lambada_rel_change')} | {pct('hellaswag_rel_change')} | {r['steps']} | "
-                     f"{_fmt(r['seconds_per_step'], 1)} | {_fmt(r['wall_minutes'], 0)} |")
+    _, md = sweep_report(RUNS, "recipe", [r["row"] for r in table])  # the table of experiments/report.py
+    lines = md.splitlines()
     (RESULTS / "recipe_table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"\nwritten: {RESULTS / 'recipe.csv'}, {RESULTS / 'recipe_table.md'}")

@@ -97,6 +97,15 @@ def test_multirun_sweep_writes_summary_and_plot(tmp_path):
     # each job closed its own wandb run
     runs = [p for job in ("0", "1") for p in (tmp_path / job / "wandb").glob("offline-run-*")]
     assert len(runs) == 2
+    # experiments/report.py turns the sweep directory into the report tables, one row per job
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import report
+
+    table_rows, table = report.report(tmp_path, "headline")
+    assert [(r["row"], r["selector"]) for r in table_rows] == [("0", "kl"), ("1", "tfidf")]
+    assert [r["recall"] for r in table_rows] == [json.loads((tmp_path / j / "summary.json").read_text())["fact_recall"]
+                                                 for j in ("0", "1")]
+    assert "| 0 | adam lr" in table and "| 1 | adam lr" in table
 
 
 def test_suites_first_last_skips_middle_points(tmp_path):
