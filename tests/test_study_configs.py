@@ -1,0 +1,153 @@
+"""Studies as Hydra experiment configs (issue 17, item 2): every row of the headline study
+(conf/experiment/headline/) and of the SMF recipe study (conf/experiment/recipe/) composes to the
+config the old bespoke runners (experiments/headline.py, experiments/smf_recipe.py before issue
+17) ran for that row: ``experiment=<row file>`` against the runner's base experiment plus its
+override list, both resolved, with the run directory as the only difference allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
+
+from smf_lightning.train import conf_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAL_DIR = ROOT / "experiments" / "runs" / "heal_replace"
+
+# ---- the old runners' rows, verbatim (experiments/headline.py and smf_recipe.py at ace9a87) ----
+
+SMF = ["method.optimizer=adam", "method.lr=1.0"]
+ROWS: dict[str, list[str]] = {
+    **{f"smf_{sel}_t{t}": [*SMF, f"method.selector={sel}", f"method.top_t={t}"]
+       for sel in ("kl", "tfidf") for t in (32, 128, 512)},
+    "smf_random_t128": [*SMF, "method.selector=random", "method.top_t=128"],
+    "smf_all": [*SMF, "method.selector=all"],
+    "lora": ["method=lora", "method.lr=1e-4"],
+    "full_ft": ["method=full_ft", "method.lr=1e-6", "callbacks.checkpoint.enabled=false"],
+}
+TUNE_BASE = ["data.n_tasks=2", "data.suites.nq_open.n_items=32", "data.suites.lambada.n_items=32",
+             "~data.suites.hellaswag", "~data.suites.gsm8k", "callbacks.checkpoint.enabled=false"]
+TUNE: dict[str, list[str]] = {
+    "smf_adam_lr0.1": ["method.optimizer=adam", "method.lr=0.1"],
+    "smf_adam_lr0.3": ["method.optimizer=adam", "method.lr=0.3"],
+    "smf_sgd_lr300": ["method.optimizer=sgd", "method.lr=300"],
+    "smf_sgd_lr1000": ["method.optimizer=sgd", "method.lr=1000"],
+    "smf_sgd_lr3000": ["method.optimizer=sgd", "method.lr=3000"],
+    "smf_t64_adam_lr0.3": ["method.top_t=64", "method.optimizer=adam", "method.lr=0.3"],
+    "smf_t64_adam_lr1": ["method.top_t=64", "method.optimizer=adam", "method.lr=1.0"],
+    "smf_t64_sgd_lr1000": ["method.top_t=64", "method.optimizer=sgd", "method.lr=1000"],
+    "smf_t64_sgd_lr3000": ["method.top_t=64", "method.optimizer=sgd", "method.lr=3000"],
+    "smf_t64_sgd_lr3000_suffix": ["method.top_t=64", "method.optimizer=sgd", "method.lr=3000", "data.loss_on=answer_and_suffix"],
+    "smf_t64_adam_lr1_suffix": ["method.top_t=64", "method.optimizer=adam", "method.lr=1.0", "data.loss_on=answer_and_suffix"],
+    "lora_lr1e-3": ["method=lora", "method.lr=1e-3"],
+    "lora_lr3e-3": ["method=lora", "method.lr=3e-3"],
+    "lora_lr3e-5": ["method=lora", "method.lr=3e-5"],
+    "lora_lr1e-4": ["method=lora", "method.lr=1e-4"],
+    "lora_lr3e-4": ["method=lora", "method.lr=3e-4"],
+    "full_ft_lr1e-6": ["method=full_ft", "method.lr=1e-6"],
+    "full_ft_lr3e-6": ["method=full_ft", "method.lr=3e-6"],
+}
+HEAL_CMD = ["experiment=heal", "heal.trainable=[values,gate,out]", "heal.max_steps=60", "heal.eval_every=20",
+            "heal.n_heldout=50", "heal.target_ppl_ratio=null"]
+KEYS_ROWS: dict[str, list[str]] = {
+    "smf_kl_t128_kmeans": [*SMF, "method.selector=kl", "method.top_t=128", "model.memory.key_init=kmeans"],
+    "smf_kl_t128_replace_healed": [*SMF, "method.selector=kl", "method.top_t=128", f"model.init_checkpoint={HEAL_DIR}/healed"],
+}
+
+
+def with_lr(overrides: list[str], lr: float) -> list[str]:
+    return [o for o in overrides if not o.startswith("method.lr=")] + [f"method.lr={lr}"]
+
+
+TUNE.update({
+    **{f"keys_kmeans_lr{lr}": with_lr(KEYS_ROWS["smf_kl_t128_kmeans"], lr) for lr in (0.1, 0.3)},
+    **{f"keys_healed_lr{lr}": with_lr(KEYS_ROWS["smf_kl_t128_replace_healed"], lr) for lr in (0.01, 0.1, 0.3)},
+})
+KEYS_ROWS["smf_kl_t128_kmeans_lr0.3"] = with_lr(KEYS_ROWS["smf_kl_t128_kmeans"], 0.3)
+KEYS_ROWS["smf_kl_t128_replace_healed_lr0.1"] = with_lr(KEYS_ROWS["smf_kl_t128_replace_healed"], 0.1)
+
+LEVERS: list[tuple[str, list[str]]] = [
+    ("schedule", ["data.schedule=sequential", "data.train_batch_size=4", "data.epochs_per_task=1", "data.repeats_per_batch=5"]),
+    ("output", ["model.memory.output=swilu"]),
+    ("whitening", ["model.memory.input_norm=none"]),
+    ("hubs", ["method.exclude_hubs=0.0"]),
+    ("ownership", ["method.exclude_owned=false", "method.optimizer_state=carry"]),
+    ("selection", ["method.select_per=step", "method.top_t=500"]),
+    ("memory", ["model.memory.heads=4", "model.memory.n_slots=16384", "model.memory.knn=16", "model.memory.layers=[12]"]),
+    ("background", ["data.background.triviaqa=128", "data.background.nq_open=64"]),
+    ("zca", ["model.memory.input_norm=whiten", "model.memory.whiten_on=all"]),
+    ("suffix", ["data.loss_on=answer"]),
+    ("budget", ["method.top_t=30", "method.lr=1.0"]),
+]
+OLD_DEFAULTS = [
+    "model.memory.layers=[12]", "model.memory.n_slots=16384", "model.memory.heads=4", "model.memory.knn=16",
+    "model.memory.output=swilu", "model.memory.input_norm=none", "model.memory.whiten_on=all",
+    "model.memory.score_scale=1.0",
+    "method.selector=kl", "method.top_t=500", "method.optimizer=adam", "method.lr=1.0", "method.select_per=step",
+    "method.exclude_hubs=0.0", "method.exclude_owned=false", "method.optimizer_state=carry", "method.prefix_cache=4",
+    "data.schedule=sequential", "data.train_batch_size=4", "data.repeats_per_batch=5", "data.epochs_per_task=1",
+    "data.loss_on=answer", "data.background.triviaqa=128", "data.background.nq_open=64", "data.background.lambada=64",
+]
+
+
+def recipe_rows() -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {"old_defaults": OLD_DEFAULTS}
+    for k in range(1, len(LEVERS) + 1):
+        out[f"+{LEVERS[k - 1][0]}"] = [o for _, old in reversed(LEVERS[k:]) for o in old]
+    out["recipe_kl"] = out.pop(f"+{LEVERS[-1][0]}")
+    out["recipe_tfidf"] = ["method.selector=tfidf"]
+    return out
+
+
+# (row file under conf/experiment, the old runner's overrides of its row, the job folder's name)
+CASES: list[tuple[str, list[str], str]] = [
+    *[(f"headline/{n}", ["experiment=facts_seq_report", *o], n) for n, o in {**ROWS, **KEYS_ROWS}.items()],
+    *[(f"headline/tune/{n}", ["experiment=facts_seq_report", *TUNE_BASE, *o], n) for n, o in TUNE.items()],
+    *[(f"recipe/{n}", ["experiment=smf_recipe", *o, "logger.wandb.mode=disabled"], n) for n, o in recipe_rows().items()],
+]
+TUNE_DELETIONS = ["~data.suites.hellaswag", "~data.suites.gsm8k"]  # on the command line: a file cannot delete
+
+
+def composed(overrides: list[str]) -> tuple[dict, dict]:
+    """(the job's config, resolved, its run directory made a placeholder; hydra.sweep)."""
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    sweep = OmegaConf.to_container(cfg.hydra.sweep)
+    with open_dict(cfg):
+        del cfg["hydra"]
+        cfg.paths.output_dir = "<run dir>"  # ${hydra:runtime.output_dir}: set when the job runs
+    return OmegaConf.to_container(cfg, resolve=True), sweep
+
+
+@pytest.fixture(autouse=True)
+def _repo_root_cwd(monkeypatch):
+    monkeypatch.setenv("PWD", str(ROOT))  # paths.root_dir: the commands run from the repository root
+
+
+def test_every_row_file_is_a_case():
+    conf = Path(conf_dir()) / "experiment"
+    files = {str(p.relative_to(conf).with_suffix("")) for d in ("headline", "recipe") for p in (conf / d).rglob("*.yaml")}
+    assert files == {c for c, _, _ in CASES} | {"headline/heal_replace"}
+
+
+@pytest.mark.parametrize("row,old,name", CASES, ids=[c for c, _, _ in CASES])
+def test_row_config_is_the_old_runners_row(row, old, name):
+    deletions = TUNE_DELETIONS if row.startswith("headline/tune/") else []
+    new, sweep = composed([f"experiment={row}", *deletions])
+    ref, _ = composed(old)
+    assert new == ref
+    assert sweep["subdir"] == name  # <sweep dir>/<row>: the old runner's run directory, the report's row name
+
+
+def test_heal_replace_is_the_old_runners_healing_run():
+    assert composed(["experiment=headline/heal_replace"])[0] == composed(HEAL_CMD)[0]
+
+
+def test_row_files_open_with_their_command():
+    for row, _, _ in CASES:
+        text = (Path(conf_dir()) / "experiment" / f"{row}.yaml").read_text()
+        assert text.startswith("# @package _global_\n# ")
+        assert f"python -m smf_lightning.train -m experiment={row} " in text
