@@ -78,4 +78,27 @@ def test_resume_overrides(tmp_path):
     assert resume_overrides(tmp_path, base) == [*base, f"ckpt_path={ckpt}"]  # stopped after a task
     assert resume_overrides(tmp_path, [*base, "ckpt_path=/elsewhere.ckpt"]) == [*base, "ckpt_path=/elsewhere.ckpt"]
     (tmp_path / "summary.json").write_text("{}")
-    assert resume_overrides(tmp_path, base) == base  # finished: a new launch is a new run
+    assert resume_overrides(tmp_path, base) == base  # finished: nothing to resume (the job skips: resume_sweep_job)
+
+
+def test_a_study_launched_again_skips_finished_jobs_and_resumes_stopped_ones(tmp_path):
+    """A study is a multirun into a fixed hydra.sweep.dir, launched again until done (Hydra's basic
+    launcher: the jobs run in this process, so the kill after job 0's task 0 stops the sweep). The
+    second launch resumes job 0 after task 0 and runs job 1; the third runs nothing."""
+    sweep = ["-m", *TINY, "method.selector=kl,tfidf", f"hydra.sweep.dir={tmp_path}"]
+    first = cli([*sweep, "debug.stop_after_task=0"])
+    assert first.returncode != 0  # killed
+    ckpt = tmp_path / "0" / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file() and not (tmp_path / "0" / "summary.json").exists() and not (tmp_path / "1").exists()
+    second = cli(sweep)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+    assert f"resuming from {ckpt}" in second.stdout + second.stderr
+    summaries = [check_contract(tmp_path / job) for job in ("0", "1")]
+    assert [s["selector"] for s in summaries] == ["kl", "tfidf"]
+    assert summaries[0]["steps"] == summaries[1]["steps"]  # the resumed job trained both tasks' steps
+    mtimes = [(tmp_path / job / "summary.json").stat().st_mtime_ns for job in ("0", "1")]
+    third = cli(sweep)
+    assert third.returncode == 0, (third.stdout + third.stderr)[-3000:]
+    assert (third.stdout + third.stderr).count("finished earlier (summary.json): skipped") == 2
+    assert [(tmp_path / job / "summary.json").stat().st_mtime_ns for job in ("0", "1")] == mtimes
+    assert len(_rows(tmp_path)) == 2  # the sweep summary still has both jobs

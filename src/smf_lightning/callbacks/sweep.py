@@ -12,6 +12,11 @@ directory. :func:`resume_overrides` then adds ``ckpt_path=<job dir>/checkpoints/
 when that directory holds a task checkpoint and no ``summary.json`` (the job had not finished),
 so the run continues after its last completed task with nothing of the completed tasks lost
 (callbacks/checkpoint.py writes the checkpoint atomically after every task).
+
+A study is a multirun into a fixed ``hydra.sweep.dir`` (conf/experiment/headline/,
+conf/experiment/recipe/), launched again until every job is done: :func:`resume_sweep_job`, called
+by the job itself under any launcher (Hydra's basic one included), skips a job whose folder holds
+a summary.json and resumes one that stopped after a task.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import json
 import logging
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from ..eval.metrics import degradation_pct
@@ -103,13 +110,37 @@ class SweepSummary(Callback):
 CHECKPOINT = Path("checkpoints") / "last.ckpt"  # under the job's output dir (conf/callbacks: checkpoint.dirpath)
 
 
+def resume_checkpoint(job_dir: Path) -> Path | None:
+    """The job's last task checkpoint when it stopped before finishing (checkpoint present, no summary.json)."""
+    ckpt = Path(job_dir) / CHECKPOINT
+    if not ckpt.is_file() or (Path(job_dir) / "summary.json").is_file():
+        return None
+    log.warning("job %s ran before and stopped after a completed task: resuming from %s", job_dir, ckpt)
+    return ckpt
+
+
 def resume_overrides(job_dir: Path, overrides: list[str]) -> list[str]:
     """The job's overrides, plus ``ckpt_path=`` its last task checkpoint when it stopped before
-    finishing (checkpoint present, no summary.json) and no checkpoint was given explicitly."""
-    ckpt = Path(job_dir) / CHECKPOINT
+    finishing and no checkpoint was given explicitly."""
     if any(o.lstrip("+~").startswith("ckpt_path=") for o in overrides):
         return list(overrides)
-    if not ckpt.is_file() or (Path(job_dir) / "summary.json").is_file():
-        return list(overrides)
-    log.warning("job %s ran before and stopped after a completed task: resuming from %s", job_dir, ckpt)
-    return [*overrides, f"ckpt_path={ckpt}"]
+    ckpt = resume_checkpoint(job_dir)
+    return list(overrides) if ckpt is None else [*overrides, f"ckpt_path={ckpt}"]
+
+
+def resume_sweep_job(cfg: DictConfig) -> dict | None:
+    """In a multirun job whose folder a launch of the same sweep used before: its summary when
+    it finished (summary.json; the job is skipped, the sweep's other jobs run), else None, with
+    ``cfg.ckpt_path`` set to its last task checkpoint when it stopped after a task. Single runs
+    (a fixed ``hydra.run.dir``) always run: rerunning one is asked for explicitly."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    job_dir = Path(cfg.paths.output_dir)
+    if (job_dir / "summary.json").is_file():
+        log.warning("job %s finished earlier (summary.json): skipped; remove its folder to run it again", job_dir)
+        return json.loads((job_dir / "summary.json").read_text())
+    if cfg.get("ckpt_path") is None:
+        ckpt = resume_checkpoint(job_dir)
+        if ckpt is not None:
+            cfg.ckpt_path = str(ckpt)
+    return None

@@ -185,7 +185,14 @@ class ContinualRecipe:
 
 
 def run(cfg: DictConfig) -> dict:
-    """One continual-learning run; returns its summary (also in summary.json)."""
+    """One continual-learning run; returns its summary (also in summary.json). A multirun job
+    launched again in the same sweep directory is skipped when it finished, resumed when it
+    stopped after a task (callbacks/sweep.py: resume_sweep_job)."""
+    from ..callbacks.sweep import resume_sweep_job
+
+    finished = resume_sweep_job(cfg)
+    if finished is not None:
+        return finished
     recipe = ContinualRecipe(cfg)
     recipe.setup()
     recipe.run()
