@@ -23,6 +23,7 @@ Where each decision is made, one place each:
   items/; PNGs drawn by callbacks/plots.py), callbacks/slot_stats.py (slot_stats.csv), callbacks/checkpoint.py
   (checkpoints/last.ckpt), loggers.py (csv/, wandb/), callbacks/sweep.py (sweep_summary.csv),
   stages/heal.py (heal_summary.json, healed/).
+- what a hyperparameter search maximises (``hparams_search=``, conf/hparams_search/): eval/objective.py.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import hydra
 from omegaconf import DictConfig
 
 from .config import ConfigError, validate_config
+from .eval.objective import check_objective_config, optimized_value
 
 log = logging.getLogger("smf_lightning")
 
@@ -69,6 +71,8 @@ def run(cfg: DictConfig) -> dict:
     from .interrupt import RunInterrupted, log_resume_hint, stop_on_signals
 
     validate_config(cfg)
+    if cfg.get("optimized_metric"):  # a hyperparameter search (hparams_search=...): its metric must exist
+        check_objective_config(cfg)
     stage = stage_module(cfg)
     stage.check_config(cfg)
     try:
@@ -82,14 +86,19 @@ def run(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=None, config_name="train")
-def _hydra_main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> float | None:
+    """One run; returns cfg.optimized_metric's value (what hparams_search's Optuna sweeper maximises), if set."""
     try:
         summary = run(cfg)
+        value = optimized_value(summary, cfg) if cfg.get("optimized_metric") else None
     except ConfigError as e:
         log.error("%s", e)
         raise SystemExit(2) from None
     keys = ("stage", "method", "fact_recall", "acc", "bwt", "forgetting", "base_ppl", "before_ppl", "after_ppl", "steps")
     log.info("summary: %s", {k: summary[k] for k in keys if k in summary})
+    if value is not None:
+        log.info("optimized_metric %s = %r", cfg.optimized_metric, value)
+    return value
 
 
 def main() -> None:
