@@ -6,6 +6,7 @@ override list, both resolved, with the run directory as the only difference allo
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,11 @@ from omegaconf import OmegaConf, open_dict
 from smf_lightning.train import conf_dir
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import headline  # noqa: E402  (the thin wrappers that print and launch the multiruns)
+import smf_recipe  # noqa: E402
+
 HEAL_DIR = ROOT / "experiments" / "runs" / "heal_replace"
 
 # ---- the old runners' rows, verbatim (experiments/headline.py and smf_recipe.py at ace9a87) ----
@@ -108,7 +114,7 @@ CASES: list[tuple[str, list[str], str]] = [
     *[(f"headline/tune/{n}", ["experiment=facts_seq_report", *TUNE_BASE, *o], n) for n, o in TUNE.items()],
     *[(f"recipe/{n}", ["experiment=smf_recipe", *o, "logger.wandb.mode=disabled"], n) for n, o in recipe_rows().items()],
 ]
-TUNE_DELETIONS = ["~data.suites.hellaswag", "~data.suites.gsm8k"]  # on the command line: a file cannot delete
+TUNE_DELETIONS = list(headline.TUNE_DELETIONS)  # on the tune multirun's command line: a file cannot delete
 
 
 def composed(overrides: list[str]) -> tuple[dict, dict]:
@@ -131,6 +137,17 @@ def test_every_row_file_is_a_case():
     conf = Path(conf_dir()) / "experiment"
     files = {str(p.relative_to(conf).with_suffix("")) for d in ("headline", "recipe") for p in (conf / d).rglob("*.yaml")}
     assert files == {c for c, _, _ in CASES} | {"headline/heal_replace"}
+    # the wrappers' studies are the old runners' rows, in the report's order
+    assert (headline.ROWS, headline.KEYS_ROWS, headline.TUNE) == (tuple(ROWS), tuple(KEYS_ROWS), tuple(TUNE))
+    assert smf_recipe.ROWS == tuple(recipe_rows())
+
+
+def test_multirun_commands():
+    args = headline.multirun("tune", ["lora_lr1e-3", "smf_adam_lr0.1"], ["trainer.max_time=00:01:00:00"])
+    assert args == ["-m", "experiment=headline/tune/lora_lr1e-3,headline/tune/smf_adam_lr0.1", *TUNE_DELETIONS,
+                    "trainer.max_time=00:01:00:00", "hydra.sweep.dir=experiments/runs/headline_tune"]
+    assert smf_recipe.multirun(["old_defaults", "+zca"]) == \
+        ["-m", "experiment=recipe/old_defaults,recipe/+zca", f"hydra.sweep.dir={smf_recipe.RUNS}"]
 
 
 @pytest.mark.parametrize("row,old,name", CASES, ids=[c for c, _, _ in CASES])
