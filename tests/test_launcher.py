@@ -102,3 +102,6 @@ def test_a_study_launched_again_skips_finished_jobs_and_resumes_stopped_ones(tmp
     assert (third.stdout + third.stderr).count("finished earlier (summary.json): skipped") == 2
     assert [(tmp_path / job / "summary.json").stat().st_mtime_ns for job in ("0", "1")] == mtimes
     assert len(_rows(tmp_path)) == 2  # the sweep summary still has both jobs
+    other = cli(["-m", *TINY, "method.selector=kl", "method.top_t=8", f"hydra.sweep.dir={tmp_path}"])  # another sweep, job 0
+    assert other.returncode == 2 and "holds a run of other overrides" in other.stdout + other.stderr
+    assert (tmp_path / "0" / "summary.json").stat().st_mtime_ns == mtimes[0]

@@ -136,6 +136,7 @@ def resume_sweep_job(cfg: DictConfig) -> dict | None:
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
     job_dir = Path(cfg.paths.output_dir)
+    _check_same_job(job_dir, list(HydraConfig.get().overrides.task))
     if (job_dir / "summary.json").is_file():
         log.warning("job %s finished earlier (summary.json): skipped; remove its folder to run it again", job_dir)
         return json.loads((job_dir / "summary.json").read_text())
@@ -144,3 +145,27 @@ def resume_sweep_job(cfg: DictConfig) -> dict | None:
         if ckpt is not None:
             cfg.ckpt_path = str(ckpt)
     return None
+
+
+JOB_OVERRIDES = "job_overrides.json"  # what makes a job folder's run this job (job folders are numbered)
+
+
+def _check_same_job(job_dir: Path, overrides: list[str]) -> None:
+    """Skipping or resuming is right only for the same job: a job folder records its overrides
+    (ckpt_path and debug.* aside) the first time it runs; another sweep's job in it stops here
+    (.hydra/overrides.yaml cannot tell: Hydra rewrites it before the job starts)."""
+    from ..errors import ConfigError
+
+    mine = [o for o in overrides if not o.lstrip("+~").startswith(("ckpt_path=", "debug."))]
+    record = job_dir / JOB_OVERRIDES
+    if not record.is_file():  # a fresh folder (or one from before the record: trusted)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(mine, indent=1))
+        return
+    earlier = json.loads(record.read_text())
+    if earlier != mine:
+        raise ConfigError(
+            f"bad sweep: the job folder {job_dir} holds a run of other overrides ({' '.join(earlier)}), not "
+            f"this job's ({' '.join(mine)}). Launch a study again with the same command, or give this sweep "
+            f"its own hydra.sweep.dir."
+        )
