@@ -142,6 +142,83 @@ def test_zca_whitening_is_the_inverse_square_root_of_the_background_covariance(t
     assert torch.equal(_logits(load_retrofitted(tmp_path / "m"), b), _logits(again, b))
 
 
+def _grouped_batches(tok, questions, templates):
+    """One batch per question: the question under every template, loss on its answer tokens,
+    ``groups`` = the question's index (the layout of FactStreamDataModule.template_group_batches)."""
+    from smf_lightning.data.facts import TrainingExample, collate_examples
+
+    out = []
+    for q, (question, answer) in enumerate(questions):
+        examples = []
+        for t in templates:
+            prompt = tok(t.format(question=question), add_special_tokens=False)["input_ids"]
+            ans = tok(" " + answer, add_special_tokens=False)["input_ids"]
+            examples.append(TrainingExample(tuple(prompt + ans), (False,) * len(prompt) + (True,) * len(ans), f"q{q}", t))
+        batch = collate_examples(examples, tok.pad_token_id)
+        batch["groups"] = torch.full((len(templates),), q)
+        out.append(batch)
+    return out
+
+
+def test_zca_within_whitens_with_the_within_question_covariance(tiny_tok, tmp_path):
+    """input_norm=zca_within: Z = (W + alpha C)^-1/2 with W the pooled covariance of each
+    question's answer positions around their mean over its templates (positions aligned by
+    index), C and the mean from the same aligned positions; cached like ZCA, keyed by alpha."""
+    cfg = MemoryConfig(layers=[1], input_norm="zca_within", whiten_on="loss", within_alpha=0.5, **SMALL)
+    model = retrofit(tiny_qwen2(), cfg)
+    mem = memory_layers(model)[1]
+    templates = ["Question: {question}\nAnswer:", "Q: {question} A:", "Trivia: {question} Correct answer:"]
+    questions = [("Who wrote Hamlet?", "William Shakespeare"), ("Capital of France?", "Paris"),
+                 ("Largest planet?", "the planet Jupiter"), ("2+2?", "four"), ("Boiling point of water?", "100 degrees")] * 4
+    batches = _grouped_batches(tiny_tok, questions, templates)
+    seen = []
+    hook = mem.register_forward_pre_hook(lambda mod, a: seen.append(a[0].detach().double()))
+    for bb in batches:
+        with torch.no_grad():
+            model(input_ids=bb["input_ids"], attention_mask=bb["attention_mask"])
+    hook.remove()
+    fit_input_whitening(model, batches, loss_tokens_only=True)
+    aligned, dev = [], []
+    for x, bb in zip(seen, batches):
+        mask = loss_position_mask(bb["labels"])
+        rows = [x[r][mask[r]] for r in range(x.shape[0])]
+        n = min(r.shape[0] for r in rows)
+        stack = torch.stack([r[:n] for r in rows])
+        aligned.append(stack.reshape(-1, 64))
+        dev.append((stack - stack.mean(0)).reshape(-1, 64))
+    x, d = torch.cat(aligned), torch.cat(dev)
+    n_dof = sum(a.shape[0] // len(templates) * (len(templates) - 1) for a in aligned)
+    within = d.T @ d / n_dof
+    total = (x - x.mean(0)).T @ (x - x.mean(0)) / x.shape[0]
+    evals, evecs = torch.linalg.eigh(within + 0.5 * total)
+    ref = (evecs * evals.clamp_min(evals.max() * 1e-5).rsqrt()) @ evecs.T
+    torch.testing.assert_close(mem.in_mean.double(), x.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mem.in_whiten.double(), ref, rtol=1e-4, atol=1e-4)
+    zca = retrofit(tiny_qwen2(), MemoryConfig(layers=[1], input_norm="zca", whiten_on="loss", **SMALL))
+    fit_input_whitening(zca, [{k: v for k, v in b.items() if k != "groups"} for b in batches], loss_tokens_only=True)
+    assert not torch.allclose(memory_layers(zca)[1].in_whiten, mem.in_whiten, atol=1e-3)  # not ZCA
+    # the cache key holds alpha: another alpha is fitted afresh, the same one loaded
+    calls = []
+    for alpha, expect in ((0.5, [1]), (0.5, [1]), (0.1, [1, 3])):
+        m = retrofit(tiny_qwen2(), MemoryConfig(layers=[1], input_norm="zca_within", whiten_on="loss",
+                                                within_alpha=alpha, **SMALL))
+        load_or_fit_input_whitening(m, lambda a=alpha: calls.append(1 if a == 0.5 else 3) or batches, tmp_path,
+                                    {"corpus": "g"}, loss_tokens_only=True)
+        assert calls == expect
+    with pytest.raises(ValueError, match="groups"):  # ordinary background batches cannot give W
+        fit_input_whitening(retrofit(tiny_qwen2(), cfg), [{k: v for k, v in b.items() if k != "groups"} for b in batches],
+                            loss_tokens_only=True)
+    with pytest.raises(ValueError, match="whiten_on=loss"):
+        MemoryConfig(layers=[1], input_norm="zca_within", whiten_on="all", **SMALL).validate()
+
+
+def test_zca_within_runs_end_to_end_from_the_config(tmp_path):
+    run = _tiny_cli(tmp_path, "model.memory.input_norm=zca_within", "model.memory.whiten_on=loss",
+                    "model.memory.within_questions=4", "data.background.synthetic=8", "callbacks.checkpoint.enabled=false")
+    s = json.loads((run / "summary.json").read_text())
+    assert s["fact_recall"] is not None
+
+
 def test_loss_position_whitening_uses_the_unmasked_forward(tiny_tok):
     """whiten_on=loss: statistics of the memory input at the loss positions of the ordinary
     forward (every real token attended), not of a forward that attends only to those positions."""

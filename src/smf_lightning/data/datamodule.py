@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from functools import partial
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from smf_lightning.data import documents
@@ -705,6 +706,27 @@ class FactStreamDataModule(L.LightningDataModule):
             examples = sorted(examples, key=lambda e: len(e.input_ids))
         pad_id = pad_token_id(self.tokenizer)
         return [collate_examples(examples[i:i + size], pad_id) for i in range(0, len(examples), size)]
+
+    def template_group_batches(self, n_questions: int, questions_per_batch: int = 8) -> list[dict]:
+        """The first ``n_questions`` QA facts of the background, each under every *training*
+        template, collated with ``groups`` (the question's index per row): the corpus of the
+        within-question covariance of ``model.memory.input_norm=zca_within`` (memory/whitening.py)."""
+        self._require_stream()
+        facts = self._background_facts[:n_questions]
+        if len(facts) < 2 or len(self.train_templates) < 2:
+            raise ValueError(
+                f"input_norm=zca_within needs >= 2 background questions and >= 2 training templates; got "
+                f"{len(facts)} and {len(self.train_templates)} (data.background.triviaqa, data.templates)."
+            )
+        pad_id = pad_token_id(self.tokenizer)
+        batches = []
+        for start in range(0, len(facts), questions_per_batch):
+            chunk = range(start, min(start + questions_per_batch, len(facts)))
+            examples = [self._encode(facts[q], name) for q in chunk for name in self.train_templates]
+            batch = collate_examples(examples, pad_id)
+            batch["groups"] = torch.tensor([q for q in chunk for _ in self.train_templates])
+            batches.append(batch)
+        return batches
 
     def background_key(self) -> dict:
         """What determines the background corpus (for the background-statistics cache key)."""

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-INPUT_NORMS = ("none", "whiten", "center", "zca")
+INPUT_NORMS = ("none", "whiten", "center", "zca", "zca_within")
 
 
 @dataclass
@@ -65,6 +65,11 @@ class MemoryConfig:
     # axis, gets unit variance). Outlier dimensions and shared directions (the template at an answer
     # position) otherwise dominate every query, so different entities read the same slots.
     input_norm: str = "none"
+    # input_norm="zca_within": Z = (W + within_alpha C)^-1/2, W the covariance of background questions'
+    # deviations from their own mean over the training templates (memory/whitening.py): directions
+    # in which one question's templates differ are damped, so its templates read shared slots.
+    within_alpha: float = 0.003
+    within_questions: int = 400  # background questions rendered under every training template to fit W
     # Which background positions the whitening statistics come from: "all" real tokens, or "loss"
     # (answer-predicting) positions only, the positions whose reads SMF trains (memory/whitening.py).
     whiten_on: str = "all"
@@ -95,6 +100,14 @@ class MemoryConfig:
             raise ValueError(f"memory.output={self.output!r}; allowed: 'swilu', 'direct'.")
         if self.input_norm not in INPUT_NORMS:
             raise ValueError(f"memory.input_norm={self.input_norm!r}; allowed: {', '.join(map(repr, INPUT_NORMS))}.")
+        if self.input_norm == "zca_within":
+            if self.whiten_on != "loss":
+                raise ValueError("memory.input_norm=zca_within fits its statistics at the answer positions: "
+                                 "set memory.whiten_on=loss.")
+            if not self.within_alpha > 0:
+                raise ValueError(f"memory.within_alpha={self.within_alpha!r} must be > 0 (W + alpha C must be invertible).")
+            if self.within_questions < 2:
+                raise ValueError(f"memory.within_questions={self.within_questions!r} must be >= 2.")
         if not self.score_scale > 0:
             raise ValueError(f"memory.score_scale={self.score_scale!r} must be > 0 (softmax inverse temperature).")
         if self.whiten_on not in ("all", "loss"):
@@ -185,7 +198,7 @@ class ProductKeyMemory(nn.Module):
         # corpus); saved with the model. Identity until fitted.
         self.register_buffer("in_mean", torch.zeros(hidden_size))
         self.register_buffer("in_std", torch.ones(hidden_size))
-        if cfg.input_norm == "zca":  # only then: checkpoints of the other modes keep their keys
+        if cfg.input_norm in ("zca", "zca_within"):  # only then: checkpoints of the other modes keep their keys
             self.register_buffer("in_whiten", torch.eye(hidden_size))
         self.last_access: SlotAccess | None = None
         self.token_mask: torch.Tensor | None = None  # set per model call by the retrofit hook
@@ -220,7 +233,7 @@ class ProductKeyMemory(nn.Module):
                 x = x - self.in_mean.float()
                 if self.cfg.input_norm == "whiten":
                     x = x / self.in_std.float()
-                elif self.cfg.input_norm == "zca":
+                elif self.cfg.input_norm in ("zca", "zca_within"):
                     x = x @ self.in_whiten.float()  # symmetric, so x Z = (Z x^T)^T
             q = F.linear(x, self.query.weight.float()).view(*x.shape[:-1], self.heads, 2, half)
             return F.layer_norm(q, (half,)) if self.cfg.query_norm else q

@@ -75,9 +75,15 @@ def input_whitening(cfg: DictConfig, model, dm) -> dict:
     """Fit (or load from $SMF_CACHE/whitening) the memory input statistics on the background corpus."""
     from ..memory.whitening import load_or_fit_input_whitening
 
+    key = {"corpus": dm.background_key(), "batch_size": dm.background_batch_size, "data_source": dm.source}
+    batches = lambda: dm.background_batches(sort_by_length=True)  # noqa: E731
+    if cfg.model.memory.get("input_norm") == "zca_within":
+        # one question under every training template per group: the within-question covariance
+        n = int(cfg.model.memory.get("within_questions", 400))
+        key["template_groups"] = n
+        batches = lambda: dm.template_group_batches(n)  # noqa: E731
     return load_or_fit_input_whitening(
-        model, lambda: dm.background_batches(sort_by_length=True), Path(cfg.paths.cache_dir) / "whitening",
-        {"corpus": dm.background_key(), "batch_size": dm.background_batch_size, "data_source": dm.source},
+        model, batches, Path(cfg.paths.cache_dir) / "whitening", key,
         loss_tokens_only=cfg.model.memory.get("whiten_on", "all") == "loss",
         progress=bool(cfg.trainer.enable_progress_bar),
     )
