@@ -10,6 +10,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError
+from .errors import target_class
 
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -23,7 +24,6 @@ def _is_off(entry) -> bool:
 def logger_entries(cfg: DictConfig) -> dict[str, DictConfig]:
     """name -> config of every logger the run builds, each checked to name an importable
     Lightning logger class. Runs before anything is loaded."""
-    from hydra.utils import get_class
     from lightning.pytorch.loggers import Logger
 
     group = cfg.get("logger")
@@ -43,12 +43,7 @@ def logger_entries(cfg: DictConfig) -> dict[str, DictConfig]:
         mode = entry.get("mode")
         if name == "wandb" and mode not in WANDB_MODES:
             raise ConfigError(f"bad config: logger.wandb.mode={mode!r}; allowed: {' | '.join(WANDB_MODES)}.")
-        try:
-            cls = get_class(entry._target_)
-        except Exception as e:  # ImportError, or Hydra's wrapper of it
-            raise ConfigError(f"bad config: logger.{name}._target_={entry._target_!r} cannot be imported: {e}") from None
-        if not (isinstance(cls, type) and issubclass(cls, Logger)):
-            raise ConfigError(f"bad config: logger.{name}._target_={entry._target_!r} is not a Lightning Logger class.")
+        target_class(f"logger.{name}", entry._target_, Logger, prefix="bad config: ")
         entries[name] = entry
     return entries
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import ConfigError
+from ..errors import target_class
 from ..interrupt import SelfSignal
 from .checkpoint import TaskCheckpoint
 from .evaluation import ContinualEvaluation
@@ -44,7 +45,6 @@ def _is_off(entry) -> bool:
 def callback_entries(cfg: DictConfig) -> dict[str, DictConfig]:
     """name -> config of every callback the run builds (settings and disabled entries left out),
     each checked to name an importable Lightning callback class."""
-    from hydra.utils import get_class
     from lightning.pytorch.callbacks import Callback
 
     group = cfg.get("callbacks")
@@ -67,12 +67,7 @@ def callback_entries(cfg: DictConfig) -> dict[str, DictConfig]:
                 f"callbacks.{name}={OmegaConf.to_container(entry) if OmegaConf.is_config(entry) else entry!r} is "
                 f"neither a setting ({', '.join(SETTINGS)}) nor a callback config: give it a _target_, e.g. "
                 f"`+callbacks.{name}._target_=lightning.pytorch.callbacks.LearningRateMonitor`.")
-        try:
-            cls = get_class(entry._target_)
-        except Exception as e:  # ImportError, or Hydra's wrapper of it
-            raise ConfigError(f"callbacks.{name}._target_={entry._target_!r} cannot be imported: {e}") from None
-        if not (isinstance(cls, type) and issubclass(cls, Callback)):
-            raise ConfigError(f"callbacks.{name}._target_={entry._target_!r} is not a Lightning Callback class.")
+        target_class(f"callbacks.{name}", entry._target_, Callback)
         entries[name] = entry
     return entries
 
