@@ -293,6 +293,9 @@ def report(sweep_dir: Path, table: str, names: list[str] | None = None, heal: Pa
         summary = json.loads(heal.read_text())
         run = Path(summary["checkpoint"]).parent if summary.get("checkpoint") else heal.parent  # the healing run's folder
         shown = run.relative_to(ROOT) if run.is_relative_to(ROOT) else run
+        if shown.is_absolute() and "experiments" in shown.parts:
+            # recorded in another checkout of the repository: show it from the repository's folder on
+            shown = Path(*shown.parts[shown.parts.index("experiments"):])
         text = f"Healing run (`{shown}`):\n\n" + heal_table(summary) + "\n\n" + text
     return rows, text
 
