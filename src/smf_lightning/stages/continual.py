@@ -108,6 +108,15 @@ def build_trainer(cfg: DictConfig, n_tasks: int, loggers: list, callbacks: list)
 
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs.pop("threads", None)  # ours: torch's thread count (stages.start_run)
+    if kwargs.get("strategy") == "ddp_spawn":
+        # ddp_spawn pickles the model to every rank through shared memory. The default
+        # file-descriptor sharing failed in containers ("unable to resize file <filename not
+        # specified>": measured on this project's CPU machines); named files in /dev/shm work.
+        import torch.multiprocessing as mp
+
+        if mp.get_sharing_strategy() != "file_system":
+            log.info("trainer.strategy=ddp_spawn: torch.multiprocessing sharing strategy 'file_system'")
+            mp.set_sharing_strategy("file_system")
     return instantiate(
         kwargs,
         max_epochs=n_tasks,  # one Trainer epoch = one task of the stream
