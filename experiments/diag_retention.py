@@ -1,0 +1,199 @@
+"""Why are known facts lost? Retention probe of one task, many variants, one process.
+
+Trains one task of unknown facts per variant (fresh values each time, as diag_learning.py)
+and, after training, measures for every item of the known-facts suite whether it is still
+answered and what its answer position reads: the share of its read weight on rows the task
+wrote, and the read-weighted norm of those rows (the size of what the memory adds to the
+residual stream there). Flipped and kept items are compared, so the mechanism of a loss is
+measured, not guessed.
+
+Variants add two candidate levers to the recipe:
+- ``stop=TAU``: a fact's rows are not updated in a step where that fact's mean answer loss in
+  the batch is already below TAU (nats/token): rows stop growing once the fact is learned;
+- ``maxnorm=C``: after every step each written row is scaled back to norm <= C.
+
+    python experiments/diag_retention.py --facts 20 --variants base,stop=0.1,maxnorm=30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+from diag_learning import build  # noqa: E402
+
+from smf_lightning.memory import memory_layers  # noqa: E402
+from smf_lightning.methods import build_method  # noqa: E402
+
+
+def per_fact_loss(module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    """(mean answer loss of the batch, fact id -> mean loss of its rows), one forward."""
+    model = module.model
+    labels = batch["labels"][:, 1:]
+    keep = (labels != -100).any(0).nonzero().squeeze(1)
+    with module.prefix_cache.reuse(batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    targets = labels[:, keep]
+    nll = nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    n = (targets != -100).sum(1).clamp(min=1)
+    row_loss = nll.sum(1) / n
+    loss = nll.sum() / n.sum()
+    by_fact: dict[str, list[float]] = {}
+    for fid, value in zip(batch["fact_ids"], row_loss.detach().tolist()):
+        by_fact.setdefault(fid, []).append(value)
+    return loss, {f: sum(v) / len(v) for f, v in by_fact.items()}
+
+
+@torch.no_grad()
+def known_reads(model, tok, suite, written: dict[int, torch.Tensor], batch_size: int = 32) -> list[dict]:
+    """Per known item: read-weight share on written rows and the read-weighted written-row norm
+    at the position that predicts the first answer token."""
+    prompts = [suite.template.prompt(f.question) for f in suite.facts]
+    rows, side = [], tok.padding_side
+    tok.padding_side = "left"  # the last column is every row's answer-predicting position
+    for s in range(0, len(prompts), batch_size):
+        enc = tok(prompts[s:s + batch_size], return_tensors="pt", padding=True)
+        model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], logits_to_keep=1)
+        for b in range(enc["input_ids"].shape[0]):
+            share, mag = 0.0, 0.0
+            for i, mem in memory_layers(model).items():
+                ids = mem.last_access.indices[b, -1].reshape(-1)
+                w = mem.last_access.weights[b, -1].reshape(-1).float()
+                w = w / w.sum()
+                hit = written[i][ids]
+                share += float(w[hit].sum())
+                mag += float((w * mem.values.weight[ids].norm(dim=1)).sum())
+            rows.append({"share_written": share, "written_norm": mag})
+    tok.padding_side = side
+    return rows
+
+
+def run_variant(spec: str, cfg, model, tok, dm, bg) -> dict:
+    opts = dict(kv.split("=") for kv in spec.split("+")) if spec != "base" else {}
+    stop = float(opts.pop("stop", "nan"))
+    maxnorm = float(opts.pop("maxnorm", "nan"))
+    mcfg = OmegaConf.to_container(cfg.method, resolve=True)
+    data_over = {}
+    for k, v in opts.items():  # method keys, or data.KEY (a datamodule attribute, e.g. epochs_per_task)
+        v = json.loads(v) if v[:1].isdigit() or v[:1] in "-[{" else v
+        if k.startswith("data."):
+            data_over[k.removeprefix("data.")] = v
+        else:
+            mcfg[k] = v
+    saved = {k: getattr(dm, k) for k in data_over}
+    for k, v in data_over.items():
+        setattr(dm, k, v)
+    for mem in memory_layers(model).values():
+        mem.values.weight.data.zero_()
+    dm._train_examples = {}
+    module = build_method(mcfg, model, background=bg, seed=int(cfg.seed))
+    module.fact_slots = module.select_fact_slots(dm.training_examples(0), dm.collate)
+    opt = module.configure_optimizers()
+    wrap = SimpleNamespace(optimizer=opt, step=opt.step)
+    batches = dm.train_batches(0)
+    n_per_pass = max(1, len(batches) // dm.epochs_per_task)
+    losses, skipped, t0 = [], 0, time.time()
+    module.model.train()
+    for b in batches:
+        batch = dm.collate(b)
+        opt.zero_grad(set_to_none=True)
+        module.on_accumulation_start()
+        loss, by_fact = per_fact_loss(module, batch)
+        loss.backward()
+        module.after_backward(batch)
+        if stop == stop:  # not nan: drop learned facts from this step's update
+            learned = {f for f, v in by_fact.items() if v < stop}
+            skipped += len(learned)
+            module._batch_facts = [f for f in module._batch_facts if f not in learned]
+        module.take_optimizer_step(wrap)
+        if maxnorm == maxnorm:
+            for mem in memory_layers(model).values():
+                w = mem.values.weight.data
+                norms = w.norm(dim=1, keepdim=True)
+                w.mul_(torch.clamp(maxnorm / norms.clamp(min=1e-12), max=1.0))
+        losses.append(float(loss.detach()))
+    secs = (time.time() - t0) / len(batches)
+    module.model.eval()
+    rec = dm.evaluate_recall(model, tok, [0])[0]
+    suite = dm.heldout_suites()["triviaqa_known"]
+    kept = suite.evaluate(model, tok, 64)["em"]
+    em = suite.last_items["em"]
+    written = {i: mem.values.weight.detach().abs().sum(1) > 0 for i, mem in memory_layers(model).items()}
+    reads = known_reads(model, tok, suite, written)
+    mean = lambda xs: round(sum(xs) / len(xs), 4) if xs else None  # noqa: E731
+    flipped = [r for r, e in zip(reads, em) if not e]
+    held = [r for r, e in zip(reads, em) if e]
+    train_t = [t for t in rec if t not in dm.heldout_templates]
+    norms = torch.cat([m.values.weight.detach().norm(dim=1)[written[i]] for i, m in memory_layers(model).items()])
+    row = {
+        "variant": spec, "whiten_override": getattr(run_variant, "whiten", None),
+        "input_norm": cfg.model.memory.input_norm, "within_alpha": cfg.model.memory.get("within_alpha"),
+        "n_slots": cfg.model.memory.n_slots,
+        "facts": len({ex.fact_id for ex in dm.training_examples(0)}),
+        "loss_per_pass": [round(sum(losses[i:i + n_per_pass]) / n_per_pass, 3) for i in range(0, len(losses), n_per_pass)],
+        "recall": round(sum(rec[t]["em"] for t in train_t) / len(train_t), 3),
+        "heldout": round(sum(rec[t]["em"] for t in dm.heldout_templates) / len(dm.heldout_templates), 3),
+        "known_kept": kept,
+        "skipped_fact_updates": skipped,
+        "written_rows": int(sum(int(w.sum()) for w in written.values())),
+        "row_norm_mean": round(float(norms.mean()), 2), "row_norm_max": round(float(norms.max()), 2),
+        "known_share_written": mean([r["share_written"] for r in reads]),
+        "flipped_share_written": mean([r["share_written"] for r in flipped]),
+        "kept_share_written": mean([r["share_written"] for r in held]),
+        "flipped_written_norm": mean([r["written_norm"] for r in flipped]),
+        "kept_written_norm": mean([r["written_norm"] for r in held]),
+        "steps": len(batches), "s_per_step": round(secs, 2),
+    }
+    print(json.dumps(row), flush=True)
+    for k, v in saved.items():
+        setattr(dm, k, v)
+    dm._train_examples = {}
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--facts", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--known", type=int, default=100, help="known-facts suite size")
+    ap.add_argument("--variants", default="base")
+    ap.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
+    ap.add_argument("--out", default=None, help="append rows to this JSONL file")
+    ap.add_argument("--whiten", default=None, help="whitening spec of diag_addressing.py (e.g. lda128@0.01)")
+    ap.add_argument("--stats", default=None, help="diag_addressing.py --stats-cache file for --whiten")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg, model, tok, dm, bg = build(args)
+    if args.whiten:
+        # a whitening of diag_addressing.py (statistics from its --stats-cache file), then the
+        # background statistics again: they depend on what the memory reads
+        from diag_addressing import whitening_matrix
+
+        from smf_lightning.models import build as M
+
+        mean, C, W = torch.load(args.stats)
+        for mem in memory_layers(model).values():
+            mem.in_mean.copy_(mean.to(mem.in_mean.dtype))
+            mem.in_whiten.copy_(whitening_matrix(args.whiten, C, W).to(mem.in_whiten.dtype))
+        bg = M.background_stats(cfg, model, dm)
+    run_variant.whiten = args.whiten
+    for spec in args.variants.split(","):
+        row = run_variant(spec, cfg, model, tok, dm, bg)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
