@@ -65,8 +65,9 @@ def known_reads(model, tok, suite, written: dict[int, torch.Tensor], batch_size:
     for s in range(0, len(prompts), batch_size):
         enc = tok(prompts[s:s + batch_size], return_tensors="pt", padding=True)
         model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], logits_to_keep=1)
+        real = enc["attention_mask"].bool()
         for b in range(enc["input_ids"].shape[0]):
-            share, mag = 0.0, 0.0
+            share, mag, prompt_share = 0.0, 0.0, 0.0
             for i, mem in memory_layers(model).items():
                 ids = mem.last_access.indices[b, -1].reshape(-1)
                 w = mem.last_access.weights[b, -1].reshape(-1).float()
@@ -74,7 +75,12 @@ def known_reads(model, tok, suite, written: dict[int, torch.Tensor], batch_size:
                 hit = written[i][ids]
                 share += float(w[hit].sum())
                 mag += float((w * mem.values.weight[ids].norm(dim=1)).sum())
-            rows.append({"share_written": share, "written_norm": mag})
+                # every real position of the prompt: the memory is read there too
+                all_ids = mem.last_access.indices[b][real[b]].reshape(real[b].sum(), -1)
+                all_w = mem.last_access.weights[b][real[b]].reshape(real[b].sum(), -1).float()
+                all_w = all_w / all_w.sum(1, keepdim=True)
+                prompt_share += float((all_w * written[i][all_ids]).sum(1).mean())
+            rows.append({"share_written": share, "written_norm": mag, "prompt_share_written": prompt_share})
     tok.padding_side = side
     return rows
 
@@ -151,6 +157,8 @@ def run_variant(spec: str, cfg, model, tok, dm, bg) -> dict:
         "known_share_written": mean([r["share_written"] for r in reads]),
         "flipped_share_written": mean([r["share_written"] for r in flipped]),
         "kept_share_written": mean([r["share_written"] for r in held]),
+        "flipped_prompt_share_written": mean([r["prompt_share_written"] for r in flipped]),
+        "kept_prompt_share_written": mean([r["prompt_share_written"] for r in held]),
         "flipped_written_norm": mean([r["written_norm"] for r in flipped]),
         "kept_written_norm": mean([r["written_norm"] for r in held]),
         "steps": len(batches), "s_per_step": round(secs, 2),
