@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 from diag_learning import build  # noqa: E402
 
 from smf_lightning.memory import memory_layers  # noqa: E402
-from smf_lightning.memory.whitening import ZCA_EIG_FLOOR  # noqa: E402
+from smf_lightning.memory.whitening import inverse_sqrt  # noqa: E402
 from smf_lightning.selection.selectors import loss_position_mask  # noqa: E402
 
 
@@ -87,12 +87,6 @@ def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
     return len(a & b) / max(len(a | b), 1)
 
 
-def inv_sqrt(m: torch.Tensor) -> torch.Tensor:
-    evals, evecs = torch.linalg.eigh((m + m.T) / 2)
-    floor = float(evals.max()) * ZCA_EIG_FLOOR
-    return (evecs * evals.clamp_min(floor).rsqrt()) @ evecs.T
-
-
 def within_question_stats(model, mem, dm, bg_facts, train_t, cache: str | None):
     """(mean, C, W) of the memory input at background answer positions: C the covariance of the
     positions, W that of their deviations from the same question's mean over the training
@@ -122,8 +116,8 @@ def whitening_matrix(spec: str, C: torch.Tensor, W: torch.Tensor) -> torch.Tenso
     k, _, a = spec.rpartition("@") if "@" in spec else ("", "", spec)
     alpha = float(a)
     if alpha == float("inf"):
-        return inv_sqrt(C)
-    M = inv_sqrt(W + alpha * C)
+        return inverse_sqrt(C)[0]
+    M = inverse_sqrt(W + alpha * C)[0]
     if not k:
         return M
     evals, evecs = torch.linalg.eigh(M @ C @ M)

@@ -45,6 +45,19 @@ VARIANTS = {
 }
 
 
+def probe_arguments(doc: str) -> argparse.ArgumentParser:
+    """The arguments of the one-task probes (this script, diag_retention.py): the stream, the
+    known-facts suite, the variants, extra Hydra overrides and the JSONL output."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--facts", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--known", type=int, default=100, help="known-facts suite size (0 = skip)")
+    ap.add_argument("--variants", default="base")
+    ap.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
+    ap.add_argument("--out", default=None, help="append rows to this JSONL file")
+    return ap
+
+
 def build(args):
     overrides = ["experiment=facts_seq_quick", "data.n_tasks=1", f"data.facts_per_task={args.facts}",
                  f"data.suites={{triviaqa_known:{{n_items:{args.known}}}}}" if args.known else "data.suites={}", f"trainer.threads={args.threads}", *args.override]
@@ -151,13 +164,7 @@ def run_variant(name, cfg, model, tok, dm, bg, method_over, data_over):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--facts", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--known", type=int, default=100, help="known-facts suite size (0 = skip)")
-    ap.add_argument("--variants", default="base")
-    ap.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
-    ap.add_argument("--out", default=None, help="append rows to this JSONL file")
+    ap = probe_arguments(__doc__)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg, model, tok, dm, bg = build(args)

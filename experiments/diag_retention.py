@@ -17,7 +17,6 @@ Variants add two candidate levers to the recipe:
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -31,7 +30,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from diag_learning import build  # noqa: E402
+from diag_learning import build, probe_arguments  # noqa: E402
 
 from smf_lightning.memory import memory_layers  # noqa: E402
 from smf_lightning.methods import build_method  # noqa: E402
@@ -171,13 +170,7 @@ def run_variant(spec: str, cfg, model, tok, dm, bg) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--facts", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--known", type=int, default=100, help="known-facts suite size")
-    ap.add_argument("--variants", default="base")
-    ap.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
-    ap.add_argument("--out", default=None, help="append rows to this JSONL file")
+    ap = probe_arguments(__doc__)
     ap.add_argument("--whiten", default=None, help="whitening spec of diag_addressing.py (e.g. lda128@0.01)")
     ap.add_argument("--stats", default=None, help="diag_addressing.py --stats-cache file for --whiten")
     args = ap.parse_args()

@@ -61,7 +61,7 @@ def _statistics(mem) -> dict[str, torch.Tensor]:
     return stats
 
 
-def _inverse_sqrt(cov: torch.Tensor) -> tuple[torch.Tensor, int]:
+def inverse_sqrt(cov: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(C^-1/2 with eigenvalues floored at ZCA_EIG_FLOOR of the largest, how many were floored)."""
     evals, evecs = torch.linalg.eigh((cov + cov.T) / 2)
     floor = float(evals.max()) * ZCA_EIG_FLOOR
@@ -166,7 +166,7 @@ def fit_input_whitening(model: nn.Module, batches: Iterable[Mapping[str, torch.T
                     within_cov = acc["dd"] / acc["nd"]
                     info[idx]["within_over_total_variance"] = float(within_cov.trace() / cov.trace())
                     cov = within_cov + float(mem.cfg.within_alpha) * cov
-                z, floored = _inverse_sqrt(cov)
+                z, floored = inverse_sqrt(cov)
                 mem.in_whiten.copy_(z.to(mem.in_whiten.dtype))
                 info[idx]["eigenvalues_floored"] = floored
     finally:
