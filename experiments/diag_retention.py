@@ -174,6 +174,8 @@ def main():
     ap.add_argument("--whiten", default=None, help="whitening spec of diag_addressing.py (e.g. lda128@0.01)")
     ap.add_argument("--stats", default=None, help="diag_addressing.py --stats-cache file for --whiten")
     args = ap.parse_args()
+    if args.known < 1:
+        ap.error("--known must be >= 1: this probe measures the known facts kept")
     torch.set_num_threads(args.threads)
     cfg, model, tok, dm, bg = build(args)
     if args.whiten:
