@@ -6,7 +6,9 @@ The project's own callbacks — where their ideas live:
   and after every task, and every output file of a run (summary.json, accuracy matrices,
   heldout.csv, items/, plots) — design.md §8;
 - slot_stats.py (``callbacks.slot_stats``): SMF's per-step slot statistics (slot_stats.csv);
-- checkpoint.py (``callbacks.checkpoint``): ``checkpoints/last.ckpt`` after every task (resume).
+- checkpoint.py (``callbacks.checkpoint``): ``checkpoints/last.ckpt`` after every task (resume);
+- lm_eval.py (``callbacks.lm_eval``, optional): lm-evaluation-harness tasks at the first and
+  last evaluation points, recorded beside ours (lm_eval.json, summary.json).
 
 Every entry of ``conf/callbacks/`` with a ``_target_`` is a callback that Hydra instantiates,
 so a user adds any Lightning callback without code, e.g.
@@ -28,6 +30,7 @@ from ..errors import target_class
 from ..interrupt import SelfSignal
 from .checkpoint import TaskCheckpoint
 from .evaluation import ContinualEvaluation
+from .lm_eval import LmEvalHarness, check_lm_eval_config
 from .slot_stats import SlotStatsLogger
 
 # keys of conf/callbacks/ that configure the entries instead of being callbacks themselves
@@ -86,6 +89,9 @@ def check_callbacks_config(cfg: DictConfig) -> None:
             f"and writes summary.json and the run's files), found {len(evaluations)}"
             + (f" ({', '.join('callbacks.' + n for n in evaluations)})" if evaluations else "")
             + ". Keep callbacks.evaluation of conf/callbacks/default.yaml and drop the others.")
+    for name, entry in entries.items():
+        if issubclass(get_class(entry._target_), LmEvalHarness):
+            check_lm_eval_config(entry, f"callbacks.{name}")
     if len(checkpoints) > 1:
         raise ConfigError(
             f"more than one task checkpoint ({', '.join('callbacks.' + n for n in checkpoints)}): they would write "
@@ -104,6 +110,8 @@ def build_callbacks(cfg: DictConfig, dm, tokenizer, run_info: dict, before_cache
     for name, entry in callback_entries(cfg).items():
         cls = get_class(entry._target_)
         if issubclass(cls, SMF_ONLY) and cfg.method.name != "smf":
+            continue
+        if issubclass(cls, LmEvalHarness) and not entry.tasks:  # tasks: [] is off
             continue
         kwargs = OmegaConf.to_container(entry, resolve=True)
         kwargs.pop("enabled", None)  # ours, not the callback's: false leaves the entry out
@@ -133,5 +141,5 @@ def _eval_prefix_states(cfg: DictConfig):
     return EvalPrefixStates()
 
 
-__all__ = ["ContinualEvaluation", "SlotStatsLogger", "TaskCheckpoint", "build_callbacks",
+__all__ = ["ContinualEvaluation", "LmEvalHarness", "SlotStatsLogger", "TaskCheckpoint", "build_callbacks",
            "check_callbacks_config"]

@@ -165,6 +165,12 @@ class ContinualEvaluation(L.Callback):
             return self._summary
         return self._summary_on_disk() or {}
 
+    def extend_summary(self, entries: dict) -> None:
+        """Add another evaluator's results (callbacks/lm_eval.py) to summary.json, once the last
+        task's summary is written (rank 0)."""
+        self._summary = {**self._summary, **_clean(entries)}
+        _atomic_write(self.out_dir / "summary.json", json.dumps(self._summary, indent=2))
+
     # ---------------------------------------------------------------- evaluation
     def _evaluate(self, module, label: str, tasks: range, suites: bool = True) -> None:
         t0 = time.perf_counter()
