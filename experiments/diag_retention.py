@@ -7,10 +7,16 @@ wrote, and the read-weighted norm of those rows (the size of what the memory add
 residual stream there). Flipped and kept items are compared, so the mechanism of a loss is
 measured, not guessed.
 
+Before the first variant, the base model's logit margin along each known item's answer is
+measured, so that the items a variant flips can be compared with the ones it keeps by how
+close they were to flipping (``flipped_base_min_margin`` vs ``kept_base_min_margin``).
+
 Variants add two candidate levers to the recipe:
 - ``stop=TAU``: a fact's rows are not updated in a step where that fact's mean answer loss in
   the batch is already below TAU (nats/token): rows stop growing once the fact is learned;
-- ``maxnorm=C``: after every step each written row is scaled back to norm <= C.
+- ``maxnorm=C``: after every step each written row is scaled back to norm <= C;
+- ``gate=TAU|none``: the read gate's threshold for this variant (memory/layer.py; the model
+  must be built with one, ``--override model.memory.read_gate=0.3``), ``none`` turns it off.
 
     python experiments/diag_retention.py --facts 20 --variants base,stop=0.1,maxnorm=30
 """
@@ -32,6 +38,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 from diag_learning import build, probe_arguments  # noqa: E402
 
+from smf_lightning.eval.scoring import encode_context_continuation, pad_token_id  # noqa: E402
 from smf_lightning.memory import memory_layers  # noqa: E402
 from smf_lightning.methods import build_method  # noqa: E402
 
@@ -84,10 +91,66 @@ def known_reads(model, tok, suite, written: dict[int, torch.Tensor], batch_size:
     return rows
 
 
+@torch.no_grad()
+def answer_margins(model, tok, suite, batch_size: int = 16) -> list[dict]:
+    """Per known item, with the model as it is: its greedy answer and, teacher-forced along
+    that answer, the logit margin (answer token minus the best other token) at every answer
+    token: the first token's margin and the smallest one. Run on the base model, this says
+    how close each known answer was to flipping before any training."""
+    suite.evaluate(model, tok, 64)
+    answers = [p.split("\n", 1)[0] or " " for p in suite.last_items["prediction"]]
+    prompts = [suite.template.prompt(f.question) for f in suite.facts]
+    encoded = encode_context_continuation(tok, prompts, answers)
+    pad, out = pad_token_id(tok), []
+    for s in range(0, len(encoded), batch_size):
+        chunk = encoded[s:s + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, (seq, _) in enumerate(chunk):
+            ids[r, :len(seq)] = torch.tensor(seq)
+            mask[r, :len(seq)] = 1
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        for r, (seq, n) in enumerate(chunk):
+            pos = torch.arange(len(seq) - n - 1, len(seq) - 1)
+            lg = logits[r, pos]
+            target = torch.tensor(seq[-n:])
+            own = lg.gather(1, target[:, None]).squeeze(1)
+            other = lg.scatter(1, target[:, None], float("-inf")).max(1).values
+            margin = own - other
+            out.append({"first_margin": float(margin[0]), "min_margin": float(margin.min())})
+    return out
+
+
+def margin_split(margins: list[dict], em: list) -> dict:
+    """Base margins of the items a variant flipped vs kept, and the share flipped per quartile
+    of the base's smallest margin (lowest first)."""
+    mean = lambda xs: round(sum(xs) / len(xs), 3) if xs else None  # noqa: E731
+    flipped = [m for m, e in zip(margins, em) if not e]
+    kept = [m for m, e in zip(margins, em) if e]
+    order = sorted(range(len(margins)), key=lambda i: margins[i]["min_margin"])
+    q = max(1, len(order) // 4)
+    quart = [order[i:i + q] for i in range(0, q * 4, q)]
+    return {
+        "flipped_base_min_margin": mean([m["min_margin"] for m in flipped]),
+        "kept_base_min_margin": mean([m["min_margin"] for m in kept]),
+        "flipped_base_first_margin": mean([m["first_margin"] for m in flipped]),
+        "kept_base_first_margin": mean([m["first_margin"] for m in kept]),
+        "flipped_share_by_margin_quartile": [round(sum(1 for i in g if not em[i]) / len(g), 3) for g in quart],
+    }
+
+
 def run_variant(spec: str, cfg, model, tok, dm, bg) -> dict:
     opts = dict(kv.split("=") for kv in spec.split("+")) if spec != "base" else {}
     stop = float(opts.pop("stop", "nan"))
     maxnorm = float(opts.pop("maxnorm", "nan"))
+    gate = opts.pop("gate", None)  # read gate threshold for this variant ("none": off); needs a model built with one
+    gates = {i: m.cfg.read_gate for i, m in memory_layers(model).items()}
+    if gate is not None:
+        if any(not hasattr(m, "write_keys") for m in memory_layers(model).values()):
+            raise SystemExit("gate=... needs the model built with a read gate: --override model.memory.read_gate=0.3")
+        for m in memory_layers(model).values():
+            m.cfg.read_gate = None if gate == "none" else float(gate)
     mcfg = OmegaConf.to_container(cfg.method, resolve=True)
     data_over = {}
     for k, v in opts.items():  # method keys, or data.KEY (a datamodule attribute, e.g. epochs_per_task)
@@ -101,6 +164,9 @@ def run_variant(spec: str, cfg, model, tok, dm, bg) -> dict:
         setattr(dm, k, v)
     for mem in memory_layers(model).values():
         mem.values.weight.data.zero_()
+        if mem.cfg.read_gate is not None:  # a fresh table has no write keys either
+            mem.write_keys.zero_()
+            mem.write_mass.zero_()
     dm._train_examples = {}
     module = build_method(mcfg, model, background=bg, seed=int(cfg.seed))
     module.fact_slots = module.select_fact_slots(dm.training_examples(0), dm.collate)
@@ -144,7 +210,7 @@ def run_variant(spec: str, cfg, model, tok, dm, bg) -> dict:
     row = {
         "variant": spec, "whiten_override": getattr(run_variant, "whiten", None),
         "input_norm": cfg.model.memory.input_norm, "within_alpha": cfg.model.memory.get("within_alpha"),
-        "n_slots": cfg.model.memory.n_slots,
+        "n_slots": cfg.model.memory.n_slots, "read_gate": next(iter(memory_layers(model).values())).cfg.read_gate,
         "facts": len({ex.fact_id for ex in dm.training_examples(0)}),
         "loss_per_pass": [round(sum(losses[i:i + n_per_pass]) / n_per_pass, 3) for i in range(0, len(losses), n_per_pass)],
         "recall": round(sum(rec[t]["em"] for t in train_t) / len(train_t), 3),
@@ -162,7 +228,11 @@ def run_variant(spec: str, cfg, model, tok, dm, bg) -> dict:
         "kept_written_norm": mean([r["written_norm"] for r in held]),
         "steps": len(batches), "s_per_step": round(secs, 2),
     }
+    if getattr(run_variant, "margins", None):
+        row.update(margin_split(run_variant.margins, em))
     print(json.dumps(row), flush=True)
+    for i, m in memory_layers(model).items():
+        m.cfg.read_gate = gates[i]
     for k, v in saved.items():
         setattr(dm, k, v)
     dm._train_examples = {}
@@ -191,6 +261,9 @@ def main():
             mem.in_whiten.copy_(whitening_matrix(args.whiten, C, W).to(mem.in_whiten.dtype))
         bg = M.background_stats(cfg, model, dm)
     run_variant.whiten = args.whiten
+    for mem in memory_layers(model).values():
+        mem.values.weight.data.zero_()
+    run_variant.margins = answer_margins(model, tok, dm.heldout_suites()["triviaqa_known"])
     for spec in args.variants.split(","):
         row = run_variant(spec, cfg, model, tok, dm, bg)
         if args.out:

@@ -64,8 +64,9 @@ def _concat_pairs(batches: list[dict]) -> list[dict]:
     return [{k: torch.cat([a[k], b[k]]) for k in a} for a, b in zip(batches[::2], batches[1::2])]
 
 
-def _module(selector: str, optimizer: str, lr: float) -> SparseMemoryFinetune:
-    model = retrofit(tiny_qwen2(), MemoryConfig(layers=[1, 2], n_slots=N_SLOTS, heads=2, knn=4, k_dim=16))
+def _module(selector: str, optimizer: str, lr: float, read_gate: float | None = None) -> SparseMemoryFinetune:
+    model = retrofit(tiny_qwen2(), MemoryConfig(layers=[1, 2], n_slots=N_SLOTS, heads=2, knn=4, k_dim=16,
+                                                read_gate=read_gate))
     bg = {}
     for i in (1, 2):
         bg[i] = BackgroundStats.empty(N_SLOTS)
@@ -89,6 +90,7 @@ class RecordSteps(L.Callback):
         rec = {
             "selection": {i: s.clone() for i, s in module.last_selection.items()},
             "values": {i: m.values.weight.detach().clone() for i, m in module.memories.items()},
+            "write_keys": {i: m.write_keys.clone() for i, m in module.memories.items() if hasattr(m, "write_keys")},
         }
         if trainer.world_size > 1:
             gathered = [None] * trainer.world_size
@@ -143,6 +145,19 @@ def test_ranks_select_the_same_slots_and_keep_identical_tables(selector, tmp_pat
             assert set(moved.tolist()) <= set(a.tolist())  # only selected rows moved ...
             changed += moved.numel()
     assert changed > 0  # ... and some did
+
+
+@pytest.mark.timeout(120)
+def test_ranks_keep_identical_write_keys_with_a_read_gate(tmp_path):
+    """Each rank's loss reads go into the keys of the (common) selected rows, summed over ranks."""
+    steps = _fit(_module("kl", "adam", 0.1, read_gate=0.3), _batches(6, rows=2), devices=2,
+                 out=str(tmp_path / "steps.pt"))
+    for k, step in enumerate(steps):
+        r0, r1 = step["ranks"]
+        for i in (1, 2):
+            assert torch.equal(r0["rec"]["write_keys"][i], r1["rec"]["write_keys"][i]), (k, i)
+            assert torch.equal(r0["rec"]["values"][i], r1["rec"]["values"][i]), (k, i)
+    assert any(bool(step["write_keys"][i].any()) for step in steps for i in (1, 2))
 
 
 @pytest.mark.timeout(120)

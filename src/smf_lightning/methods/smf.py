@@ -17,6 +17,9 @@ The recipe levers of DOTS (issue 13), each a key of conf/method/smf.yaml:
   changes during SMF, so a fact's reads are the same at every step);
 - ``optimizer_state``: ``fresh`` starts every task with a new optimizer state (DOTS), ``carry``
   keeps the Adam moments of rows across tasks;
+- read gate (``model.memory.read_gate``, memory/layer.py): each step also writes the loss
+  positions' queries into the write keys of the rows it updated, so that later reads of those
+  rows by unrelated questions (other queries) do not count;
 - ``count_by``: ``reads`` counts every read of a slot as 1 (Lin et al.); ``weight`` counts its
   softmax weight (read mass), so the budget goes to the slots that carry a position's output
   rather than to the 32nd-best match it barely reads (issue 13: with a sharp softmax a fact's
@@ -99,6 +102,10 @@ class SparseMemoryFinetune(ContinualLM):
         self.last_selection: dict[int, torch.Tensor] = {}
         self.last_counts: dict[int, torch.Tensor] = {}
         self.prefix_cache = FrozenPrefixCache(model, capacity=int(self.mcfg.get("prefix_cache", 0) or 0))
+        # memory layers with a read gate (memory/layer.py): the loss positions' reads of the step's
+        # micro-batches, written into the updated rows' write keys at the step
+        self.gated = [i for i, m in self.memories.items() if m.cfg.read_gate is not None]
+        self._gate_reads: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
 
     # ---- pickling (strategy=ddp_spawn sends the module to its processes) ---------------
     def __getstate__(self) -> dict:
@@ -217,6 +224,7 @@ class SparseMemoryFinetune(ContinualLM):
         dtype = torch.float64 if self.count_by == "weight" else torch.long
         self._counts = {i: torch.zeros(m.n_slots, dtype=dtype) for i, m in self.memories.items()}
         self._batch_facts = []
+        self._gate_reads = {i: [] for i in self.gated}
 
     def after_backward(self, batch: dict) -> None:
         # Selection for the step uses the slot counts summed over its micro-batches.
@@ -224,6 +232,12 @@ class SparseMemoryFinetune(ContinualLM):
         for i, mem in self.memories.items():
             self._counts[i] += self._count(mem.last_access, mem.n_slots, keep=mask)
         self._batch_facts += list(batch.get("fact_ids", []))
+        for i in self.gated:
+            acc = self.memories[i].last_access
+            if acc.weights.shape != acc.indices.shape:
+                raise ValueError("memory.read_gate needs the reads' weights (the memory layer's record_weights=True).")
+            keep = acc.mask(mask)
+            self._gate_reads[i].append((acc.indices[keep], acc.weights[keep], acc.queries[keep]))
 
     def _step_selection(self, i: int, mem) -> torch.Tensor:
         if self.select_per == "fact":
@@ -247,11 +261,33 @@ class SparseMemoryFinetune(ContinualLM):
         self.last_counts = self._counts
         opt.optimizer.set_selection(selection)
         opt.step()
+        for i in self.gated:
+            self._write_keys(i, self.memories[i], self.last_selection[i])
         return sum(int(s.numel()) * m.v_dim for s, m in zip(self.last_selection.values(), self.memories.values()))
+
+    def _write_keys(self, i: int, mem, sel: torch.Tensor) -> None:
+        """The step's loss-position reads of the rows it updated go into those rows' write keys
+        (memory/layer.py, read gate); under DDP the sums over every rank's shard, so all ranks
+        keep the same keys."""
+        reads = self._gate_reads.get(i) or []
+        if not reads or sel.numel() == 0:
+            return
+        rows = torch.unique(sel.to(mem.write_keys.device))
+        idx, w, q = (torch.cat([r[k] for r in reads]).to(rows.device) for k in range(3))
+        keys, mass = mem.write_delta(rows, idx, w, q)
+        keys = distributed.sum_over_ranks(keys, self.device)
+        mass = distributed.sum_over_ranks(mass, self.device)
+        mem.add_writes(rows, keys, mass)
 
     # ---- checkpoints: slot ownership survives a resume ---------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
+        # write keys of the gated layers' written rows (buffers, so not in the trainable state_dict)
+        checkpoint["write_keys"] = {}
+        for i in self.gated:
+            mem = self.memories[i]
+            rows = torch.nonzero(mem.write_mass.sum(1) > 0).squeeze(1)
+            checkpoint["write_keys"][i] = (rows, mem.write_keys[rows].clone(), mem.write_mass[rows].clone())
         # Written by TaskCheckpoint at the end of a task, before this module's on_train_epoch_end
         # folds the task's slots into `owned`: store both, the union is what the next task excludes.
         checkpoint["owned_slots"] = {i: torch.nonzero(self.owned[i] | self._task_selected[i]).squeeze(1)
@@ -262,3 +298,8 @@ class SparseMemoryFinetune(ContinualLM):
         for i, ids in checkpoint.get("owned_slots", {}).items():
             self.owned[int(i)].zero_()
             self.owned[int(i)][ids] = True
+        for i, (rows, keys, mass) in checkpoint.get("write_keys", {}).items():
+            mem = self.memories[int(i)]
+            mem.write_keys.zero_()
+            mem.write_mass.zero_()
+            mem.add_writes(rows.to(mem.write_keys.device), keys, mass)

@@ -163,15 +163,24 @@ def fingerprint_model(model: nn.Module, base_samples_per_tensor: int = 64) -> st
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_json_string"):
         h.update(config.to_json_string(use_diff=False).encode())
+    mems = memory_layers(model)
+    # A read gate without write keys is the identity (memory/layer.py): such a model reads and
+    # computes exactly what the ungated one does, so it gets the same fingerprint (and its caches).
+    keyed = any(bool(m.write_mass.any()) for m in mems.values() if hasattr(m, "write_mass"))
     mem_cfg = getattr(model, "memory_config", None)
     if mem_cfg is not None:
-        h.update(json.dumps(mem_cfg.to_dict() if hasattr(mem_cfg, "to_dict") else repr(mem_cfg), sort_keys=True).encode())
+        cfg_dict = mem_cfg.to_dict() if hasattr(mem_cfg, "to_dict") else None
+        if cfg_dict is not None and not keyed:
+            cfg_dict.pop("read_gate", None)
+        h.update(json.dumps(cfg_dict if cfg_dict is not None else repr(mem_cfg), sort_keys=True).encode())
     memory_param_ids = set()
-    for idx, mem in memory_layers(model).items():
+    for idx, mem in mems.items():
         h.update(f"memory layer {idx}".encode())
         # parameters and buffers (the input whitening statistics decide the addressing too)
         for name, p in [*mem.named_parameters(), *mem.named_buffers()]:
             memory_param_ids.add(id(p))
+            if not keyed and name in ("write_keys", "write_mass"):
+                continue
             h.update(name.encode())
             _tensor_digest(h, p)
     named = [(n, t) for n, t in model.named_parameters() if id(t) not in memory_param_ids]

@@ -1,0 +1,168 @@
+"""The read gate (memory/layer.py, issue 13): write keys, which reads pass, what SMF writes into
+the keys, checkpoints and fingerprints. Tiny model, exact invariants, seconds."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from smf_lightning.memory import MemoryConfig, memory_layers, retrofit
+from smf_lightning.models.tiny import tiny_qwen2
+from smf_lightning.selection.background import BackgroundStats, fingerprint_model
+from smf_lightning.selection.selectors import loss_position_mask
+
+SMALL = dict(n_slots=64, heads=2, knn=4, k_dim=16)
+
+
+def _mem(gate=0.5, **kw):
+    model = retrofit(tiny_qwen2(seed=1), MemoryConfig(layers=[1], read_gate=gate, **{**SMALL, **kw}))
+    return model, memory_layers(model)[1]
+
+
+def _queries(mem, x):
+    B, T, _ = x.shape
+    return F.normalize(mem.query_halves(x).reshape(B, T, mem.heads, mem.k_dim), dim=-1)
+
+
+@pytest.mark.parametrize("bad", [1.5, -2.0])
+def test_read_gate_is_a_cosine_threshold(bad):
+    with pytest.raises(ValueError, match="read_gate"):
+        MemoryConfig(read_gate=bad).validate()
+
+
+def test_read_gate_needs_additive_memory():
+    with pytest.raises(ValueError, match="read_gate needs memory.mode=additive"):
+        MemoryConfig(read_gate=0.3, mode="replace").validate()
+
+
+def test_without_write_keys_the_gate_changes_nothing():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 64)
+    _, gated = _mem(gate=0.3)
+    _, plain = _mem(gate=None)
+    with torch.no_grad():
+        values = torch.randn_like(plain.values.weight)
+        gated.values.weight.copy_(values)
+        plain.values.weight.copy_(values)
+        assert torch.equal(gated(x), plain(x))
+    assert torch.equal(gated.last_access.weights, plain.last_access.weights)
+    assert not hasattr(plain, "write_keys")
+
+
+def test_a_read_passes_exactly_when_its_query_is_close_to_the_rows_write_key():
+    torch.manual_seed(0)
+    tau = 0.5
+    _, mem = _mem(gate=tau)
+    x = torch.randn(1, 12, 64)
+    with torch.no_grad():
+        idx, w = mem.lookup(x)
+        q = _queries(mem, x)
+        # position 0's reads write the keys of the rows it read: key = w * q_0 per head
+        rows = torch.unique(idx[0, 0])
+        mem.add_writes(rows, *mem.write_delta(rows, idx[0, :1], w[0, :1], q[0, :1]))
+        mem(x)
+    got = mem.last_access.weights
+    expected = w.clone()
+    dropped = 0
+    for t in range(12):
+        for h in range(mem.heads):
+            for k in range(mem.knn):
+                slot = idx[0, t, h, k]
+                key = mem.write_keys[slot, h]
+                if mem.write_mass[slot, h] > 0:
+                    cos = float(key @ q[0, t, h] / key.norm())
+                    if cos < tau:
+                        expected[0, t, h, k] = 0.0
+                        dropped += 1
+    assert torch.equal(got, expected)
+    assert torch.equal(got[0, 0], w[0, 0])  # the writer's own reads all pass
+    assert dropped > 0  # other positions reading its rows with other queries are cut
+
+
+def _smf(model, **cfg):
+    from smf_lightning.methods import SparseMemoryFinetune
+
+    bg = {1: BackgroundStats.empty(64)}
+    bg[1].add_batch(torch.bincount(torch.arange(0, 64, 3), minlength=64))
+    base = {"selector": "kl", "top_t": 6, "optimizer": "adam", "lr": 0.1, "prefix_cache": 0}
+    return SparseMemoryFinetune(model, {**base, **cfg}, background=bg)
+
+
+def _batch(tok):
+    from smf_lightning.data.facts import collate_examples, encode_example, make_templates
+
+    tmpl = make_templates({"qa": "Question: {question}\nAnswer: {answer}\n"})
+    ex = [encode_example(tok, tmpl["qa"], q, a, "answer", fid)
+          for fid, q, a in (("f1", "Who wrote Hamlet?", "Shakespeare"), ("f2", "What is 2+2?", "four"))]
+    return collate_examples(ex, pad_id=1)
+
+
+def _step(module, batch):
+    opt = module.configure_optimizers()
+    wrap = SimpleNamespace(optimizer=opt, step=opt.step)
+    opt.zero_grad(set_to_none=True)
+    module.on_accumulation_start()
+    module.lm_loss(batch).backward()
+    module.after_backward(batch)
+    module.take_optimizer_step(wrap)
+
+
+def test_an_smf_step_writes_its_loss_reads_into_the_keys_of_the_rows_it_updated(tiny_tok):
+    model, mem = _mem(gate=0.3)
+    module = _smf(model)
+    batch = _batch(tiny_tok)
+    _step(module, batch)
+    acc = mem.last_access
+    sel = module.last_selection[1]
+    assert sel.numel() > 0
+    keep = acc.mask(loss_position_mask(batch["labels"]))
+    idx, w, q = acc.indices[keep], acc.weights[keep], acc.queries[keep]  # [P, H, K], [P, H, k_dim]
+    mass = torch.zeros(64, mem.heads)
+    keys = torch.zeros(64, mem.heads, mem.k_dim)
+    for p in range(idx.shape[0]):
+        for h in range(mem.heads):
+            for k in range(mem.knn):
+                slot = int(idx[p, h, k])
+                if slot in set(sel.tolist()):
+                    mass[slot, h] += w[p, h, k]
+                    keys[slot, h] += w[p, h, k] * q[p, h]
+    torch.testing.assert_close(mem.write_mass, mass, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(mem.write_keys, keys, rtol=1e-6, atol=1e-7)
+    written = torch.nonzero(mem.write_mass.sum(1) > 0).squeeze(1)
+    assert set(written.tolist()) <= set(sel.tolist())  # only updated rows get a key
+
+
+def test_write_keys_survive_a_checkpoint(tiny_tok):
+    model, mem = _mem(gate=0.3)
+    module = _smf(model)
+    _step(module, _batch(tiny_tok))
+    ckpt = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
+    assert not any("write_keys" in k for k in ckpt["state_dict"])  # buffers: only in the checkpoint's own entry
+    model2, mem2 = _mem(gate=0.3)
+    module2 = _smf(model2)
+    module2.on_load_checkpoint(ckpt)
+    assert torch.equal(mem2.write_keys, mem.write_keys) and torch.equal(mem2.write_mass, mem.write_mass)
+
+
+def test_a_gate_without_keys_keeps_the_ungated_fingerprint_and_keys_change_it():
+    gated, mem = _mem(gate=0.3)
+    plain, _ = _mem(gate=None)
+    assert fingerprint_model(gated) == fingerprint_model(plain)  # same reads, same caches
+    rows = torch.tensor([3])
+    mem.add_writes(rows, torch.ones(1, mem.heads, mem.k_dim), torch.ones(1, mem.heads))
+    assert fingerprint_model(gated) != fingerprint_model(plain)
+
+
+def test_read_gate_runs_end_to_end_from_the_config(tmp_path):
+    import json
+
+    from test_train import TINY, cli
+
+    res = cli([*TINY, f"hydra.run.dir={tmp_path}", "model.memory.read_gate=0.3"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["steps"] > 0
