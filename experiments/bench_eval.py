@@ -9,20 +9,30 @@ and batch sizes (conf/data/facts_triviaqa.yaml: NQ-open greedy answers + answer 
 GSM8K, LAMBADA), and fact recall as a run measures it (datamodule.evaluate_recall, i.e.
 eval/suites.evaluate_task_recall): the facts split into --tasks tasks, every fact under every
 template (4 training + 1 held-out), one greedy pass per task (the point after the last task,
-or the "before" point, sees all tasks; a point after task i reuses tasks 0..i alike). Three points, one
+or the "before" point, sees all tasks; a point after task i reuses tasks 0..i alike). Four kinds of point, one
 process, the same weights, so every point decodes the same tokens and their numbers must be equal:
 
-- uncached: today's path;
+- today: the evaluation before issue 14's speed-ups, the baseline of its "<= 0.5 x": no kept
+  states, and greedy decoding as it was (every row decoded until all rows are done, the prompt's
+  logits through a strided slice; eval/scoring._greedy_decode(legacy=True));
+- uncached: without the kept states, greedy decoding as now (finished rows leave the batch down
+  to 16 rows, the prompt's logits gathered contiguously): what LoRA or full finetuning pays;
 - fill: the first point with callbacks.eval_prefix_cache (keeps every forward's prefix states);
 - cached: any later point (layers 0..14 skipped for every forward; decoding steps run in full).
 
+Columns: cached/today is the issue's ratio; uncached/today is what the decoding changes alone
+give; cached/uncached what the kept states alone give. Scores come from the same code in every
+mode (equal to the last bit); the decoding changes could only move a greedy text where two
+logits tie within float rounding ("same as today" says whether any did).
+
 A short warm-up runs first (one-time allocations would otherwise land on the first point); with
---rounds R the cached and uncached points alternate R times after the fill (load changes on a
-shared machine then hit both alike) and each figure is the median.
+--rounds R the cached, uncached and today points alternate R times after the fill (load changes on
+a shared machine then hit them alike) and each figure is the median.
 
     python experiments/bench_eval.py                       # 200 items (GSM8K 100), 200 facts
     python experiments/bench_eval.py --n 32 --facts 32     # a quick run (GSM8K n/2)
     nice -n 5 python experiments/bench_eval.py --n 32 --facts 40 --out bench_eval_n32   # what fits in ~30 min on 2 shared cores
+    nice -n 15 python experiments/bench_eval.py --n 8 --facts 16 --tasks 1 --threads 1 --clock cpu --out bench_eval_n8_f16_cpu  # beside other jobs
 Writes experiments/results/bench_eval.{json,csv}.
 """
 
@@ -82,26 +92,33 @@ def build(args):
     return cfg, model, tok, suites, recall
 
 
-def evaluate_point(cfg, model, tok, suites, recall, states) -> tuple[dict, dict]:
-    """(seconds per part, results per part) of one evaluation point."""
+def evaluate_point(cfg, model, tok, suites, recall, states, today: bool = False, clock=time.perf_counter
+                   ) -> tuple[dict, dict]:
+    """(seconds per part, results per part) of one evaluation point; `today`: with the greedy
+    decoding loop from before issue 14 (the baseline)."""
     import contextlib
+    import functools
+    from unittest import mock
 
+    from smf_lightning.eval import scoring
     from smf_lightning.eval.suites import evaluate_task_recall
 
     seconds, results = {}, {}
     scope = (lambda name: states.scope(name)) if states is not None else (lambda name: contextlib.nullcontext())
-    with states.active(model) if states is not None else contextlib.nullcontext():
-        t0 = time.perf_counter()
+    decoding = (mock.patch.object(scoring, "_greedy_decode", functools.partial(scoring._greedy_decode, legacy=True))
+                if today else contextlib.nullcontext())
+    with states.active(model) if states is not None else contextlib.nullcontext(), decoding:
+        t0 = clock()
         with scope("fact_recall"):
             items: dict = {}
             evaluate_task_recall(model, tok, recall, int(cfg.data.generation_batch_size), items)
             results["fact_recall"] = items
-        seconds["fact_recall"] = time.perf_counter() - t0
+        seconds["fact_recall"] = clock() - t0
         for name, suite in suites.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             with scope(name):
                 suite.evaluate(model, tok, int(cfg.data.eval_batch_size))
-            seconds[name] = time.perf_counter() - t0
+            seconds[name] = clock() - t0
             results[name] = dict(suite.last_items)
     return seconds, results
 
@@ -113,7 +130,11 @@ def main() -> None:
     ap.add_argument("--facts", type=int, default=200, help="facts recalled (each under every template)")
     ap.add_argument("--tasks", type=int, default=5, help="tasks the facts are split into (recall batches per task)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--rounds", type=int, default=1, help="cached/uncached pairs after the fill (medians)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: elapsed seconds; cpu: this process's CPU seconds (time.process_time), which a "
+                         "machine shared with other jobs distorts far less; use it with --threads 1, or idle "
+                         "worker threads spinning would count")
+    ap.add_argument("--rounds", type=int, default=1, help="cached/uncached/today rounds after the fill (medians)")
     ap.add_argument("--out", default="bench_eval", help="results file stem under experiments/results/")
     ap.add_argument("override", nargs="*", help="extra Hydra overrides (e.g. model.memory.layers=[12])")
     args = ap.parse_args()
@@ -134,17 +155,21 @@ def main() -> None:
     generate_greedy(model, tok, prompts[:4], 2, 4)  # warm-up
     score_continuations(model, tok, prompts[:4], [" a"] * 4, 4)
     states = EvalPrefixStates()
-    schedule = [("uncached", None), ("fill", states)] + [("cached", states), ("uncached", None)] * args.rounds
-    times: dict[str, list[dict]] = {"uncached": [], "fill": [], "cached": []}
-    results: dict[str, list] = {"uncached": [], "fill": [], "cached": []}
+    schedule = [("today", None), ("uncached", None), ("fill", states)] + [
+        ("cached", states), ("uncached", None), ("today", None)] * args.rounds
+    labels = ("today", "uncached", "fill", "cached")
+    times: dict[str, list[dict]] = {k: [] for k in labels}
+    results: dict[str, list] = {k: [] for k in labels}
     for label, st in schedule:
-        seconds, res = evaluate_point(cfg, model, tok, suites, recall, st)
+        seconds, res = evaluate_point(cfg, model, tok, suites, recall, st, today=label == "today",
+                                      clock=time.process_time if args.clock == "cpu" else time.perf_counter)
         times[label].append(seconds)
         results[label].append(res)
         print(f"{label:9s} " + "  ".join(f"{k} {v:6.1f} s" for k, v in seconds.items()) + f"  total {sum(seconds.values()):7.1f} s",
               flush=True)
     reference = results["uncached"][0]
-    same = all(r == reference for rs in results.values() for r in rs)
+    same = all(r == reference for label in ("uncached", "fill", "cached") for r in results[label])
+    same_as_today = all(r == reference for r in results["today"])
     parts = ["fact_recall", *suites]
     sizes = {"fact_recall": f"{args.facts} facts x {len(prompts) // max(args.facts, 1)} templates, {args.tasks} tasks",
              **{n: len(s.items) for n, s in suites.items()}}
@@ -152,21 +177,26 @@ def main() -> None:
     for part in [*parts, "total"]:
         def get(label):
             return statistics.median(sum(t.values()) if part == "total" else t[part] for t in times[label])
-        u, f, c = get("uncached"), get("fill"), get("cached")
-        rows.append({"part": part, "items": sizes.get(part, ""), "uncached_s": round(u, 2), "fill_s": round(f, 2),
-                     "cached_s": round(c, 2), "fill_ratio": round(f / u, 3), "cached_ratio": round(c / u, 3)})
-    print(f"\n{'part':12s} {'items':>22s} {'uncached':>9s} {'fill':>8s} {'cached':>8s} {'fill/unc':>9s} {'cached/unc':>10s}")
+        t, u, f, c = (get(label) for label in labels)
+        rows.append({"part": part, "items": sizes.get(part, ""), "today_s": round(t, 2), "uncached_s": round(u, 2),
+                     "fill_s": round(f, 2), "cached_s": round(c, 2), "cached_vs_today": round(c / t, 3),
+                     "uncached_vs_today": round(u / t, 3), "cached_vs_uncached": round(c / u, 3),
+                     "fill_vs_today": round(f / t, 3)})
+    print(f"\n{'part':12s} {'items':>22s} {'today':>8s} {'uncached':>9s} {'fill':>8s} {'cached':>8s} "
+          f"{'cached/today':>13s} {'uncached/today':>15s} {'cached/uncached':>16s} {'fill/today':>11s}")
     for r in rows:
-        print(f"{r['part']:12s} {str(r['items']):>22s} {r['uncached_s']:9.1f} {r['fill_s']:8.1f} {r['cached_s']:8.1f} "
-              f"{r['fill_ratio']:9.3f} {r['cached_ratio']:10.3f}")
-    print(f"same numbers at every point: {same}; kept {states.nbytes / 2**20:.0f} MB, {states.hits} hits, "
+        print(f"{r['part']:12s} {str(r['items']):>22s} {r['today_s']:8.1f} {r['uncached_s']:9.1f} {r['fill_s']:8.1f} "
+              f"{r['cached_s']:8.1f} {r['cached_vs_today']:13.3f} {r['uncached_vs_today']:15.3f} "
+              f"{r['cached_vs_uncached']:16.3f} {r['fill_vs_today']:11.3f}")
+    print(f"same numbers at every point: {same}; same as today (greedy texts too): {same_as_today}; kept {states.nbytes / 2**20:.0f} MB, {states.hits} hits, "
           f"{states.misses} misses")
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {"model": cfg.model.name, "load_average_at_start": load_at_start, "memory_layers": sorted(memory_layers(model)), "threads": torch.get_num_threads(),
             "load_average_at_end": os.getloadavg(), "n": args.n, "n_gsm8k": args.n_gsm8k, "facts": args.facts, "tasks": args.tasks,
             "prompts_recall": len(prompts), "eval_batch_size": int(cfg.data.eval_batch_size),
             "generation_batch_size": int(cfg.data.generation_batch_size), "same_numbers": same,
-            "rounds": args.rounds, "points": {k: v for k, v in times.items()},
+            "same_as_today": same_as_today,
+            "rounds": args.rounds, "clock": args.clock, "points": {k: v for k, v in times.items()},
             "kept_mb": states.nbytes / 2**20, "hits": states.hits, "misses": states.misses}
     (RESULTS / f"{args.out}.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
     with (RESULTS / f"{args.out}.csv").open("w", newline="") as f:
@@ -176,6 +206,8 @@ def main() -> None:
     print(f"wrote {RESULTS / args.out}.json and .csv")
     if not same:
         raise SystemExit("the cached points' numbers differ from the uncached point's")
+    if not same_as_today:
+        print("note: a greedy text differs from today's decoding loop (two logits tied within float rounding)")
 
 
 if __name__ == "__main__":

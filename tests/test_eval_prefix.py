@@ -5,6 +5,7 @@ wherever the layers below the memory can change; a whole tiny run writes the sam
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import filecmp
 from pathlib import Path
@@ -256,3 +257,117 @@ def test_recall_over_a_growing_set_of_tasks_hits_at_every_point(tiny_tok):
         _assert_same(point(range(seen), True), point(range(seen), False))
         assert states.misses == fill  # every batch of tasks 0..seen-1 was kept at the first point
     assert states.hits == 2 * (1 + 2 + 3)
+
+
+# ----------------------------------------------------------------------------- greedy decoding
+
+class _NewlineAs:
+    """The tiny tokenizer, except that the given token ids decode to a newline (the random tiny
+    model hardly ever emits one), so stop-at-newline is exercised."""
+
+    def __init__(self, tok, ids):
+        self.tok, self.ids = tok, set(ids)
+
+    def decode(self, ids, **kwargs):
+        return "\n" if len(ids) == 1 and ids[0] in self.ids else self.tok.decode(ids, **kwargs)
+
+
+PROMPTS = ["the dog sat on the roof", "a", "old red fox jumps", "the man ran quickly over the lazy house river",
+           "blue", "new city"]
+
+
+def _decode(model, tok, n, eos=(), newline=(), legacy=False, stop_at_newline=True, states=None):
+    """(new tokens per prompt, rows of every forward, every logits tensor) of one left-padded batch."""
+    from smf_lightning.eval.scoring import _greedy_decode, _left_pad, pad_token_id
+
+    ids, mask, positions = _left_pad(tok(PROMPTS)["input_ids"], pad_token_id(tok), "cpu")
+    rows, logits = [], []
+    hooks = [model.register_forward_pre_hook(lambda m, a, k: rows.append(k["input_ids"].shape[0]), with_kwargs=True),
+             model.lm_head.register_forward_hook(lambda m, a, out: logits.append(out.detach().clone()))]
+    try:
+        with torch.inference_mode(), (states.active(model) if states else contextlib.nullcontext()), \
+                (states.scope("greedy") if states else contextlib.nullcontext()):
+            tokens = _greedy_decode(model, _NewlineAs(tok, newline), ids, mask, positions, n, set(eos),
+                                    stop_at_newline, states, legacy=legacy)
+    finally:
+        for h in hooks:
+            h.remove()
+    return tokens, rows, logits
+
+
+def _ending_tokens(model, tok, n):
+    """Eos ids and a newline id under which the prompts finish at different steps: the tokens rows
+    0 and 5 emit at steps 1 and 4, the one row 2 emits at step 3 (with none, every row runs to n)."""
+    free, _, _ = _decode(model, tok, n, stop_at_newline=False)
+    assert all(len(t) == n for t in free)
+    return {free[0][1], free[5][4]}, {free[2][3]}
+
+
+@pytest.mark.parametrize("stop_at_newline,min_rows", [(True, 1), (False, 1), (True, 4)])
+def test_dropping_finished_rows_gives_the_same_texts(tiny_tok, monkeypatch, stop_at_newline, min_rows):
+    """Rows leave the decoding batch at eos / their newline (down to MIN_DECODING_ROWS, finished
+    rows riding along to fill it) and the loop stops when none is left: the same tokens as
+    decoding every row to the end (the loop before, legacy=True), with left padding (prompts of
+    1 to 9 words) and rows finishing at different steps."""
+    from smf_lightning.eval import scoring
+
+    monkeypatch.setattr(scoring, "MIN_DECODING_ROWS", min_rows)
+    model = _smf_model()
+    _train_memory(model, seed=5)
+    eos, newline = _ending_tokens(model, tiny_tok, 8)
+    legacy, legacy_rows, _ = _decode(model, tiny_tok, 8, eos, newline, legacy=True, stop_at_newline=stop_at_newline)
+    new, rows, _ = _decode(model, tiny_tok, 8, eos, newline, stop_at_newline=stop_at_newline)
+    assert new == legacy
+    assert len({len(t) for t in new}) >= 3  # rows did finish at different steps (or run to the end)
+    assert any(t and t[-1] in newline for t in new) == stop_at_newline  # a newline ends its row, and is kept
+    assert not any(tok in eos for t in new for tok in t)  # eos is not
+    assert set(legacy_rows) == {len(PROMPTS)}
+    assert rows[0] == len(PROMPTS) and rows == sorted(rows, reverse=True) and rows[-1] < len(PROMPTS)
+    assert min(rows) >= min_rows and len(rows) <= len(legacy_rows)
+
+
+def test_a_batch_of_at_most_min_decoding_rows_is_not_shrunk(tiny_tok):
+    from smf_lightning.eval import scoring
+
+    model = _smf_model()
+    eos, newline = _ending_tokens(model, tiny_tok, 8)
+    assert len(PROMPTS) <= scoring.MIN_DECODING_ROWS
+    tokens, rows, _ = _decode(model, tiny_tok, 8, eos, newline)
+    assert set(rows) == {len(PROMPTS)} and tokens == _decode(model, tiny_tok, 8, eos, newline, legacy=True)[0]
+
+
+def test_dropping_finished_rows_with_kept_prefix_same_to_the_last_bit(tiny_tok, monkeypatch):
+    """With rows leaving the batch, a later point that reuses the prompt's prefix states and
+    keys/values decodes exactly as without them: every logit of every step."""
+    from smf_lightning.eval import scoring
+
+    monkeypatch.setattr(scoring, "MIN_DECODING_ROWS", 2)
+    model, states = _smf_model(layers=(3,)), EvalPrefixStates()
+    _train_memory(model, seed=6)
+    eos, newline = _ending_tokens(model, tiny_tok, 7)
+    _decode(model, tiny_tok, 7, eos, newline, states=states)  # fills
+    _train_memory(model, seed=7)
+    eos, newline = _ending_tokens(model, tiny_tok, 7)
+    hits = states.hits
+    cached, rows, logits_cached = _decode(model, tiny_tok, 7, eos, newline, states=states)
+    plain, rows_plain, logits_plain = _decode(model, tiny_tok, 7, eos, newline)
+    assert states.hits == hits + 1
+    assert cached == plain and rows == rows_plain and rows[-1] < len(PROMPTS)
+    assert len(logits_cached) == len(logits_plain)
+    assert all(torch.equal(a, b) for a, b in zip(logits_cached, logits_plain))
+    assert cached == _decode(model, tiny_tok, 7, eos, newline, legacy=True)[0]
+
+
+def test_the_prompts_logits_are_taken_contiguously(tiny_tok):
+    """The head sees the prompt's last column as a contiguous [rows, 1, hidden] tensor (an int
+    logits_to_keep hands it a strided slice: a matrix-vector product per row on a CPU)."""
+    model = _smf_model()
+    seen = []
+    hook = model.lm_head.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    try:
+        _decode(model, tiny_tok, 1)
+        _decode(model, tiny_tok, 1, legacy=True)
+    finally:
+        hook.remove()
+    assert seen[0].shape == (len(PROMPTS), 1, 64) and seen[0].is_contiguous()
+    assert not seen[1].is_contiguous()
