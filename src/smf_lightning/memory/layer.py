@@ -24,6 +24,18 @@ bits of mantissa, so neighbouring sub-key scores would tie or swap and which slo
 reads — what slot statistics, background counts and selection are keyed on — would depend on
 the precision; the cost is small (sqrt(N) sub-keys per head, heads·knn rows per token). The
 value table itself is kept in float32 by the retrofit (memory/retrofit.py).
+
+Read gate (``read_gate=tau``, issue 13; the deferral radius of GRACE, Hartvigsen et al. 2023):
+product keys pick a token's slots from two half-query projections only, so the queries of
+*different* questions that land on one slot are nearly orthogonal in the full query space
+(cosine median 0.08 at the answer positions of known TriviaQA facts vs 0.99 for the positions
+that trained the slot, 100 facts; experiments/diag_gate.py). With the gate on, every row keeps
+a *write key*, the read-weighted sum of the normalised queries of the loss positions whose
+updates wrote it (``write_delta`` / ``add_writes``, called by SMF at each step for the rows it
+updates), and a read of a row that has a write key counts only if the reading query's cosine
+with it is >= tau. Rows never written have no key and are read as before (in additive mode
+they are zero), so the base function is unchanged. The keys are a float32 buffer of
+N x heads x k_dim (268 MB at 512^2 slots and one head of 256).
 """
 
 from __future__ import annotations
