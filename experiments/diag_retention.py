@@ -165,8 +165,7 @@ def run_variant(spec: str, cfg, model, tok, dm, bg) -> dict:
     for mem in memory_layers(model).values():
         mem.values.weight.data.zero_()
         if mem.cfg.read_gate is not None:  # a fresh table has no write keys either
-            mem.write_keys.zero_()
-            mem.write_mass.zero_()
+            mem.clear_writes()
     dm._train_examples = {}
     module = build_method(mcfg, model, background=bg, seed=int(cfg.seed))
     module.fact_slots = module.select_fact_slots(dm.training_examples(0), dm.collate)

@@ -321,6 +321,16 @@ class ProductKeyMemory(nn.Module):
         mass.index_put_((pos[hit], head[hit]), w, accumulate=True)
         return keys, mass
 
+    def written_rows(self) -> torch.Tensor:
+        """Slot ids that have a write key (some head), sorted."""
+        return torch.nonzero(self.write_mass.sum(1) > 0).squeeze(1)
+
+    @torch.no_grad()
+    def clear_writes(self) -> None:
+        """Drop every write key: the gate is the identity again."""
+        self.write_keys.zero_()
+        self.write_mass.zero_()
+
     @torch.no_grad()
     def add_writes(self, rows: torch.Tensor, keys: torch.Tensor, mass: torch.Tensor) -> None:
         """Add ``write_delta``'s sums to the write keys of ``rows``."""

@@ -286,7 +286,7 @@ class SparseMemoryFinetune(ContinualLM):
         checkpoint["write_keys"] = {}
         for i in self.gated:
             mem = self.memories[i]
-            rows = torch.nonzero(mem.write_mass.sum(1) > 0).squeeze(1)
+            rows = mem.written_rows()
             checkpoint["write_keys"][i] = (rows, mem.write_keys[rows].clone(), mem.write_mass[rows].clone())
         # Written by TaskCheckpoint at the end of a task, before this module's on_train_epoch_end
         # folds the task's slots into `owned`: store both, the union is what the next task excludes.
@@ -300,6 +300,5 @@ class SparseMemoryFinetune(ContinualLM):
             self.owned[int(i)][ids] = True
         for i, (rows, keys, mass) in checkpoint.get("write_keys", {}).items():
             mem = self.memories[int(i)]
-            mem.write_keys.zero_()
-            mem.write_mass.zero_()
+            mem.clear_writes()
             mem.add_writes(rows.to(mem.write_keys.device), keys, mass)

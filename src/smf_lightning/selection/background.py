@@ -166,7 +166,7 @@ def fingerprint_model(model: nn.Module, base_samples_per_tensor: int = 64) -> st
     mems = memory_layers(model)
     # A read gate without write keys is the identity (memory/layer.py): such a model reads and
     # computes exactly what the ungated one does, so it gets the same fingerprint (and its caches).
-    keyed = any(bool(m.write_mass.any()) for m in mems.values() if hasattr(m, "write_mass"))
+    keyed = any(m.written_rows().numel() > 0 for m in mems.values() if hasattr(m, "write_mass"))
     mem_cfg = getattr(model, "memory_config", None)
     if mem_cfg is not None:
         cfg_dict = mem_cfg.to_dict() if hasattr(mem_cfg, "to_dict") else None
