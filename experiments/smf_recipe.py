@@ -46,7 +46,7 @@ RESULTS = HERE / "results" / "recipe"
 
 # The rows in the ablation's order (their overrides: conf/experiment/recipe/<row>.yaml)
 ROWS = ("old_defaults", "+schedule", "+output", "+whitening", "+hubs", "+ownership", "+selection", "+memory",
-        "+background", "+zca", "+suffix", "+budget", "recipe_kl", "recipe_tfidf")
+        "+background", "+zca", "+suffix", "+budget", "+gate", "recipe_kl", "recipe_tfidf")
 
 
 def multirun(rows: tuple[str, ...] | list[str] = ROWS) -> list[str]:

@@ -110,16 +110,23 @@ def _step(module, batch):
     module.take_optimizer_step(wrap)
 
 
-def test_an_smf_step_writes_its_loss_reads_into_the_keys_of_the_rows_it_updated(tiny_tok):
+@pytest.mark.parametrize("loss_tokens_only", [True, False])
+def test_an_smf_step_writes_its_counted_reads_into_the_keys_of_the_rows_it_updated(tiny_tok, loss_tokens_only):
+    """method.loss_tokens_only: the answer positions' reads (true) or every padding-free position's
+    (false: the question's tokens too) are counted for selection and written into the keys."""
     model, mem = _mem(gate=0.3)
-    module = _smf(model)
+    module = _smf(model, loss_tokens_only=loss_tokens_only)
     batch = _batch(tiny_tok)
     _step(module, batch)
     acc = mem.last_access
     sel = module.last_selection[1]
     assert sel.numel() > 0
-    keep = acc.mask(loss_position_mask(batch["labels"]))
+    loss_keep = acc.mask(loss_position_mask(batch["labels"]))
+    keep = loss_keep if loss_tokens_only else acc.mask(None)
+    assert keep.sum() == (loss_keep.sum() if loss_tokens_only else batch["attention_mask"].sum())
+    assert loss_tokens_only or keep.sum() > loss_keep.sum()
     idx, w, q = acc.indices[keep], acc.weights[keep], acc.queries[keep]  # [P, H, K], [P, H, k_dim]
+    assert torch.equal(module.last_counts[1], torch.bincount(idx.reshape(-1), minlength=64))
     mass = torch.zeros(64, mem.heads)
     keys = torch.zeros(64, mem.heads, mem.k_dim)
     for p in range(idx.shape[0]):

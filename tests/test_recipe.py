@@ -283,12 +283,13 @@ def _smf(model, bg, **cfg):
     return SparseMemoryFinetune(model, {**base, **cfg}, background=bg)
 
 
-def test_per_fact_selection_budget_and_step_union(tiny_tok):
+@pytest.mark.parametrize("loss_tokens_only", [True, False])
+def test_per_fact_selection_budget_and_step_union(tiny_tok, loss_tokens_only):
     from smf_lightning.data.facts import collate_examples, encode_example, make_templates
 
     model = retrofit(tiny_qwen2(), MemoryConfig(layers=[1], **SMALL))
     bg = {1: _bg([3] * 64)}
-    module = _smf(model, bg, select_per="fact", top_t=3)
+    module = _smf(model, bg, select_per="fact", top_t=3, loss_tokens_only=loss_tokens_only)
     tmpl = make_templates({"qa": "Question: {question}\nAnswer: {answer}\n", "q_a": "Q: {question} A: {answer}\n"})
     examples = [encode_example(tiny_tok, tmpl[t], q, a, "answer", fid)
                 for fid, q, a in (("f1", "Who wrote Hamlet?", "Shakespeare"), ("f2", "What is 2+2?", "four"))

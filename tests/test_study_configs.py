@@ -88,13 +88,14 @@ LEVERS: list[tuple[str, list[str]]] = [
     ("suffix", ["data.loss_on=answer"]),
     ("budget", ["method.top_t=30", "method.lr=1.0"]),
     ("gate", ["model.memory.read_gate=null"]),
+    ("positions", ["method.loss_tokens_only=true"]),
 ]
 OLD_DEFAULTS = [
     "model.memory.layers=[12]", "model.memory.n_slots=16384", "model.memory.heads=4", "model.memory.knn=16",
     "model.memory.output=swilu", "model.memory.input_norm=none", "model.memory.whiten_on=all",
     "model.memory.score_scale=1.0", "model.memory.read_gate=null",
     "method.selector=kl", "method.top_t=500", "method.optimizer=adam", "method.lr=1.0", "method.select_per=step",
-    "method.exclude_hubs=0.0", "method.exclude_owned=false", "method.optimizer_state=carry", "method.prefix_cache=4",
+    "method.exclude_hubs=0.0", "method.exclude_owned=false", "method.optimizer_state=carry", "method.prefix_cache=4", "method.loss_tokens_only=true",
     "data.schedule=sequential", "data.train_batch_size=4", "data.repeats_per_batch=5", "data.epochs_per_task=1",
     "data.loss_on=answer", "data.background.triviaqa=128", "data.background.nq_open=64", "data.background.lambada=64",
 ]
