@@ -17,6 +17,9 @@ Tables (``--table``):
 - ``tune``: the learning-rate search;
 - ``recipe``: recall, known facts kept and held-out changes with their paired 95% intervals
   (experiments/results/recipe/recipe_table.md).
+- ``headline_v2``: issue 18's comparison of methods: each row's settings, recall and known facts
+  kept with their 95% intervals, every suite's relative change with its paired 95% interval, costs;
+  then the SMF rows' slot statistics (experiments/results/headline_v2/table.md).
 """
 
 from __future__ import annotations
@@ -104,6 +107,23 @@ def row_of(name: str, run: Path) -> dict:
     r.update({"seconds_per_step": s["seconds_per_step"], "peak_rss_mb": s["peak_rss_mb"],
               "trainable_params": s["trainable_params"], "updated_params_per_step": s["updated_params_per_step"]})
     r.update({f"slots_{k}": v for k, v in slot_summary(run / "slot_stats.csv").items()})
+    return r
+
+
+def headline_v2_row_of(name: str, run: Path) -> dict:
+    """recipe_row_of plus the recall intervals, the known facts lost and the method's settings."""
+    s = json.loads((run / "summary.json").read_text())
+    m = s["method_config"]
+    r = recipe_row_of(name, run)
+    r.update(recall_ci95=s.get("fact_recall_ci95"), recall_heldout_template_ci95=s.get("fact_recall_heldout_template_ci95"),
+             known_lost=None if r["known_kept"] is None else 1 - r["known_kept"])
+    if m["name"] == "lora":
+        r["settings"] = f"rank {m['r']}, alpha {m['alpha']}, {'/'.join(t.replace('_proj', '') for t in m['target_modules'])}; AdamW lr {m['lr']:g}"
+    elif m["name"] == "full_ft":
+        r["settings"] = f"every weight; AdamW lr {m['lr']:g}"
+    else:
+        r["settings"] = f"{m['selector']}" + (f" top-{m['top_t']}" if m.get("top_t") and m["selector"] != "all" else "") + \
+            f" per {m.get('select_per', 'step')}; {'Adam' if m['optimizer'] == 'adam' else m['optimizer']} lr {m['lr']:g}"
     return r
 
 
@@ -236,13 +256,44 @@ def recipe_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _ci(x, ci, digits=2) -> str:
+    if x is None:
+        return "–"
+    return f"{x:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
+
+
+def _rel_ci(r: dict, suite: str) -> str:
+    """A suite's relative change with its paired 95% interval, in %."""
+    if r.get(f"{suite}_rel") is None:
+        return "–"
+    ci = r.get(f"{suite}_rel_change_ci95")
+    return f"{100 * r[f'{suite}_rel']:+.1f}%" + (f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else "")
+
+
+def headline_v2_table(rows: list[dict]) -> str:
+    head = ("| row | method | settings | recall (train tpl) | recall (held-out tpl) | ACC | BWT | forgetting | known kept "
+            "| NQ F1 | GSM8K NLL | LAMBADA ppl | HellaSwag | steps | s/step | wall min | peak RSS GB | trainable | updated/step |")
+    lines = ["| " + " | ".join([
+        r["row"], r["method"], r["settings"], _ci(r["recall"], r.get("recall_ci95")),
+        _ci(r["recall_heldout_template"], r.get("recall_heldout_template_ci95")), _fmt(r["acc"]), _fmt(r["bwt"], digits=3),
+        _fmt(r["forgetting"], digits=3), _ci(r["known_kept"], r.get("known_kept_ci95"), 3),
+        *(_rel_ci(r, s) for s in ("nq_open", "gsm8k", "lambada", "hellaswag")),
+        str(r["steps"]), _fmt(r["seconds_per_step"], digits=1), _fmt(r["wall_minutes"], digits=0),
+        _fmt(r["peak_rss_mb"] / 1024, digits=1), _params(r["trainable_params"]), _params(r["updated_params_per_step"]),
+    ]) + " |" for r in rows]
+    return _table(head, lines)
+
+
 TABLES = {
     "headline": lambda rows: headline_table(rows) + "\n\nSlot statistics (SMF rows, means over optimizer steps):\n\n"
     + slot_table(rows),
     "keys": keys_table,
     "tune": tune_table,
     "recipe": recipe_table,
+    "headline_v2": lambda rows: headline_v2_table(rows) + "\n\nSlot statistics (SMF rows, means over optimizer steps):\n\n"
+    + slot_table(rows),
 }
+ROW_BUILDERS = {"recipe": recipe_row_of, "headline_v2": headline_v2_row_of}
 
 
 # ----------------------------------------------------------------------------- files
@@ -284,9 +335,51 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def curves_plot(rows: list[dict], path: Path) -> None:
+    """Learning vs forgetting, one curve per method: final recall against known facts lost and
+    against each suite's relative change, the rows of a method joined in order of learning rate
+    (SMF: its KL rows at top-300, the learning-rate curve; other SMF rows as points)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("known_lost", "known facts lost (share of the suite)", False)] + \
+        [(f"{s}_rel", f"{s} relative change (%)", True) for s in ("nq_open", "gsm8k", "lambada", "hellaswag")]
+    fig, grid = plt.subplots(2, 3, figsize=(13, 8))
+    axes = grid.ravel()
+    axes[-1].axis("off")
+    colors = {"smf": "tab:blue", "lora": "tab:orange", "full_ft": "tab:red"}
+    curve = {"smf": [r for r in rows if r["method"] == "smf" and r["selector"] == "kl" and r.get("top_t") == 300],
+             "lora": [r for r in rows if r["method"] == "lora"], "full_ft": [r for r in rows if r["method"] == "full_ft"]}
+    for ax, (key, label, pct) in zip(axes, panels):
+        scale = 100 if pct else 1
+        for method, rs in curve.items():
+            rs = sorted((r for r in rs if r.get(key) is not None), key=lambda r: r["lr"])
+            if rs:
+                ax.plot([r["recall"] for r in rs], [scale * r[key] for r in rs], "-o", color=colors[method], label=method)
+                for r in rs:
+                    ax.annotate(f"lr {r['lr']:g}", (r["recall"], scale * r[key]), fontsize=6, xytext=(3, 3),
+                                textcoords="offset points")
+        for r in rows:
+            if r["method"] == "smf" and r not in curve["smf"] and r.get(key) is not None:
+                ax.scatter(r["recall"], scale * r[key], color="tab:blue", marker="x", s=25)
+                ax.annotate(r["row"].replace("smf_", ""), (r["recall"], scale * r[key]), fontsize=6, xytext=(3, -8),
+                            textcoords="offset points")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("fact recall after the stream")
+        ax.set_ylabel(label)
+        ax.set_xlim(-0.03, 1.03)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("learning vs forgetting (curves: learning rates; x: other SMF budgets and controls)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def report(sweep_dir: Path, table: str, names: list[str] | None = None, heal: Path | None = None) -> tuple[list[dict], str]:
     """(rows, markdown) of the sweep's runs for one of TABLES."""
-    build = recipe_row_of if table == "recipe" else row_of
+    build = ROW_BUILDERS.get(table, row_of)
     rows = [build(name, run) for name, run in run_dirs(sweep_dir, names)]
     text = TABLES[table](rows)
     if heal is not None:

@@ -28,20 +28,18 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
 HERE = Path(__file__).resolve().parent
-# Runs (with their task checkpoints) live outside the work tree, beside the project's cache, so a
-# study can span sessions on the same machine: $SMF_STUDY_RUNS, default <SMF cache>/study_runs.
-RUNS = Path(os.environ.get("SMF_STUDY_RUNS") or Path(os.environ.get("SMF_CACHE") or Path.home() / ".cache" / "smf_lightning")
-            / "study_runs") / "recipe"
+sys.path.insert(0, str(HERE))
+
+from study import command_of, launch, runs_dir  # noqa: E402
+from study import multirun as study_multirun  # noqa: E402
+
+RUNS = runs_dir("recipe")
 RESULTS = HERE / "results" / "recipe"
 
 # The rows in the ablation's order (their overrides: conf/experiment/recipe/<row>.yaml)
@@ -51,15 +49,7 @@ ROWS = ("old_defaults", "+schedule", "+output", "+whitening", "+hubs", "+ownersh
 
 def multirun(rows: tuple[str, ...] | list[str] = ROWS) -> list[str]:
     """The train CLI's arguments of the study's multirun over ``rows``."""
-    return ["-m", "experiment=" + ",".join(f"recipe/{r}" for r in rows), f"hydra.sweep.dir={RUNS}"]
-
-
-def command_of(run: Path) -> str:
-    """The command that ran the row, from the run's .hydra/overrides.yaml; logger and ckpt_path
-    overrides left out (they change no result)."""
-    overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) if (run / ".hydra" / "overrides.yaml").is_file() else []
-    kept = [o for o in overrides if not o.lstrip("+~").startswith(("logger.", "ckpt_path="))]
-    return shlex.join(["python", "-m", "smf_lightning.train", *kept])
+    return study_multirun("recipe", rows, RUNS)
 
 
 # ----------------------------------------------------------------------------- report
@@ -102,7 +92,6 @@ def report() -> None:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(table)
-    sys.path.insert(0, str(HERE))
     from report import report as sweep_report
 
     _, md = sweep_report(RUNS, "recipe", [r["row"] for r in table])  # the table of experiments/report.py
@@ -128,11 +117,10 @@ def main() -> None:
     if args.report:
         report()
         return
-    print(shlex.join(["python", "-m", "smf_lightning.train", *cmd]), flush=True)
-    rc = subprocess.call([sys.executable, "-m", "smf_lightning.train", *cmd], cwd=HERE.parent)
-    report()
-    if rc != 0:
-        raise SystemExit(f"a row failed (exit code {rc}); see its train.log under {RUNS}, then launch again to resume")
+    try:
+        launch(cmd, RUNS)
+    finally:
+        report()
 
 
 if __name__ == "__main__":

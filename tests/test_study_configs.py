@@ -170,3 +170,39 @@ def test_row_files_open_with_their_command():
         text = (Path(conf_dir()) / "experiment" / f"{row}.yaml").read_text()
         assert text.startswith("# @package _global_\n# ")
         assert f"python -m smf_lightning.train -m experiment={row} " in text
+
+
+# ---- issue 18: the second headline study (conf/experiment/headline_v2/) ----
+
+import headline_v2  # noqa: E402
+
+V2_DIR = Path(conf_dir()) / "experiment" / "headline_v2"
+
+
+# row -> (method, selector, top_t, lr): what the row's name promises
+V2_ROWS = {
+    **{f"smf_{sel}_t{t}": ("smf", sel, t, 0.3) for sel in ("kl", "tfidf") for t in (100, 300, 1000)},
+    "smf_kl_t300_lr0.1": ("smf", "kl", 300, 0.1), "smf_kl_t300_lr1": ("smf", "kl", 300, 1.0),
+    "smf_random_t300": ("smf", "random", 300, 0.3), "smf_all": ("smf", "all", 300, 0.3),
+    **{f"lora_lr{lr}": ("lora", None, None, float(lr)) for lr in ("1e-4", "3e-4", "1e-3")},
+    **{f"full_ft_lr{lr}": ("full_ft", None, None, float(lr)) for lr in ("3e-6", "1e-5", "3e-5")},
+}
+
+
+def test_headline_v2_rows_are_its_files_and_share_one_stream():
+    assert {p.stem for p in V2_DIR.glob("*.yaml")} == set(headline_v2.ROWS) == set(V2_ROWS)
+    recipe, _ = composed(["experiment=recipe/recipe_kl"])
+    for row, expected in V2_ROWS.items():
+        cfg, sweep = composed([f"experiment=headline_v2/{row}"])
+        assert sweep["subdir"] == row
+        # the same stream, suites, model source and seed for every row: only the method differs
+        assert (cfg["data"], cfg["seed"], cfg["model"]["source"]) == (recipe["data"], recipe["seed"], "offline"), row
+        m = cfg["method"]
+        assert (m["name"], m["selector"], m["top_t"], m["lr"]) == expected, row
+    # the recipe's row is the recipe study's final row, setting for setting
+    assert composed(["experiment=headline_v2/smf_kl_t300"])[0] == recipe
+
+
+def test_headline_v2_multirun_command():
+    assert headline_v2.multirun(["lora_lr3e-4", "smf_kl_t100"]) == \
+        ["-m", "experiment=headline_v2/lora_lr3e-4,headline_v2/smf_kl_t100", f"hydra.sweep.dir={headline_v2.RUNS}"]

@@ -1,0 +1,102 @@
+"""The second headline study of issue 18 (experiments/REPORT.md): SMF with the recipe against LoRA
+and full finetuning on one stream, each method at several learning rates or budgets. Every row is
+``conf/experiment/headline_v2/<row>.yaml``: experiment=smf_recipe (200 unknown TriviaQA facts in
+5 tasks x 40, recorded by fact id in each run's summary.json; the known-facts suite and the four
+suites before and after the stream; recall after every task) plus the row's method settings. The
+study is one Hydra multirun, one job folder per row:
+
+    python -m smf_lightning.train -m experiment=headline_v2/smf_kl_t300,headline_v2/lora_lr3e-4,... \\
+        hydra.sweep.dir=$SMF_STUDY_RUNS/headline_v2
+
+launched again until done: finished rows are skipped, stopped ones resume from their last task
+checkpoint. This script prints or launches that command and writes the study's report:
+
+    python experiments/headline_v2.py --list                 # the multirun command, run nothing
+    python experiments/headline_v2.py --only lora_lr3e-4 full_ft_lr1e-5
+    python experiments/headline_v2.py                        # every row, then --report
+    python experiments/headline_v2.py --report               # experiments/results/headline_v2/
+
+Runs live in $SMF_STUDY_RUNS/headline_v2 (default ~/.cache/smf_lightning/study_runs/headline_v2);
+--report copies each finished row's small files into experiments/results/headline_v2/<row>/ and
+writes the table (table.md, rows.csv) and the learning-vs-forgetting plot there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from study import command_of, launch, runs_dir  # noqa: E402
+from study import multirun as study_multirun  # noqa: E402
+
+RUNS = runs_dir("headline_v2")
+RESULTS = HERE / "results" / "headline_v2"
+
+# The rows in the report's order (their settings: conf/experiment/headline_v2/<row>.yaml)
+SMF_ROWS = ("smf_kl_t100", "smf_kl_t300", "smf_kl_t1000", "smf_tfidf_t100", "smf_tfidf_t300", "smf_tfidf_t1000",
+            "smf_kl_t300_lr0.1", "smf_kl_t300_lr1", "smf_random_t300", "smf_all")
+BASELINE_ROWS = ("lora_lr1e-4", "lora_lr3e-4", "lora_lr1e-3", "full_ft_lr3e-6", "full_ft_lr1e-5", "full_ft_lr3e-5")
+ROWS = SMF_ROWS + BASELINE_ROWS
+SMALL_FILES = ("summary.json", "accuracy_matrix.csv", "accuracy_matrix_heldout_template.csv", "heldout.csv",
+               "slot_stats.csv", "accuracy_matrix.png", "forgetting_curves.png", "slot_stats.png")
+
+
+def multirun(rows: tuple[str, ...] | list[str] = ROWS) -> list[str]:
+    """The train CLI's arguments of the study's multirun over ``rows``."""
+    return study_multirun("headline_v2", rows, RUNS)
+
+
+def report() -> None:
+    from report import report as sweep_report
+    from report import write_csv
+
+    rows, md = sweep_report(RUNS, "headline_v2", [r for r in ROWS if (RUNS / r / "summary.json").is_file()])
+    if not rows:
+        print(f"no finished rows yet under {RUNS}")
+        return
+    for r in rows:
+        r["command"] = command_of(RUNS / r["row"])
+        dest = RESULTS / r["row"]
+        dest.mkdir(parents=True, exist_ok=True)
+        for small in SMALL_FILES:
+            if (RUNS / r["row"] / small).is_file():
+                shutil.copy2(RUNS / r["row"] / small, dest / small)
+    write_csv(rows, RESULTS / "rows.csv")
+    (RESULTS / "table.md").write_text(md + "\n")
+    from report import curves_plot
+
+    curves_plot(rows, RESULTS / "learning_vs_forgetting.png")
+    print(md)
+    print(f"\nwritten: {RESULTS}/rows.csv, table.md, learning_vs_forgetting.png")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", help="row names (default: every row)")
+    ap.add_argument("--list", action="store_true", help="print the multirun command, run nothing")
+    ap.add_argument("--report", action="store_true", help="tables from the finished rows")
+    args = ap.parse_args()
+    unknown = set(args.only or []) - set(ROWS)
+    if unknown:
+        raise SystemExit(f"unknown rows {sorted(unknown)}; rows: {', '.join(ROWS)}")
+    cmd = multirun(args.only or ROWS)
+    if args.list:
+        print(shlex.join(["python", "-m", "smf_lightning.train", *cmd]))
+        return
+    if not args.report:
+        try:
+            launch(cmd, RUNS)
+        finally:
+            report()
+        return
+    report()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""What the study drivers (smf_recipe.py, headline_v2.py) share: where a study's runs live, the
+multirun command of its rows, the command that reproduces a finished row, and the launch.
+
+A study is one Hydra multirun over row configs ``conf/experiment/<study>/<row>.yaml`` into a fixed
+sweep directory, one job folder per row; launched again, it skips the finished rows (summary.json)
+and resumes the stopped ones from their last task checkpoint (callbacks/sweep.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def runs_dir(study: str) -> Path:
+    """Where a study's runs (with their task checkpoints) live: outside the work tree, beside the
+    project's cache, so a study can span sessions on the same machine ($SMF_STUDY_RUNS, default
+    <SMF cache>/study_runs)."""
+    base = os.environ.get("SMF_STUDY_RUNS") or Path(os.environ.get("SMF_CACHE") or Path.home() / ".cache" / "smf_lightning") / "study_runs"
+    return Path(base) / study
+
+
+def multirun(study: str, rows, runs: Path) -> list[str]:
+    """The train CLI's arguments of the study's multirun over ``rows``."""
+    return ["-m", "experiment=" + ",".join(f"{study}/{r}" for r in rows), f"hydra.sweep.dir={runs}"]
+
+
+def command_of(run: Path) -> str:
+    """The command that ran the row, from the run's .hydra/overrides.yaml; logger and ckpt_path
+    overrides left out (they change no result)."""
+    f = run / ".hydra" / "overrides.yaml"
+    overrides = yaml.safe_load(f.read_text()) if f.is_file() else []
+    kept = [o for o in overrides if not o.lstrip("+~").startswith(("logger.", "ckpt_path="))]
+    return shlex.join(["python", "-m", "smf_lightning.train", *kept])
+
+
+def launch(args: list[str], runs: Path) -> None:
+    """Run the multirun ``args`` from the repository root; a clear message if a row failed."""
+    print(shlex.join(["python", "-m", "smf_lightning.train", *args]), flush=True)
+    rc = subprocess.call([sys.executable, "-m", "smf_lightning.train", *args], cwd=ROOT)
+    if rc != 0:
+        raise SystemExit(f"a row failed (exit code {rc}); see its train.log under {runs}, then launch again to resume")
