@@ -11,6 +11,10 @@ Before the first variant, the base model's logit margin along each known item's 
 measured, so that the items a variant flips can be compared with the ones it keeps by how
 close they were to flipping (``flipped_base_min_margin`` vs ``kept_base_min_margin``).
 
+After each variant, the facts' held-out template is scored teacher-forced with the memory's
+output kept everywhere, only at the prompt's positions before the answer, or only at the
+answer's (``heldout_tf_memory_at_*``): which positions' reads carry what the task wrote.
+
 Variants add two candidate levers to the recipe:
 - ``stop=TAU``: a fact's rows are not updated in a step where that fact's mean answer loss in
   the batch is already below TAU (nats/token): rows stop growing once the fact is learned;
@@ -41,6 +45,7 @@ from diag_learning import build, probe_arguments  # noqa: E402
 from smf_lightning.eval.scoring import encode_context_continuation, pad_token_id  # noqa: E402
 from smf_lightning.memory import memory_layers  # noqa: E402
 from smf_lightning.methods import build_method  # noqa: E402
+from smf_lightning.selection.selectors import loss_position_mask  # noqa: E402
 
 
 def per_fact_loss(module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
@@ -120,6 +125,43 @@ def answer_margins(model, tok, suite, batch_size: int = 16) -> list[dict]:
             margin = own - other
             out.append({"first_margin": float(margin[0]), "min_margin": float(margin.min())})
     return out
+
+
+@torch.no_grad()
+def heldout_by_position(model, dm, facts, batch_size: int = 16) -> dict[str, float]:
+    """Where does the held-out template's recall come from? Teacher-forced exact match (the
+    argmax is the gold token at every answer token) of ``facts`` under the held-out
+    template(s), with the memory's output kept at every position (``all``), only at the
+    positions before the one that predicts the first answer token (``question``: the prompt's
+    tokens, the question's among them), or only from that position on (``answer``)."""
+    mems = [m for m in model.modules() if type(m).__name__ == "MemoryMLP"]
+    keep: dict[str, torch.Tensor | None] = {"mask": None}
+
+    def hook(module, args, out):  # MemoryMLP: mlp(x) + memory(x); scale the memory's part
+        mask = keep["mask"]
+        return out if mask is None else out - module.memory(args[0]) * (~mask).unsqueeze(-1).to(out.dtype)
+
+    handles = [m.register_forward_hook(hook) for m in mems]
+    examples = [dm._encode(f, name, loss_on="answer") for name in dm.heldout_templates for f in facts]
+    hits = {"all": 0, "question": 0, "answer": 0}
+    try:
+        for s in range(0, len(examples), batch_size):
+            batch = dm.collate(examples[s:s + batch_size])
+            predicting = loss_position_mask(batch["labels"])  # positions whose output predicts an answer token
+            first = predicting.float().argmax(1, keepdim=True)
+            pos = torch.arange(predicting.shape[1]).unsqueeze(0)
+            for name, mask in (("all", None), ("question", pos < first), ("answer", pos >= first)):
+                keep["mask"] = mask
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                pred = logits.argmax(-1)[:, :-1]
+                gold = batch["labels"][:, 1:]
+                ok = ((pred == gold) | (gold == -100)).all(1)
+                hits[name] += int(ok.sum())
+    finally:
+        keep["mask"] = None
+        for h in handles:
+            h.remove()
+    return {f"heldout_tf_memory_at_{k}": round(v / len(examples), 3) for k, v in hits.items()}
 
 
 def margin_split(margins: list[dict], em: list) -> dict:
@@ -227,6 +269,7 @@ def run_variant(spec: str, cfg, model, tok, dm, bg) -> dict:
         "kept_written_norm": mean([r["written_norm"] for r in held]),
         "steps": len(batches), "s_per_step": round(secs, 2),
     }
+    row.update(heldout_by_position(model, dm, dm.task_facts(0)))
     if getattr(run_variant, "margins", None):
         row.update(margin_split(run_variant.margins, em))
     print(json.dumps(row), flush=True)

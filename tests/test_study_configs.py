@@ -88,7 +88,7 @@ LEVERS: list[tuple[str, list[str]]] = [
     ("suffix", ["data.loss_on=answer"]),
     ("budget", ["method.top_t=30", "method.lr=1.0"]),
     ("gate", ["model.memory.read_gate=null"]),
-    ("positions", ["method.loss_tokens_only=true"]),
+    ("positions", ["method.loss_tokens_only=true", "model.memory.read_gate=0.3"]),
 ]
 OLD_DEFAULTS = [
     "model.memory.layers=[12]", "model.memory.n_slots=16384", "model.memory.heads=4", "model.memory.knn=16",
