@@ -23,8 +23,6 @@ writes the table (table.md, rows.csv) and the learning-vs-forgetting plot there.
 
 from __future__ import annotations
 
-import argparse
-import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -32,7 +30,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from study import command_of, launch, runs_dir  # noqa: E402
+from study import command_of, runs_dir  # noqa: E402
+from study import main as study_main  # noqa: E402
 from study import multirun as study_multirun  # noqa: E402
 
 RUNS = runs_dir("headline_v2")
@@ -77,25 +76,7 @@ def report() -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", nargs="*", help="row names (default: every row)")
-    ap.add_argument("--list", action="store_true", help="print the multirun command, run nothing")
-    ap.add_argument("--report", action="store_true", help="tables from the finished rows")
-    args = ap.parse_args()
-    unknown = set(args.only or []) - set(ROWS)
-    if unknown:
-        raise SystemExit(f"unknown rows {sorted(unknown)}; rows: {', '.join(ROWS)}")
-    cmd = multirun(args.only or ROWS)
-    if args.list:
-        print(shlex.join(["python", "-m", "smf_lightning.train", *cmd]))
-        return
-    if not args.report:
-        try:
-            launch(cmd, RUNS)
-        finally:
-            report()
-        return
-    report()
+    study_main(__doc__, ROWS, multirun, report, RUNS)
 
 
 if __name__ == "__main__":

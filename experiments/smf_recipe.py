@@ -25,10 +25,8 @@ experiments/results/recipe/<row>/.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
-import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -36,7 +34,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from study import command_of, launch, runs_dir  # noqa: E402
+from study import command_of, runs_dir  # noqa: E402
+from study import main as study_main  # noqa: E402
 from study import multirun as study_multirun  # noqa: E402
 
 RUNS = runs_dir("recipe")
@@ -102,25 +101,7 @@ def report() -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", nargs="*", help="row names (default: every row)")
-    ap.add_argument("--list", action="store_true", help="print the multirun command, run nothing")
-    ap.add_argument("--report", action="store_true", help="tables from the finished rows")
-    args = ap.parse_args()
-    unknown = set(args.only or []) - set(ROWS)
-    if unknown:
-        raise SystemExit(f"unknown rows {sorted(unknown)}; rows: {', '.join(ROWS)}")
-    cmd = multirun(args.only or ROWS)
-    if args.list:
-        print(shlex.join(["python", "-m", "smf_lightning.train", *cmd]))
-        return
-    if args.report:
-        report()
-        return
-    try:
-        launch(cmd, RUNS)
-    finally:
-        report()
+    study_main(__doc__, ROWS, multirun, report, RUNS)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ and resumes the stopped ones from their last task checkpoint (callbacks/sweep.py
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import subprocess
@@ -47,3 +48,28 @@ def launch(args: list[str], runs: Path) -> None:
     rc = subprocess.call([sys.executable, "-m", "smf_lightning.train", *args], cwd=ROOT)
     if rc != 0:
         raise SystemExit(f"a row failed (exit code {rc}); see its train.log under {runs}, then launch again to resume")
+
+
+def main(doc: str, rows: tuple[str, ...], multirun_of, report, runs: Path) -> None:
+    """A study driver's command line: --list prints the multirun command of the rows, --only
+    picks rows, --report writes the report of the finished rows; otherwise the multirun runs
+    and the report follows, even when a row failed."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", help="row names (default: every row)")
+    ap.add_argument("--list", action="store_true", help="print the multirun command, run nothing")
+    ap.add_argument("--report", action="store_true", help="tables from the finished rows")
+    args = ap.parse_args()
+    unknown = set(args.only or []) - set(rows)
+    if unknown:
+        raise SystemExit(f"unknown rows {sorted(unknown)}; rows: {', '.join(rows)}")
+    cmd = multirun_of(args.only or rows)
+    if args.list:
+        print(shlex.join(["python", "-m", "smf_lightning.train", *cmd]))
+        return
+    if not args.report:
+        try:
+            launch(cmd, runs)
+        finally:
+            report()
+        return
+    report()
