@@ -134,14 +134,13 @@ def heldout_by_position(model, dm, facts, batch_size: int = 16) -> dict[str, flo
     template(s), with the memory's output kept at every position (``all``), only at the
     positions before the one that predicts the first answer token (``question``: the prompt's
     tokens, the question's among them), or only from that position on (``answer``)."""
-    mems = [m for m in model.modules() if type(m).__name__ == "MemoryMLP"]
     keep: dict[str, torch.Tensor | None] = {"mask": None}
 
-    def hook(module, args, out):  # MemoryMLP: mlp(x) + memory(x); scale the memory's part
+    def hook(module, args, out):  # the memory's output [B, T, D], zeroed where the mask is off
         mask = keep["mask"]
-        return out if mask is None else out - module.memory(args[0]) * (~mask).unsqueeze(-1).to(out.dtype)
+        return out if mask is None else out * mask.unsqueeze(-1).to(out.dtype)
 
-    handles = [m.register_forward_hook(hook) for m in mems]
+    handles = [m.register_forward_hook(hook) for m in memory_layers(model).values()]
     examples = [dm._encode(f, name, loss_on="answer") for name in dm.heldout_templates for f in facts]
     hits = {"all": 0, "question": 0, "answer": 0}
     try:
@@ -150,12 +149,11 @@ def heldout_by_position(model, dm, facts, batch_size: int = 16) -> dict[str, flo
             predicting = loss_position_mask(batch["labels"])  # positions whose output predicts an answer token
             first = predicting.float().argmax(1, keepdim=True)
             pos = torch.arange(predicting.shape[1]).unsqueeze(0)
+            gold = batch["labels"][:, 1:]
             for name, mask in (("all", None), ("question", pos < first), ("answer", pos >= first)):
                 keep["mask"] = mask
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                pred = logits.argmax(-1)[:, :-1]
-                gold = batch["labels"][:, 1:]
-                ok = ((pred == gold) | (gold == -100)).all(1)
+                ok = ((logits.argmax(-1)[:, :-1] == gold) | (gold == -100)).all(1)
                 hits[name] += int(ok.sum())
     finally:
         keep["mask"] = None

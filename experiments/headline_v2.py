@@ -23,14 +23,13 @@ writes the table (table.md, rows.csv) and the learning-vs-forgetting plot there.
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from study import command_of, runs_dir  # noqa: E402
+from study import command_of, copy_small_files, runs_dir  # noqa: E402
 from study import main as study_main  # noqa: E402
 from study import multirun as study_multirun  # noqa: E402
 
@@ -42,8 +41,6 @@ SMF_ROWS = ("smf_kl_t100", "smf_kl_t300", "smf_kl_t1000", "smf_tfidf_t100", "smf
             "smf_kl_t300_lr0.1", "smf_kl_t300_lr1", "smf_random_t300", "smf_all")
 BASELINE_ROWS = ("lora_lr1e-4", "lora_lr3e-4", "lora_lr1e-3", "full_ft_lr3e-6", "full_ft_lr1e-5", "full_ft_lr3e-5")
 ROWS = SMF_ROWS + BASELINE_ROWS
-SMALL_FILES = ("summary.json", "accuracy_matrix.csv", "accuracy_matrix_heldout_template.csv", "heldout.csv",
-               "slot_stats.csv", "accuracy_matrix.png", "forgetting_curves.png", "slot_stats.png")
 
 
 def multirun(rows: tuple[str, ...] | list[str] = ROWS) -> list[str]:
@@ -61,11 +58,7 @@ def report() -> None:
         return
     for r in rows:
         r["command"] = command_of(RUNS / r["row"])
-        dest = RESULTS / r["row"]
-        dest.mkdir(parents=True, exist_ok=True)
-        for small in SMALL_FILES:
-            if (RUNS / r["row"] / small).is_file():
-                shutil.copy2(RUNS / r["row"] / small, dest / small)
+        copy_small_files(RUNS / r["row"], RESULTS / r["row"])
     write_csv(rows, RESULTS / "rows.csv")
     (RESULTS / "table.md").write_text(md + "\n")
     from report import curves_plot

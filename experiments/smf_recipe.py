@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from study import command_of, runs_dir  # noqa: E402
+from study import command_of, copy_small_files, runs_dir  # noqa: E402
 from study import main as study_main  # noqa: E402
 from study import multirun as study_multirun  # noqa: E402
 
@@ -63,12 +62,7 @@ def report() -> None:
         if not f.is_file():
             continue
         s = json.loads(f.read_text())
-        dest = RESULTS / name
-        dest.mkdir(parents=True, exist_ok=True)
-        for small in ("summary.json", "accuracy_matrix.csv", "accuracy_matrix_heldout_template.csv", "heldout.csv",
-                      "slot_stats.csv", "accuracy_matrix.png", "forgetting_curves.png", "slot_stats.png"):
-            if (RUNS / name / small).is_file():
-                shutil.copy2(RUNS / name / small, dest / small)
+        copy_small_files(RUNS / name, RESULTS / name)
         h = s["heldout"]
         row = {
             "row": name, "recall": s["fact_recall"], "recall_heldout_template": s["fact_recall_heldout_template"],

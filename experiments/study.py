@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import shlex
 import subprocess
 import sys
@@ -31,6 +32,19 @@ def runs_dir(study: str) -> Path:
 def multirun(study: str, rows, runs: Path) -> list[str]:
     """The train CLI's arguments of the study's multirun over ``rows``."""
     return ["-m", "experiment=" + ",".join(f"{study}/{r}" for r in rows), f"hydra.sweep.dir={runs}"]
+
+
+# the small files of a finished row that a study's report keeps in experiments/results/<study>/<row>/
+SMALL_FILES = ("summary.json", "accuracy_matrix.csv", "accuracy_matrix_heldout_template.csv", "heldout.csv",
+               "slot_stats.csv", "accuracy_matrix.png", "forgetting_curves.png", "slot_stats.png")
+
+
+def copy_small_files(run: Path, dest: Path) -> None:
+    """Copy the row's SMALL_FILES that exist from its run folder into ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for small in SMALL_FILES:
+        if (run / small).is_file():
+            shutil.copy2(run / small, dest / small)
 
 
 def command_of(run: Path) -> str:
