@@ -29,7 +29,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from study import command_of, copy_small_files, runs_dir  # noqa: E402
+from study import command_of, copy_small_files, finished_rows, runs_dir  # noqa: E402
 from study import main as study_main  # noqa: E402
 from study import multirun as study_multirun  # noqa: E402
 
@@ -49,16 +49,16 @@ def multirun(rows: tuple[str, ...] | list[str] = ROWS) -> list[str]:
 
 
 def report() -> None:
-    from report import report as sweep_report
-    from report import write_csv
+    from report import table_of, write_csv
 
-    rows, md = sweep_report(RUNS, "headline_v2", [r for r in ROWS if (RUNS / r / "summary.json").is_file()])
+    finished = finished_rows(ROWS, RUNS, RESULTS)
+    rows, md = table_of("headline_v2", finished)
     if not rows:
-        print(f"no finished rows yet under {RUNS}")
+        print(f"no finished rows yet under {RUNS} or {RESULTS}")
         return
-    for r in rows:
-        r["command"] = command_of(RUNS / r["row"])
-        copy_small_files(RUNS / r["row"], RESULTS / r["row"])
+    for r, (name, run) in zip(rows, finished):
+        r["command"] = command_of(run)
+        copy_small_files(run, RESULTS / name)
     write_csv(rows, RESULTS / "rows.csv")
     (RESULTS / "table.md").write_text(md + "\n")
     from report import curves_plot
@@ -69,7 +69,7 @@ def report() -> None:
 
 
 def main() -> None:
-    study_main(__doc__, ROWS, multirun, report, RUNS)
+    study_main(__doc__, ROWS, multirun, report, RUNS, RESULTS)
 
 
 if __name__ == "__main__":

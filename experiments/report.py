@@ -377,11 +377,16 @@ def curves_plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def table_of(table: str, runs: list[tuple[str, Path]]) -> tuple[list[dict], str]:
+    """(rows, markdown) of one of TABLES over the (name, folder) of finished runs."""
+    build = ROW_BUILDERS.get(table, row_of)
+    rows = [build(name, run) for name, run in runs]
+    return rows, TABLES[table](rows)
+
+
 def report(sweep_dir: Path, table: str, names: list[str] | None = None, heal: Path | None = None) -> tuple[list[dict], str]:
     """(rows, markdown) of the sweep's runs for one of TABLES."""
-    build = ROW_BUILDERS.get(table, row_of)
-    rows = [build(name, run) for name, run in run_dirs(sweep_dir, names)]
-    text = TABLES[table](rows)
+    rows, text = table_of(table, run_dirs(sweep_dir, names))
     if heal is not None:
         summary = json.loads(heal.read_text())
         run = Path(summary["checkpoint"]).parent if summary.get("checkpoint") else heal.parent  # the healing run's folder

@@ -33,7 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from study import command_of, copy_small_files, runs_dir  # noqa: E402
+from study import command_of, copy_small_files, finished_rows, runs_dir  # noqa: E402
 from study import main as study_main  # noqa: E402
 from study import multirun as study_multirun  # noqa: E402
 
@@ -57,12 +57,10 @@ SUITES = ("triviaqa_known", "nq_open", "gsm8k", "lambada", "hellaswag")
 
 def report() -> None:
     table = []
-    for name in ROWS:
-        f = RUNS / name / "summary.json"
-        if not f.is_file():
-            continue
-        s = json.loads(f.read_text())
-        copy_small_files(RUNS / name, RESULTS / name)
+    finished = finished_rows(ROWS, RUNS, RESULTS)
+    for name, run in finished:
+        s = json.loads((run / "summary.json").read_text())
+        copy_small_files(run, RESULTS / name)
         h = s["heldout"]
         row = {
             "row": name, "recall": s["fact_recall"], "recall_heldout_template": s["fact_recall_heldout_template"],
@@ -73,7 +71,7 @@ def report() -> None:
             **{f"{k}_metric": h[k]["metric"] for k in SUITES if k in h},
             "steps": s["steps"], "seconds_per_step": s["seconds_per_step"],
             "wall_minutes": (s["seconds_per_step"] * s["steps"] + s["eval_seconds"]) / 60,
-            "command": command_of(RUNS / name),
+            "command": command_of(run),
         }
         table.append(row)
     if not table:
@@ -85,9 +83,9 @@ def report() -> None:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(table)
-    from report import report as sweep_report
+    from report import table_of
 
-    _, md = sweep_report(RUNS, "recipe", [r["row"] for r in table])  # the table of experiments/report.py
+    _, md = table_of("recipe", finished)  # the table of experiments/report.py
     lines = md.splitlines()
     (RESULTS / "recipe_table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -95,7 +93,7 @@ def report() -> None:
 
 
 def main() -> None:
-    study_main(__doc__, ROWS, multirun, report, RUNS)
+    study_main(__doc__, ROWS, multirun, report, RUNS, RESULTS)
 
 
 if __name__ == "__main__":

@@ -40,17 +40,46 @@ SMALL_FILES = ("summary.json", "accuracy_matrix.csv", "accuracy_matrix_heldout_t
 
 
 def copy_small_files(run: Path, dest: Path) -> None:
-    """Copy the row's SMALL_FILES that exist from its run folder into ``dest``."""
+    """Copy the row's SMALL_FILES that exist from its run folder into ``dest``, and its command
+    (command.txt), so that the report can be rebuilt where the run folder is gone."""
+    if run.resolve() == dest.resolve():
+        return
     dest.mkdir(parents=True, exist_ok=True)
     for small in SMALL_FILES:
         if (run / small).is_file():
             shutil.copy2(run / small, dest / small)
+    for point in item_points(run):  # per-item scores before and after the stream (claim.py pairs rows on them)
+        (dest / "items" / point).mkdir(parents=True, exist_ok=True)
+        for f in (run / "items" / point).glob("*.csv"):
+            shutil.copy2(f, dest / "items" / point / f.name)
+    (dest / "command.txt").write_text(command_of(run) + "\n")
+
+
+def item_points(run: Path) -> list[str]:
+    """The folders under items/ of the run's first and last evaluation points ("before",
+    "after_task_<last>"), the points where every suite is scored (eval first_last)."""
+    after = sorted((p.name for p in (run / "items").glob("after_task_*") if p.name[11:].isdigit()), key=lambda n: int(n[11:]))
+    return [p for p in ("before", *after[-1:]) if (run / "items" / p).is_dir()]
+
+
+def finished_rows(rows, runs: Path, results: Path) -> list[tuple[str, Path]]:
+    """(row, folder) of each finished row in ``rows``' order: its run folder under ``runs``, or, on
+    a machine without it (a fresh checkout), the copy of its small files in ``results``."""
+    found = []
+    for row in rows:
+        for folder in (runs / row, results / row):
+            if (folder / "summary.json").is_file():
+                found.append((row, folder))
+                break
+    return found
 
 
 def command_of(run: Path) -> str:
-    """The command that ran the row, from the run's .hydra/overrides.yaml; logger and ckpt_path
-    overrides left out (they change no result)."""
+    """The command that ran the row, from the run's .hydra/overrides.yaml (or the command.txt that
+    copy_small_files kept); logger and ckpt_path overrides left out (they change no result)."""
     f = run / ".hydra" / "overrides.yaml"
+    if not f.is_file() and (run / "command.txt").is_file():
+        return (run / "command.txt").read_text().strip()
     overrides = yaml.safe_load(f.read_text()) if f.is_file() else []
     kept = [o for o in overrides if not o.lstrip("+~").startswith(("logger.", "ckpt_path="))]
     return shlex.join(["python", "-m", "smf_lightning.train", *kept])
@@ -64,26 +93,33 @@ def launch(args: list[str], runs: Path) -> None:
         raise SystemExit(f"a row failed (exit code {rc}); see its train.log under {runs}, then launch again to resume")
 
 
-def main(doc: str, rows: tuple[str, ...], multirun_of, report, runs: Path) -> None:
+def main(doc: str, rows: tuple[str, ...], multirun_of, report, runs: Path, results: Path) -> None:
     """A study driver's command line: --list prints the multirun command of the rows, --only
     picks rows, --report writes the report of the finished rows; otherwise the multirun runs
-    and the report follows, even when a row failed."""
+    the rows not finished yet (no summary.json under ``runs`` nor ``results``, so that a fresh
+    checkout does not run its committed rows again) and the report follows, even when a row failed."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", help="row names (default: every row)")
-    ap.add_argument("--list", action="store_true", help="print the multirun command, run nothing")
+    ap.add_argument("--list", action="store_true", help="print the multirun command of the unfinished rows, run nothing")
     ap.add_argument("--report", action="store_true", help="tables from the finished rows")
     args = ap.parse_args()
     unknown = set(args.only or []) - set(rows)
     if unknown:
         raise SystemExit(f"unknown rows {sorted(unknown)}; rows: {', '.join(rows)}")
-    cmd = multirun_of(args.only or rows)
+    if args.report:
+        report()
+        return
+    done = {name for name, _ in finished_rows(rows, runs, results)}
+    todo = [r for r in (args.only or rows) if r not in done]
+    if not todo:
+        print(f"every row asked for is finished ({runs} or {results}); writing the report")
+        report()
+        return
+    cmd = multirun_of(todo)
     if args.list:
         print(shlex.join(["python", "-m", "smf_lightning.train", *cmd]))
         return
-    if not args.report:
-        try:
-            launch(cmd, runs)
-        finally:
-            report()
-        return
-    report()
+    try:
+        launch(cmd, runs)
+    finally:
+        report()

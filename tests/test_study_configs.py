@@ -206,3 +206,33 @@ def test_headline_v2_rows_are_its_files_and_share_one_stream():
 def test_headline_v2_multirun_command():
     assert headline_v2.multirun(["lora_lr3e-4", "smf_kl_t100"]) == \
         ["-m", "experiment=headline_v2/lora_lr3e-4,headline_v2/smf_kl_t100", f"hydra.sweep.dir={headline_v2.RUNS}"]
+
+
+def test_a_fresh_checkout_keeps_committed_rows_and_runs_only_the_rest(tmp_path, monkeypatch, capsys):
+    """study.main: a row finished in the runs folder or kept in the results folder (a fresh
+    checkout has only the latter) is not launched again; the report reads it from where it is."""
+    import study
+
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    for folder in (runs / "a", results / "b", results / "a"):
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text("{}")
+    (runs / "a" / ".hydra").mkdir()
+    (runs / "a" / ".hydra" / "overrides.yaml").write_text("- experiment=s/a\n- logger.wandb.mode=disabled\n")
+    assert study.finished_rows(("a", "b", "c"), runs, results) == [("a", runs / "a"), ("b", results / "b")]
+    study.copy_small_files(runs / "a", results / "a")
+    assert study.command_of(results / "a") == study.command_of(runs / "a") == "python -m smf_lightning.train experiment=s/a"
+
+    launched, reported = [], []
+    monkeypatch.setattr(study, "launch", lambda cmd, where: launched.append(cmd))
+    def run(*argv):
+        monkeypatch.setattr(sys, "argv", ["driver", *argv])
+        study.main("doc", ("a", "b", "c"), lambda rows: ["-m", ",".join(rows)], lambda: reported.append(1), runs, results)
+    run()
+    assert launched == [["-m", "c"]] and reported == [1]
+    run("--only", "a", "b")
+    assert launched == [["-m", "c"]] and reported == [1, 1]
+    run("--list", "--only", "b", "c")
+    assert capsys.readouterr().out.strip().endswith("smf_lightning.train -m c")
+    with pytest.raises(SystemExit, match="unknown rows"):
+        run("--only", "d")

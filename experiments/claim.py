@@ -1,0 +1,269 @@
+"""The claim of issue 18, tested on the per-item scores of the headline_v2 rows (experiments/REPORT.md).
+
+Stated before the runs:
+
+  At matched recall, SMF's loss of known facts and its relative worsening on each suite is at
+  most one third of full finetuning's and of LoRA's, with paired 95% intervals that exclude
+  equality; and SMF reaches >= 0.95 recall with >= 98% of known facts kept.
+
+Matched recall: within each method's learning-rate curve, the row at the lowest learning rate
+whose final recall (training templates) reaches 0.9, or the row with the best recall if none
+does (the table says which).
+
+Paired between rows: every row of the study scores the same items (the same suites, seed and
+stream; the "before" point is the same for every row), so one set of resampled item indices is
+applied to before, after-SMF and after-other; the item-to-item variation they share cancels.
+For each measure, in every resample, w = the worsening since before (known facts: the share
+lost, before - after; a suite: its relative change, signed so that > 0 is worse). The claim
+holds for a measure when w_SMF <= w_other / 3 at the point estimate and the paired 95% interval
+of w_other - w_SMF lies above 0 (equality excluded). The interval of w_other / 3 - w_SMF is
+shown too (above 0: the one-third bound itself is resolved).
+
+KL vs TF-IDF: at each budget, the paired difference of final recall (facts resampled within
+their task, a fact's templates together: intervals.recall_resampled) and of known facts kept.
+
+    python experiments/claim.py            # experiments/results/headline_v2/claim.{md,json}
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from smf_lightning.eval import intervals as ci  # noqa: E402
+from smf_lightning.eval.metrics import Aggregate, aggregate  # noqa: E402
+from smf_lightning.eval.suites import FactRecallSuite, LambadaSuite, MultipleChoiceSuite, PerplexitySuite, QASuite  # noqa: E402
+
+RESAMPLES, SEED = 1000, 0
+RECALL_MATCH = 0.9
+KNOWN = "triviaqa_known"
+# each method's learning-rate curve, lowest learning rate first
+CURVES = {
+    "SMF": ("smf_kl_t300_lr0.1", "smf_kl_t300", "smf_kl_t300_lr1"),
+    "LoRA": ("lora_lr1e-4", "lora_lr3e-4", "lora_lr1e-3"),
+    "full finetuning": ("full_ft_lr3e-6", "full_ft_lr1e-5", "full_ft_lr3e-5"),
+}
+SELECTOR_PAIRS = (("smf_kl_t100", "smf_tfidf_t100"), ("smf_kl_t300", "smf_tfidf_t300"), ("smf_kl_t1000", "smf_tfidf_t1000"))
+
+
+def aggregate_of(metric: str) -> Aggregate:
+    """How the suites compute ``metric`` from their item columns (eval/suites.py)."""
+    for table in (QASuite.aggregates, MultipleChoiceSuite.aggregates, PerplexitySuite.aggregates,
+                  FactRecallSuite.aggregates, LambadaSuite(items=(), score_passage=True).aggregates):
+        if metric in table:
+            return table[metric]
+    raise KeyError(f"no suite computes a metric named {metric!r}")
+
+
+TEXT_COLUMNS = ("id", "prediction", "template")
+
+
+def read_columns(path: Path) -> dict[str, list]:
+    """An items CSV as columns: scores as floats (written as repr, read back exactly), the
+    task as int, ids, predictions and templates as text."""
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    cols = {k: [r[k] for r in rows] for k in (rows[0] if rows else {})}
+    for k in cols:
+        if k == "task":
+            cols[k] = [int(v) for v in cols[k]]
+        elif k not in TEXT_COLUMNS:
+            cols[k] = [float(v) for v in cols[k]]
+    return cols
+
+
+def last_point(run: Path) -> str:
+    from study import item_points
+
+    points = item_points(run)
+    if len(points) < 2:
+        raise FileNotFoundError(f"{run}/items needs the 'before' and a last 'after_task_*' point; found {points}")
+    return points[-1]
+
+
+def final_recall(run: Path) -> float:
+    return json.loads((run / "summary.json").read_text())["fact_recall"]
+
+
+def matched_row(curve: dict[str, Path]) -> tuple[str, str]:
+    """(row, why) of a learning-rate curve (lowest rate first) at matched recall."""
+    for name, run in curve.items():
+        if final_recall(run) >= RECALL_MATCH:
+            return name, f"lowest learning rate with recall >= {RECALL_MATCH}"
+    best = max(curve, key=lambda n: final_recall(curve[n]))
+    return best, f"best recall (none reaches {RECALL_MATCH})"
+
+
+# ----------------------------------------------------------------------------- worsening
+
+
+def measures(run: Path) -> dict[str, tuple[Aggregate, bool]]:
+    """measure -> (aggregate, higher_is_better): known facts and each suite's primary metric,
+    plus NQ's answer NLL (a target of issue 13)."""
+    held = json.loads((run / "summary.json").read_text())["heldout"]
+    out = {name: (aggregate_of(h["metric"]), bool(h["higher_is_better"])) for name, h in held.items()}
+    if "nq_open" in held:
+        out["nq_open answer_nll"] = (aggregate_of("answer_nll"), False)
+    return out
+
+
+def _suite_file(run: Path, point: str, measure: str) -> Path:
+    return run / "items" / point / f"{measure.split(' ')[0]}.csv"
+
+
+def worsening(measure: str, agg: Aggregate, higher_is_better: bool, before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """> 0: worse. Known facts: the share lost (before - after); a suite: the relative change,
+    signed by the metric's direction."""
+    if measure == KNOWN:
+        return before - after
+    rel = ci.relative_changes(before, after)
+    return -rel if higher_is_better else rel
+
+
+def paired_worsening(measure: str, runs: dict[str, Path], n_resamples: int = RESAMPLES, seed: int = SEED) -> dict:
+    """Point and per-resample worsening of every run in ``runs`` for one measure, the items of
+    their common "before" point resampled once for all of them."""
+    first = next(iter(runs.values()))
+    agg, hib = measures(first)[measure]
+    before = read_columns(_suite_file(first, "before", measure))
+    afters = {}
+    for name, run in runs.items():
+        b = read_columns(_suite_file(run, "before", measure))
+        if b.get("id") != before.get("id") or any(b[c] != before[c] for c in agg.columns):
+            raise ValueError(f"{measure}: rows {next(iter(runs))} and {name} did not score the same items before training")
+        afters[name] = read_columns(_suite_file(run, last_point(run), measure))
+        ci.check_same_items(before, afters[name])
+    idx = ci.resample_indices(len(before[agg.num]), n_resamples, seed)
+    b_point = aggregate(agg, before)
+    b_res = ci.resampled(agg, before, idx)
+    out = {}
+    for name, cols in afters.items():
+        a_point = aggregate(agg, cols)
+        out[name] = (float(worsening(measure, agg, hib, np.array(b_point), np.array(a_point))),
+                     worsening(measure, agg, hib, b_res, ci.resampled(agg, cols, idx)))
+    return out
+
+
+def _pair(iv):
+    return None if iv is None else [round(iv[0], 6), round(iv[1], 6)]
+
+
+def compare(smf: tuple[str, Path], other: tuple[str, Path], n_resamples: int = RESAMPLES, seed: int = SEED) -> list[dict]:
+    """The claim, measure by measure, for SMF's row against another method's row."""
+    rows = []
+    for measure in measures(smf[1]):
+        w = paired_worsening(measure, dict([smf, other]), n_resamples, seed)
+        (ws, ws_b), (wo, wo_b) = w[smf[0]], w[other[0]]
+        diff = _pair(ci.percentile_interval(wo_b - ws_b))
+        third = _pair(ci.percentile_interval(wo_b / 3 - ws_b))
+        holds = ws <= wo / 3 and diff is not None and diff[0] > 0
+        rows.append({"measure": measure, "smf": smf[0], "other": other[0], "w_smf": ws, "w_other": wo,
+                     "ratio": ws / wo if wo != 0 else None, "diff_ci95": diff, "third_minus_smf_ci95": third,
+                     "holds": holds})
+    return rows
+
+
+def selector_difference(kl: Path, tfidf: Path, n_resamples: int = RESAMPLES, seed: int = SEED) -> dict:
+    """KL minus TF-IDF: final recall (training templates) and known facts kept, paired."""
+    point_kl, point_tf = last_point(kl), last_point(tfidf)
+    rec_kl = read_columns(kl / "items" / point_kl / "fact_recall.csv")
+    rec_tf = read_columns(tfidf / "items" / point_tf / "fact_recall.csv")
+    if rec_kl["id"] != rec_tf["id"] or rec_kl["template"] != rec_tf["template"]:
+        raise ValueError(f"{kl} and {tfidf} did not recall the same facts in the same order")
+    templates = json.loads((kl / "summary.json").read_text())["data"]["train_templates"]
+    tasks = sorted(set(rec_kl["task"]))
+    res = [ci.recall_resampled(r, tasks, templates, "em", n_resamples, seed) for r in (rec_kl, rec_tf)]
+    rk, rt = (sum(r[j] for j in tasks) / len(tasks) for r in res)
+    out = {"facts": len(set(rec_kl["id"])), "recall_kl": final_recall(kl), "recall_tfidf": final_recall(tfidf),
+           "recall_diff": final_recall(kl) - final_recall(tfidf), "recall_diff_ci95": _pair(ci.percentile_interval(rk - rt))}
+    w = paired_worsening(KNOWN, {"kl": kl, "tfidf": tfidf}, n_resamples, seed)
+    # kept = before - lost, the same before: the kept difference is minus the lost difference
+    out.update(known_kept_diff=w["tfidf"][0] - w["kl"][0],
+               known_kept_diff_ci95=_pair(ci.percentile_interval(w["tfidf"][1] - w["kl"][1])))
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _pct(x):
+    return "" if x is None else f"{100 * x:+.1f}%"
+
+
+def _iv(iv, pct=True):
+    if iv is None:
+        return ""
+    return f"[{100 * iv[0]:+.1f}, {100 * iv[1]:+.1f}]" if pct else f"[{iv[0]:+.3f}, {iv[1]:+.3f}]"
+
+
+def claim(found: dict[str, Path]) -> tuple[dict, str]:
+    """(claim.json, claim.md) from the finished rows ``found`` (row -> folder with items/)."""
+    lines, out = [], {"matched": {}, "comparisons": [], "selectors": [], "missing": []}
+    matched = {}
+    for method, curve in CURVES.items():
+        have = {r: found[r] for r in curve if r in found}
+        missing = [r for r in curve if r not in found]
+        out["missing"] += missing
+        if not have:
+            continue
+        row, why = matched_row(have)
+        s = json.loads((have[row] / "summary.json").read_text())
+        known = s["heldout"].get(KNOWN, {})
+        matched[method] = (row, have[row])
+        out["matched"][method] = {"row": row, "why": why + (f"; curve incomplete, missing {', '.join(missing)}" if missing else ""),
+                                  "recall": s["fact_recall"], "known_kept": known.get("after")}
+    lines += ["Matched recall (each method's row):", "", "| method | row | why | recall | known kept |", "|---|---|---|---:|---:|"]
+    for method, m in out["matched"].items():
+        lines.append(f"| {method} | {m['row']} | {m['why']} | {m['recall']:.3f} | {m['known_kept']:.3f} |")
+    if "SMF" in matched:
+        s = out["matched"]["SMF"]
+        out["smf_targets"] = {"recall>=0.95": s["recall"] >= 0.95, "known_kept>=0.98": s["known_kept"] >= 0.98}
+        for method in ("LoRA", "full finetuning"):
+            if method not in matched:
+                continue
+            rows = compare(matched["SMF"], matched[method])
+            out["comparisons"] += rows
+            lines += ["", f"SMF ({matched['SMF'][0]}) vs {method} ({matched[method][0]}): worsening since before "
+                      "(> 0 worse; known facts: share lost), paired 95% intervals", "",
+                      "| measure | SMF | other | SMF / other | other - SMF | other/3 - SMF | claim holds |",
+                      "|---|---:|---:|---:|---:|---:|---|"]
+            for r in rows:
+                ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
+                lines.append(f"| {r['measure']} | {_pct(r['w_smf'])} | {_pct(r['w_other'])} | {ratio} | {_iv(r['diff_ci95'])} | "
+                             f"{_iv(r['third_minus_smf_ci95'])} | {'yes' if r['holds'] else 'no'} |")
+    pairs = [(k, t) for k, t in SELECTOR_PAIRS if k in found and t in found]
+    if pairs:
+        lines += ["", "KL minus TF-IDF (paired 95% intervals):", "",
+                  "| budget | facts | recall KL | recall TF-IDF | recall diff | known kept diff |", "|---|---:|---:|---:|---:|---:|"]
+        for k, t in pairs:
+            d = {"kl": k, "tfidf": t, **selector_difference(found[k], found[t])}
+            out["selectors"].append(d)
+            lines.append(f"| {k.rsplit('_', 1)[1]} | {d['facts']} | {d['recall_kl']:.4f} | {d['recall_tfidf']:.4f} | "
+                         f"{d['recall_diff']:+.4f} {_iv(d['recall_diff_ci95'], pct=False)} | "
+                         f"{d['known_kept_diff']:+.4f} {_iv(d['known_kept_diff_ci95'], pct=False)} |")
+    if out["missing"]:
+        lines += ["", f"Rows not finished yet: {', '.join(out['missing'])}."]
+    return out, "\n".join(lines)
+
+
+def main() -> None:
+    import headline_v2
+    from study import finished_rows, item_points
+
+    found = {n: p for n, p in finished_rows(headline_v2.ROWS, headline_v2.RUNS, headline_v2.RESULTS) if len(item_points(p)) >= 2}
+    out, md = claim(found)
+    headline_v2.RESULTS.mkdir(parents=True, exist_ok=True)
+    (headline_v2.RESULTS / "claim.json").write_text(json.dumps(out, indent=2) + "\n")
+    (headline_v2.RESULTS / "claim.md").write_text(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
