@@ -73,6 +73,8 @@ class SparseMemoryFinetune(ContinualLM):
         self.background = background or {}
         self.selector = self.mcfg["selector"]
         self.top_t = None if self.selector == "all" else int(self.mcfg["top_t"])
+        # conf/method/smf.yaml sets it (false: recipe v4); a config saved before the option existed
+        # (an older run's checkpoint) behaved as true
         self.loss_tokens_only = bool(self.mcfg.get("loss_tokens_only", True))
         self.select_per = self.mcfg.get("select_per", "step")
         self.exclude_owned = bool(self.mcfg.get("exclude_owned", False))

@@ -121,6 +121,6 @@ def background_stats(cfg: DictConfig, model, dm) -> dict:
         lambda: dm.background_batches(sort_by_length=True),
         Path(cfg.paths.cache_dir) / "background",
         key,
-        loss_tokens_only=bool(cfg.method.get("loss_tokens_only", True)),
+        loss_tokens_only=bool(cfg.method.get("loss_tokens_only", True)),  # absent: a config older than the option (see SparseMemoryFinetune)
         progress=bool(cfg.trainer.enable_progress_bar),
     )
