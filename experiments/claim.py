@@ -11,8 +11,8 @@ whose final recall (training templates) reaches 0.9, or the row with the best re
 does (the table says which).
 
 Paired between rows: every row of the study scores the same items (the same suites, seed and
-stream; the "before" point is the same for every row), so one set of resampled item indices is
-applied to before, after-SMF and after-other; the item-to-item variation they share cancels.
+stream), so one set of resampled item indices is applied to each row's before and after points;
+the item-to-item variation they share cancels.
 For each measure, in every resample, w = the worsening since before (known facts: the share
 lost, before - after; a suite: its relative change, signed so that > 0 is worse). The claim
 holds for a measure when w_SMF <= w_other / 3 at the point estimate and the paired 95% interval
@@ -128,26 +128,27 @@ def worsening(measure: str, agg: Aggregate, higher_is_better: bool, before: np.n
 
 
 def paired_worsening(measure: str, runs: dict[str, Path], n_resamples: int = RESAMPLES, seed: int = SEED) -> dict:
-    """Point and per-resample worsening of every run in ``runs`` for one measure, the items of
-    their common "before" point resampled once for all of them."""
+    """name -> (point, per-resample) worsening of every run in ``runs`` for one measure, each
+    from its own before and after points, one set of resampled item indices for all of them
+    (every row scored the same items; its before point may come from another session's CPU,
+    equal to the last few bits)."""
     first = next(iter(runs.values()))
     agg, hib = measures(first)[measure]
-    before = read_columns(_suite_file(first, "before", measure))
-    afters = {}
+    points, ids = {}, None
     for name, run in runs.items():
-        b = read_columns(_suite_file(run, "before", measure))
-        if b.get("id") != before.get("id") or any(b[c] != before[c] for c in agg.columns):
-            raise ValueError(f"{measure}: rows {next(iter(runs))} and {name} did not score the same items before training")
-        afters[name] = read_columns(_suite_file(run, last_point(run), measure))
-        ci.check_same_items(before, afters[name])
-    idx = ci.resample_indices(len(before[agg.num]), n_resamples, seed)
-    b_point = aggregate(agg, before)
-    b_res = ci.resampled(agg, before, idx)
+        before = read_columns(_suite_file(run, "before", measure))
+        after = read_columns(_suite_file(run, last_point(run), measure))
+        ci.check_same_items(before, after)
+        if ids is None:
+            ids = before.get("id")
+        elif before.get("id") != ids:
+            raise ValueError(f"{measure}: rows {next(iter(runs))} and {name} did not score the same items")
+        points[name] = (before, after)
+    idx = ci.resample_indices(len(ids), n_resamples, seed)
     out = {}
-    for name, cols in afters.items():
-        a_point = aggregate(agg, cols)
-        out[name] = (float(worsening(measure, agg, hib, np.array(b_point), np.array(a_point))),
-                     worsening(measure, agg, hib, b_res, ci.resampled(agg, cols, idx)))
+    for name, (before, after) in points.items():
+        point = worsening(measure, agg, hib, np.array(aggregate(agg, before)), np.array(aggregate(agg, after)))
+        out[name] = (float(point), worsening(measure, agg, hib, ci.resampled(agg, before, idx), ci.resampled(agg, after, idx)))
     return out
 
 
