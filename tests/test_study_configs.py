@@ -224,6 +224,7 @@ def test_a_fresh_checkout_keeps_committed_rows_and_runs_only_the_rest(tmp_path, 
     assert study.command_of(results / "a") == study.command_of(runs / "a") == "python -m smf_lightning.train experiment=s/a"
 
     launched, reported = [], []
+    monkeypatch.setenv("SMF_CACHE", str(tmp_path / "cache"))  # the committed cache seed lands here, not in ~/.cache
     monkeypatch.setattr(study, "launch", lambda cmd, where: launched.append(cmd))
     def run(*argv):
         monkeypatch.setattr(sys, "argv", ["driver", *argv])
@@ -236,3 +237,30 @@ def test_a_fresh_checkout_keeps_committed_rows_and_runs_only_the_rest(tmp_path, 
     assert capsys.readouterr().out.strip().endswith("smf_lightning.train -m c")
     with pytest.raises(SystemExit, match="unknown rows"):
         run("--only", "d")
+
+
+def test_cache_seed_round_trip(tmp_path):
+    """study.keep_cache keeps the base model's probe and before files (new or grown), not other
+    models'; study.seed_cache puts them into an empty project cache and never overwrites."""
+    import json
+
+    import study
+
+    root, seed, fp = tmp_path / "cache", tmp_path / "seed", "f" * 64
+    files = {"probes/probe-a.json": {"header": {"model_fingerprint": fp}, "records": {"q1": {}}},
+             "before_eval/before_b.json": {"key": {"base_model": fp}, "point": {}},
+             "probes/probe-tiny.json": {"header": {"model_fingerprint": "other"}, "records": {}}}
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(json.dumps(data))
+    kept = study.keep_cache({fp}, seed=seed, root=root)
+    assert sorted(p.relative_to(seed).as_posix() for p in kept) == ["before_eval/before_b.json", "probes/probe-a.json"]
+    assert study.keep_cache({fp}, seed=seed, root=root) == []  # unchanged: nothing to keep
+    (root / "probes/probe-a.json").write_text(json.dumps({"header": {"model_fingerprint": fp}, "records": {"q1": {}, "q2": {}}}))
+    assert study.keep_cache({fp}, seed=seed, root=root) == [seed / "probes/probe-a.json"]  # grown
+
+    fresh = tmp_path / "fresh"
+    assert sorted(p.relative_to(fresh).as_posix() for p in study.seed_cache(seed, fresh)) == \
+        ["before_eval/before_b.json", "probes/probe-a.json"]
+    (fresh / "probes/probe-a.json").write_text("{}")
+    assert study.seed_cache(seed, fresh) == [] and (fresh / "probes/probe-a.json").read_text() == "{}"
