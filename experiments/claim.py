@@ -258,8 +258,14 @@ def main() -> None:
     import headline_v2
     from study import finished_rows, item_points
 
-    found = {n: p for n, p in finished_rows(headline_v2.ROWS, headline_v2.RUNS, headline_v2.RESULTS) if len(item_points(p)) >= 2}
+    finished = finished_rows(headline_v2.ROWS, headline_v2.RUNS, headline_v2.RESULTS)
+    found = {n: p for n, p in finished if len(item_points(p)) >= 2}
     out, md = claim(found)
+    no_items = [n for n, _ in finished if n not in found]
+    if no_items:  # finished before the report kept items/ (their run folders are gone)
+        out["finished_without_items"] = no_items
+        md += (f"\n\nFinished without per-item scores, so left out above: {', '.join(no_items)} (to rerun one, "
+               "delete experiments/results/headline_v2/<row>/ and launch headline_v2.py --only <row>).")
     headline_v2.RESULTS.mkdir(parents=True, exist_ok=True)
     (headline_v2.RESULTS / "claim.json").write_text(json.dumps(out, indent=2) + "\n")
     (headline_v2.RESULTS / "claim.md").write_text(md + "\n")

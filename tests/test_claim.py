@@ -113,4 +113,4 @@ def test_the_report_names_missing_rows(tmp_path):
     assert out["matched"]["SMF"]["row"] == "smf_kl_t300" and "missing smf_kl_t300_lr0.1" in out["matched"]["SMF"]["why"]
     assert out["smf_targets"] == {"recall>=0.95": True, "known_kept>=0.98": False}
     assert {r["measure"] for r in out["comparisons"]} == {"triviaqa_known", "lambada"}
-    assert "full_ft_lr3e-6" in out["missing"] and "Rows not finished yet" in md
+    assert "full_ft_lr3e-6" in out["missing"] and "not available yet" in md
