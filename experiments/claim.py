@@ -250,7 +250,7 @@ def claim(found: dict[str, Path]) -> tuple[dict, str]:
                          f"{d['recall_diff']:+.4f} {_iv(d['recall_diff_ci95'], pct=False)} | "
                          f"{d['known_kept_diff']:+.4f} {_iv(d['known_kept_diff_ci95'], pct=False)} |")
     if out["missing"]:
-        lines += ["", f"Rows not finished yet: {', '.join(out['missing'])}."]
+        lines += ["", f"Rows of the curves not available yet (not run, or run without items/): {', '.join(out['missing'])}."]
     return out, "\n".join(lines)
 
 
