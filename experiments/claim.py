@@ -127,13 +127,12 @@ def worsening(measure: str, agg: Aggregate, higher_is_better: bool, before: np.n
     return -rel if higher_is_better else rel
 
 
-def paired_worsening(measure: str, runs: dict[str, Path], n_resamples: int = RESAMPLES, seed: int = SEED) -> dict:
-    """name -> (point, per-resample) worsening of every run in ``runs`` for one measure, each
-    from its own before and after points, one set of resampled item indices for all of them
-    (every row scored the same items; its before point may come from another session's CPU,
-    equal to the last few bits)."""
-    first = next(iter(runs.values()))
-    agg, hib = measures(first)[measure]
+def paired_worsening(measure: str, agg: Aggregate, hib: bool, runs: dict[str, Path], n_resamples: int = RESAMPLES,
+                     seed: int = SEED) -> dict:
+    """name -> (point, per-resample) worsening of every run in ``runs`` for one measure (its
+    aggregate and direction: ``measures``), each from its own before and after points, one set
+    of resampled item indices for all of them (every row scored the same items; its before point
+    may come from another session's CPU, equal to the last few bits)."""
     points, ids = {}, None
     for name, run in runs.items():
         before = read_columns(_suite_file(run, "before", measure))
@@ -159,8 +158,8 @@ def _pair(iv):
 def compare(smf: tuple[str, Path], other: tuple[str, Path], n_resamples: int = RESAMPLES, seed: int = SEED) -> list[dict]:
     """The claim, measure by measure, for SMF's row against another method's row."""
     rows = []
-    for measure in measures(smf[1]):
-        w = paired_worsening(measure, dict([smf, other]), n_resamples, seed)
+    for measure, (agg, hib) in measures(smf[1]).items():
+        w = paired_worsening(measure, agg, hib, dict([smf, other]), n_resamples, seed)
         (ws, ws_b), (wo, wo_b) = w[smf[0]], w[other[0]]
         diff = _pair(ci.percentile_interval(wo_b - ws_b))
         third = _pair(ci.percentile_interval(wo_b / 3 - ws_b))
@@ -184,7 +183,7 @@ def selector_difference(kl: Path, tfidf: Path, n_resamples: int = RESAMPLES, see
     rk, rt = (sum(r[j] for j in tasks) / len(tasks) for r in res)
     out = {"facts": len(set(rec_kl["id"])), "recall_kl": final_recall(kl), "recall_tfidf": final_recall(tfidf),
            "recall_diff": final_recall(kl) - final_recall(tfidf), "recall_diff_ci95": _pair(ci.percentile_interval(rk - rt))}
-    w = paired_worsening(KNOWN, {"kl": kl, "tfidf": tfidf}, n_resamples, seed)
+    w = paired_worsening(KNOWN, *measures(kl)[KNOWN], {"kl": kl, "tfidf": tfidf}, n_resamples, seed)
     # kept = before - lost, the same before: the kept difference is minus the lost difference
     out.update(known_kept_diff=w["tfidf"][0] - w["kl"][0],
                known_kept_diff_ci95=_pair(ci.percentile_interval(w["tfidf"][1] - w["kl"][1])))
