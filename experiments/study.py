@@ -25,11 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # The probe and before-evaluation caches of the studies' base model, committed: every session's
 # machine starts with an empty project cache, and recomputing them costs ~50 minutes of a 2-core
 # CPU per session (the probes of 600 stream candidates and ~3,000 known-fact candidates, the
-# before point of 200-item suites). Seeded from here, every row of every session also trains on
-# the same stream and pairs with the same before point. Files are keyed as in the project cache
-# (model fingerprint, prompts, suites, items, EVAL_FORMAT), so a changed setup computes anew.
+# before point of 200-item suites). Seeded from here (smf_lightning.assets.seed_cache, also run by
+# make train), every row of every session also trains on the same stream and pairs with the same
+# before point. Files are keyed as in the project cache (model fingerprint, prompts, suites, items,
+# EVAL_FORMAT), so a changed setup computes anew.
 CACHE_SEED = ROOT / "experiments" / "study_cache"
-SEEDED = ("probes", "before_eval")
 
 
 def _cache_root() -> Path:
@@ -39,17 +39,10 @@ def _cache_root() -> Path:
 
 
 def seed_cache(seed: Path = CACHE_SEED, root: Path | None = None) -> list[Path]:
-    """Copy the committed cache files into the project cache where it has none of that name."""
-    root = root or _cache_root()
-    copied = []
-    for kind in SEEDED:
-        for f in sorted((seed / kind).glob("*.json")):
-            dest = root / kind / f.name
-            if not dest.exists():
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(f, dest)
-                copied.append(dest)
-    return copied
+    """smf_lightning.assets.seed_cache from the committed seed folder by default."""
+    from smf_lightning.assets import seed_cache as seed_project_cache
+
+    return seed_project_cache(seed, root)
 
 
 def _fingerprint_of(f: Path) -> str | None:
@@ -64,9 +57,11 @@ def _fingerprint_of(f: Path) -> str | None:
 def keep_cache(fingerprints: set[str], seed: Path = CACHE_SEED, root: Path | None = None) -> list[Path]:
     """Copy the project cache's probe and before files of the ``fingerprints`` (the finished rows'
     base model) into the committed seed, where new or changed (probe files grow as runs add items)."""
+    from smf_lightning.assets import SEEDED_CACHES
+
     root = root or _cache_root()
     kept = []
-    for kind in SEEDED:
+    for kind in SEEDED_CACHES:
         for f in sorted((root / kind).glob("*.json")):
             dest = seed / kind / f.name
             if _fingerprint_of(f) in fingerprints and (not dest.exists() or dest.read_bytes() != f.read_bytes()):

@@ -220,6 +220,22 @@ def test_list_shows_status_and_path(cache, capsys):
     assert "missing" in out
 
 
+def test_seed_copies_computed_caches_into_an_empty_cache_and_never_overwrites(cache, tmp_path, capsys):
+    seed = tmp_path / "seed"
+    for name in ("probes/probe-a.json", "before_eval/before-b.json", "background/bg.json", "probes/notes.txt"):
+        (seed / name).parent.mkdir(parents=True, exist_ok=True)
+        (seed / name).write_text(name)
+    assert assets.main(["seed", str(seed)]) == 0
+    assert "2 computed files seeded" in capsys.readouterr().out
+    # only the seeded kinds' JSON files: other caches (background) are computed where they are used
+    assert sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*") if p.is_file()) == \
+        ["before_eval/before-b.json", "probes/probe-a.json"]
+    (cache / "probes/probe-a.json").write_text("grown by a run")
+    assert assets.seed_cache(seed) == [] and (cache / "probes/probe-a.json").read_text() == "grown by a run"
+    assert assets.main(["seed", str(tmp_path / "nowhere")]) == 2
+    assert "cache seed folder" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- real pip
 
 
