@@ -42,8 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from smf_lightning.errors import ConfigError
-from smf_lightning.data.fact_file import (_HUB_ID, _BadRecord, _json_array_records, _jsonl_records, _text, _text_list,
+from smf_lightning.data.fact_file import (RecordKeys, _BadRecord, _json_array_records, _jsonl_records, _text, _text_list,
                                          collect_records, split_shortfall)
+from smf_lightning.data.fact_file import resolve_format as resolve_record_format
 from smf_lightning.data.facts import Fact, TrainingExample
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,13 @@ _SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".tx
 
 class DocumentError(ConfigError):
     """The documents cannot give the stream asked for (exit code 2, one line)."""
+
+
+# how the shared record readers (data/fact_file.py) name the documents' keys, formats and errors
+_RECORD_KEYS = RecordKeys(
+    noun="documents", formats="set data.format=jsonl or data.format=text", error=DocumentError, allowed=FORMATS,
+    suffixes=_SUFFIX_FORMATS, sources="a JSONL or text file, a datasets save_to_disk directory, a hub dataset id "
+                                      "(owner/name), or data.path=null for the built-in example")
 
 
 @dataclass(frozen=True)
@@ -203,27 +211,8 @@ def read_documents(spec: DocumentSpec, data_root: str | None = None, log_skips: 
 
 
 def resolve_format(spec: DocumentSpec) -> str:
-    if spec.format not in FORMATS:
-        raise DocumentError(f"bad config: data.format={spec.format!r}; allowed: {' | '.join(FORMATS)}.")
-    if spec.format == "hub":
-        return "hub"
-    path = Path(spec.path).expanduser()
-    if not path.exists():
-        if spec.format == "auto" and path.suffix.lower() not in _SUFFIX_FORMATS and _HUB_ID.match(spec.path):
-            return "hub"
-        raise DocumentError(
-            f"documents file {spec.path} does not exist (data.path); give a JSONL or text file, a datasets "
-            f"save_to_disk directory, a hub dataset id (owner/name), or data.path=null for the built-in example."
-        )
-    if spec.format != "auto":
-        return spec.format
-    if path.is_dir():
-        return "disk"
-    fmt = _SUFFIX_FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise DocumentError(f"documents file {spec.path}: cannot tell the format from the suffix {path.suffix!r}; "
-                            f"set data.format=jsonl or data.format=text.")
-    return fmt
+    """jsonl | text | disk | hub for `spec.path` (fact_file.resolve_format with the documents' formats)."""
+    return resolve_record_format(spec, _RECORD_KEYS)
 
 
 def _open_records(spec: DocumentSpec, fmt: str, names: dict) -> tuple[str, Iterator]:

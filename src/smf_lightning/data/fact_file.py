@@ -70,6 +70,9 @@ class RecordKeys:
     required: tuple[str, ...] = REQUIRED_FIELDS  # fields every record needs: a missing column is a mapping error
     formats: str = "set data.format=jsonl or data.format=csv"  # what to do when the suffix says nothing
     error: type[Exception] = FactFileError
+    allowed: tuple[str, ...] = FORMATS  # the values data.format may take
+    suffixes: Mapping[str, str] = field(default_factory=lambda: dict(_SUFFIX_FORMATS))  # format=auto: suffix -> format
+    sources: str = "a JSONL or CSV file, a datasets save_to_disk directory, or a hub dataset id (owner/name)"  # what to give
 
 
 FACT_FILE_KEYS = RecordKeys()
@@ -211,26 +214,23 @@ def read_fact_file(spec: FactFileSpec, log_skips: bool = True) -> FactFile:
     return FactFile(location, fmt, facts, tasks, where, n_read, skipped)
 
 
-def resolve_format(spec: FactFileSpec, keys: RecordKeys = FACT_FILE_KEYS) -> str:
-    """jsonl | csv | disk | hub for `spec.path` (format=auto: by suffix or directory; a
-    missing path that looks like owner/name is a hub id)."""
-    if spec.format not in FORMATS:
-        raise keys.error(f"bad config: {keys.format_key}={spec.format!r}; allowed: {' | '.join(FORMATS)}.")
+def resolve_format(spec, keys: RecordKeys = FACT_FILE_KEYS) -> str:
+    """One of keys.allowed but auto (jsonl | csv | disk | hub for a facts file) for `spec.path`
+    (format=auto: by suffix or directory; a missing path that looks like owner/name is a hub id)."""
+    if spec.format not in keys.allowed:
+        raise keys.error(f"bad config: {keys.format_key}={spec.format!r}; allowed: {' | '.join(keys.allowed)}.")
     path = Path(spec.path).expanduser()
     if spec.format == "hub":
         return "hub"
     if not path.exists():
-        if spec.format == "auto" and path.suffix.lower() not in _SUFFIX_FORMATS and _HUB_ID.match(spec.path):
+        if spec.format == "auto" and path.suffix.lower() not in keys.suffixes and _HUB_ID.match(spec.path):
             return "hub"
-        raise keys.error(
-            f"{keys.noun} file {spec.path} does not exist ({keys.path_key}); give a JSONL or CSV file, a datasets "
-            f"save_to_disk directory, or a hub dataset id (owner/name)."
-        )
+        raise keys.error(f"{keys.noun} file {spec.path} does not exist ({keys.path_key}); give {keys.sources}.")
     if spec.format != "auto":
         return spec.format
     if path.is_dir():
         return "disk"
-    fmt = _SUFFIX_FORMATS.get(path.suffix.lower())
+    fmt = keys.suffixes.get(path.suffix.lower())
     if fmt is None:
         raise keys.error(f"{keys.noun} file {spec.path}: cannot tell the format from the suffix {path.suffix!r}; "
                          f"{keys.formats}.")
