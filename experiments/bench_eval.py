@@ -18,7 +18,12 @@ process, the same weights, so every point decodes the same tokens and their numb
 - uncached: without the kept states, greedy decoding as now (finished rows leave the batch down
   to 16 rows, the prompt's logits gathered contiguously): what LoRA or full finetuning pays;
 - fill: the first point with callbacks.eval_prefix_cache (keeps every forward's prefix states);
-- cached: any later point (layers 0..14 skipped for every forward; decoding steps run in full).
+- cached: any later point whose answers are the fill's (layers 0..14 skipped for every forward,
+  the decoding steps included: they are kept keyed by the batch's tokens so far);
+- redrawn: a later point after the memory values are drawn anew (--redrawn), with the same kept
+  states, and its uncached twin: the decoding steps of a batch whose tokens differ from the
+  fill's from some step on run in full from there (their share is printed), and the numbers
+  must still equal the uncached point's.
 
 Columns: cached/today is the issue's ratio; uncached/today is what the decoding changes alone
 give; cached/uncached what the kept states alone give. Scores come from the same code in every
@@ -135,6 +140,8 @@ def main() -> None:
                          "machine shared with other jobs distorts far less; use it with --threads 1, or idle "
                          "worker threads spinning would count")
     ap.add_argument("--rounds", type=int, default=1, help="cached/uncached/today rounds after the fill (medians)")
+    ap.add_argument("--redrawn", action="store_true",
+                    help="also a point after the memory values are drawn anew, cached and uncached")
     ap.add_argument("--out", default="bench_eval", help="results file stem under experiments/results/")
     ap.add_argument("override", nargs="*", help="extra Hydra overrides (e.g. model.memory.layers=[12])")
     args = ap.parse_args()
@@ -167,6 +174,25 @@ def main() -> None:
         results[label].append(res)
         print(f"{label:9s} " + "  ".join(f"{k} {v:6.1f} s" for k, v in seconds.items()) + f"  total {sum(seconds.values()):7.1f} s",
               flush=True)
+    redrawn = {}
+    if args.redrawn:
+        steps_before = (states.step_hits, states.step_misses)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for mem in memory_layers(model).values():
+                mem.values.weight.normal_(0, 0.02)
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
+        for label, st in (("redrawn", states), ("redrawn_uncached", None)):
+            seconds, res = evaluate_point(cfg, model, tok, suites, recall, st, clock=clock)
+            redrawn[label] = (seconds, res)
+            print(f"{label:9s} " + "  ".join(f"{k} {v:6.1f} s" for k, v in seconds.items())
+                  + f"  total {sum(seconds.values()):7.1f} s", flush=True)
+        hits, misses = states.step_hits - steps_before[0], states.step_misses - steps_before[1]
+        redrawn["steps"] = {"hits": hits, "misses": misses}
+        redrawn["same_numbers"] = redrawn["redrawn"][1] == redrawn["redrawn_uncached"][1]
+        redrawn["changed_vs_fill"] = redrawn["redrawn"][1] != results["fill"][0]
+        print(f"redrawn memory: decoding steps kept {hits} of {hits + misses}; numbers equal to uncached: "
+              f"{redrawn['same_numbers']}; anything changed vs the fill: {redrawn['changed_vs_fill']}")
     reference = results["uncached"][0]
     same = all(r == reference for label in ("uncached", "fill", "cached") for r in results[label])
     same_as_today = all(r == reference for r in results["today"])
@@ -188,8 +214,16 @@ def main() -> None:
         print(f"{r['part']:12s} {str(r['items']):>22s} {r['today_s']:8.1f} {r['uncached_s']:9.1f} {r['fill_s']:8.1f} "
               f"{r['cached_s']:8.1f} {r['cached_vs_today']:13.3f} {r['uncached_vs_today']:15.3f} "
               f"{r['cached_vs_uncached']:16.3f} {r['fill_vs_today']:11.3f}")
+    for part in [*parts, "total"] if redrawn else ():
+        def got(label, part=part):
+            return sum(redrawn[label][0].values()) if part == "total" else redrawn[label][0][part]
+        row = next(r for r in rows if r["part"] == part)
+        row.update(redrawn_s=round(got("redrawn"), 2), redrawn_uncached_s=round(got("redrawn_uncached"), 2),
+                   redrawn_vs_today=round(got("redrawn") / row["today_s"], 3) if row["today_s"] else None)
+        print(f"{part:12s} redrawn {got('redrawn'):8.1f} s, uncached {got('redrawn_uncached'):8.1f} s, "
+              f"redrawn/today {row['redrawn_vs_today']:.3f}")
     print(f"same numbers at every point: {same}; same as today (greedy texts too): {same_as_today}; kept {states.nbytes / 2**20:.0f} MB, {states.hits} hits, "
-          f"{states.misses} misses")
+          f"{states.misses} misses; decoding steps {states.step_hits} hits, {states.step_misses} misses")
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {"model": cfg.model.name, "load_average_at_start": load_at_start, "memory_layers": sorted(memory_layers(model)), "threads": torch.get_num_threads(),
             "load_average_at_end": os.getloadavg(), "n": args.n, "n_gsm8k": args.n_gsm8k, "facts": args.facts, "tasks": args.tasks,
@@ -197,14 +231,18 @@ def main() -> None:
             "generation_batch_size": int(cfg.data.generation_batch_size), "same_numbers": same,
             "same_as_today": same_as_today,
             "rounds": args.rounds, "clock": args.clock, "points": {k: v for k, v in times.items()},
-            "kept_mb": states.nbytes / 2**20, "hits": states.hits, "misses": states.misses}
+            "kept_mb": states.nbytes / 2**20, "hits": states.hits, "misses": states.misses,
+            "step_hits": states.step_hits, "step_misses": states.step_misses,
+            **({"redrawn": {"steps": redrawn["steps"], "same_numbers": redrawn["same_numbers"],
+                            "changed_vs_fill": redrawn["changed_vs_fill"],
+                            "points": {k: redrawn[k][0] for k in ("redrawn", "redrawn_uncached")}}} if redrawn else {})}
     (RESULTS / f"{args.out}.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
     with (RESULTS / f"{args.out}.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     print(f"wrote {RESULTS / args.out}.json and .csv")
-    if not same:
+    if not same or (redrawn and not redrawn["same_numbers"]):
         raise SystemExit("the cached points' numbers differ from the uncached point's")
     if not same_as_today:
         print("note: a greedy text differs from today's decoding loop (two logits tied within float rounding)")

@@ -134,6 +134,40 @@ def test_greedy_decoding_reuses_the_prompts_kv_cache(tiny_tok):
     assert states.hits > hits
 
 
+@pytest.mark.parametrize("min_rows", [1, 16])
+def test_decoding_steps_with_the_same_history_skip_the_layers_below(tiny_tok, monkeypatch, min_rows):
+    """A later point whose batch generates the tokens of the point before skips the layers below
+    the memory in every decoding step as in the prompt (finished rows leaving the batch or not),
+    with every logit equal to the uncached decoding; a point whose tokens differ from some step
+    on runs those steps in full, equal to the uncached decoding too, and keeps them."""
+    from smf_lightning.eval import scoring
+
+    monkeypatch.setattr(scoring, "MIN_DECODING_ROWS", min_rows)
+    model, states = _smf_model(layers=(2,)), EvalPrefixStates()
+    _train_memory(model, seed=8)
+    eos, newline = _ending_tokens(model, tiny_tok, 7)
+    first = _decode(model, tiny_tok, 7, eos, newline, states=states)
+    steps = states.step_misses
+    assert states.step_hits == 0 and steps > 0
+    calls = {i: 0 for i in range(4)}
+    hooks = [layer.self_attn.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, layer in enumerate(decoder_layers(model))]
+    try:
+        again = _decode(model, tiny_tok, 7, eos, newline, states=states)  # same memory: same tokens
+    finally:
+        for h in hooks:
+            h.remove()
+    assert states.step_hits == steps and states.step_misses == steps
+    assert calls[0] == calls[1] == 0 and calls[2] == calls[3] == steps + 1  # the prompt and every step
+    plain = _decode(model, tiny_tok, 7, eos, newline)
+    for a, b in ((first, plain), (again, plain)):
+        assert a[0] == b[0] and a[1] == b[1] and all(torch.equal(x, y) for x, y in zip(a[2], b[2]))
+    _train_memory(model, seed=9)  # other tokens from some step on
+    cached, plain = _decode(model, tiny_tok, 7, eos, newline, states=states), _decode(model, tiny_tok, 7, eos, newline)
+    assert cached[0] != first[0] and states.step_misses > steps
+    assert cached[0] == plain[0] and cached[1] == plain[1] and all(torch.equal(x, y) for x, y in zip(cached[2], plain[2]))
+
+
 def test_off_where_the_prefix_can_change(tiny_tok):
     suite = _suites()[2]
     trainable = retrofit(tiny_qwen2(seed=1), MemoryConfig(layers=[2], n_slots=64, heads=2, knn=4, k_dim=16))
@@ -172,7 +206,10 @@ def test_a_scope_drops_batches_that_did_not_come_again(tiny_tok):
     recall.facts = facts
     _evaluate(model, tiny_tok, [recall], states)
     assert first - set(states.entries)  # some batches of 4 facts are gone
-    assert len(states.entries) == 3  # 9 facts in batches of 4
+    prompts = [k for k in states.entries if k[0] != "step"]  # (decoding steps: keys ("step", history, ...))
+    assert len(prompts) == 3  # 9 facts in batches of 4
+    steps = [k for k in states.entries if k[0] == "step"]
+    assert steps and all(states.entries[k].session == states.entries[prompts[0]].session for k in steps)
 
 
 # ----------------------------------------------------------------------------- a whole run

@@ -179,8 +179,8 @@ class ContinualEvaluation(L.Callback):
             records, rows = self._evaluate_recall(model, label, tasks, t0)
             results, items = self._evaluate_suites(model, label, suites)
         if states is not None:
-            log.info("evaluation '%s': prefix cache %d hits, %d misses so far, %.0f MB kept", label, states.hits,
-                     states.misses, states.nbytes / 2**20)
+            log.info("evaluation '%s': prefix cache %d hits, %d misses so far (decoding steps: %d, %d), %.0f MB kept",
+                     label, states.hits, states.misses, states.step_hits, states.step_misses, states.nbytes / 2**20)
         self.eval_seconds += time.perf_counter() - t0
         self._add_point(label, *rows, results, items, records)
 

@@ -13,14 +13,19 @@ a forward that continues a KV cache, also the key of the forward that made it an
 taken from it):
 - the states leaving layer L-1, [rows, columns, hidden];
 - for a prompt that greedy decoding continues, also the keys and values the layers below L
-  put into the KV cache: the decoding steps attend to them. The decoding steps themselves
-  always run in full (the tokens they see depend on the memory).
+  put into the KV cache: the decoding steps attend to them;
+- for a greedy decoding step, the states of its new tokens and the keys and values the layers
+  below L append for them, keyed by the step's inputs and the key of the step (or prompt)
+  before it, so by the whole history of the batch: a later point whose batch generated the same
+  tokens so far (SMF leaves most answers as they were) skips the layers below L for that step
+  too. Where a row's token differs, that step and the ones after it run in full, and their new
+  states are kept for the point after.
 
 About (hidden + 2 * kv_heads * head_dim * L) * 4 bytes per greedy prompt token (18.5 KB on
 Qwen2.5-0.5B with the memory at layer 15) and hidden * 4 bytes per scored token (3.5 KB):
 118 MB for the four suites at 24 items (GSM8K 12) plus 24 facts under 5 templates
 (experiments/bench_eval.py), so about 1 GB at 200 items and 200 facts, half of it recall's
-prompts. A forward whose batch does not come again is dropped at the end of the next run of its
+prompts; a decoding step keeps as much per row as a greedy prompt token. A forward whose batch does not come again is dropped at the end of the next run of its
 scope (fact recall over a grown set of tasks forms new batches).
 
 Only where nothing below L can change: ``active`` checks that no parameter of the prefix or of
@@ -90,7 +95,8 @@ class EvalPrefixStates:
 
     def __init__(self):
         self.entries: dict[tuple, _Entry] = {}
-        self.hits = self.misses = 0
+        self.hits = self.misses = 0  # forwards over prompts and scored sequences
+        self.step_hits = self.step_misses = 0  # greedy decoding steps (kv="append")
         self._signature: tuple | None = None
         self._prefix: list[nn.Module] = []
         self._layer_ids: list[int] = []
@@ -166,29 +172,42 @@ class EvalPrefixStates:
         kv: None   - the forward's KV cache (if any) is not used for the prefix layers later;
             "keep" - it is (greedy decoding): the prefix's keys and values are kept with the
                      states and put back into the cache on a hit;
+            "append" - a decoding step on a KV cache the key's history has filled: the keys and
+                     values the prefix appends for the step's new tokens are kept and appended
+                     again on a hit (counted in step_hits / step_misses);
             "placeholder" - on a hit the prefix's cache entries are zeros of the right size:
                      only for a cache whose later forwards all skip the prefix (score_choices
                      checks that every one of them is kept), so the entries only set its length.
         """
         entry = self.entries.get(key) if reuse else None
-        if entry is not None and (kv != "keep" or entry.kv is not None):
-            self.hits += 1
+        step = kv == "append"
+        if entry is not None and (kv not in ("keep", "append") or entry.kv is not None):
+            if step:
+                self.step_hits += 1
+            else:
+                self.hits += 1
             entry.scope, entry.session = self._scope, self._session
             with skip_prefix(self._prefix, entry.hidden, self._kv_source(entry, kv)):
                 yield
             return
-        self.misses += 1
+        if step:
+            self.step_misses += 1
+        else:
+            self.misses += 1
         kept: list[_Entry] = []
 
         def keep(output, kwargs):
             pairs = None
-            if kv == "keep":
+            if kv in ("keep", "append"):
                 cache = layer_cache(kwargs)
                 if not _supports_kv(cache, self._layer_ids):
                     return  # not kept: a later forward recomputes it
+                new = output.shape[1]
                 pairs = [(cache.layers[i].keys, cache.layers[i].values) for i in self._layer_ids]
-                if any(k.shape[-2] != output.shape[1] for k, _ in pairs):
+                if kv == "keep" and any(k.shape[-2] != new for k, _ in pairs):
                     return  # the cache held earlier tokens: not a fresh prompt
+                if step:  # only the columns this step appended (copies: the cache's tensors are replaced as it grows)
+                    pairs = [(k[..., -new:, :].clone(), v[..., -new:, :].clone()) for k, v in pairs]
             kept.append(_Entry(output, pairs, self._scope, self._session))
 
         with keep_prefix_output(self._prefix, keep):
@@ -197,7 +216,7 @@ class EvalPrefixStates:
             self.entries[key] = kept[0]
 
     def _kv_source(self, entry: _Entry, kv: str | None):
-        if kv == "keep":
+        if kv in ("keep", "append"):  # a hit puts them into the forward's cache as the layer would have
             return lambda i, hidden_states: entry.kv[i]
         if kv == "placeholder":
             heads, dim = self._kv_shape

@@ -389,7 +389,9 @@ def _greedy_decode(model, tokenizer, ids, mask, positions, max_new_tokens, eos_i
     product sees, so a row's logits can move by float rounding (GEMM kernels depend on the row
     count); only their argmax is used, never a score, so a text changes only where two logits tie
     within rounding (none did on experiments/bench_eval.py's items; the tests compare texts).
-    Cached and uncached evaluation run this same loop, so they agree to the last bit.
+    Cached and uncached evaluation run this same loop, so they agree to the last bit. With kept
+    prefix states, a step whose batch produced the same tokens so far at an earlier point skips
+    the layers below the memory as the prompt does (eval/prefix_states.py, kv="append").
 
     ``legacy=True`` is the loop before those two changes (every row decoded until all are done,
     ``logits_to_keep=1``): bench_eval.py's "today" baseline, and the tests' reference.
@@ -401,7 +403,9 @@ def _greedy_decode(model, tokenizer, ids, mask, positions, max_new_tokens, eos_i
     keep = 1 if legacy else torch.tensor([ids.shape[1] - 1], device=ids.device)
     # prefill: only the last column's logits are needed; the prompt's prefix states (and the
     # prefix's keys/values, which the decoding steps attend to) can be kept across points
-    with _reuse(states, _key(states, ids, mask, positions), kv="keep"):
+    step_states = None if legacy else states  # the steps too, keyed by the history (prefix_states.py)
+    history = _key(states, ids, mask, positions)
+    with _reuse(states, history, kv="keep"):
         try:
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=keep)
         except TypeError:
@@ -439,10 +443,13 @@ def _greedy_decode(model, tokenizer, ids, mask, positions, max_new_tokens, eos_i
             mask, next_positions, next_ids = mask[index], next_positions[index], next_ids[index]
             rows = [rows[r] for r in index.tolist()]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-        out = model(
-            input_ids=next_ids.unsqueeze(-1), attention_mask=mask, position_ids=next_positions,
-            use_cache=True, **{cache_kwarg: past},
-        )
+        # the step's inputs and the batch's history so far name the prefix's work exactly
+        history = _key(step_states, "step", history, torch.tensor(rows), next_ids, mask, next_positions)
+        with _reuse(step_states, history, kv="append"):
+            out = model(
+                input_ids=next_ids.unsqueeze(-1), attention_mask=mask, position_ids=next_positions,
+                use_cache=True, **{cache_kwarg: past},
+            )
         past = _returned_cache(out)
         next_positions = next_positions + 1
     return generated
