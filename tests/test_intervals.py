@@ -311,18 +311,23 @@ def test_cached_before_point_carries_its_items(runs):
         assert cached["heldout"][name]["before_ci95"] == h["before_ci95"], name
 
 
-def test_sweep_summary_carries_intervals(tmp_path):
+def test_sweep_summary_carries_intervals_and_lm_eval_tasks(tmp_path):
     from smf_lightning.callbacks.sweep import summarize_sweep
 
     for job, (recall, rc) in enumerate([(0.5, -0.1), (0.8, -0.3)]):
         (tmp_path / str(job)).mkdir()
         summary = {"method": "smf", "selector": "kl", "top_t": 16, "lr": 1.0, "fact_recall": recall, "fact_recall_ci95": [recall - 0.1, recall + 0.1],
                    "heldout_degradation_pct_ci95": [5.0, 20.0],
-                   "heldout": {"nq_open": {"rel_change": rc, "rel_change_ci95": [rc - 0.05, rc + 0.02], "higher_is_better": True}}}
+                   "heldout": {"nq_open": {"rel_change": rc, "rel_change_ci95": [rc - 0.05, rc + 0.02], "higher_is_better": True}},
+                   **({"lm_eval": {"arc_easy": {"acc,none": {"before": 0.5, "after": recall, "rel_change": recall / 0.5 - 1}}}}
+                      if job else {})}
         (tmp_path / str(job) / "summary.json").write_text(json.dumps(summary))
     rows = list(csv.DictReader((summarize_sweep(tmp_path) and tmp_path / "sweep_summary.csv").open()))
     assert [float(r["fact_recall_ci95_low"]) for r in rows] == [0.4, 0.8 - 0.1]
     assert [float(r["nq_open_rel_change_ci95_high"]) for r in rows] == [-0.1 + 0.02, -0.3 + 0.02]
     assert [float(r["heldout_degradation_pct_ci95_high"]) for r in rows] == [20.0, 20.0]
     assert rows[0]["fact_recall_heldout_template_ci95_low"] == ""  # absent in the summary: empty, not an error
+    # lm-eval tasks of the runs that had them (callbacks.lm_eval), empty for the others
+    assert [r["lm_eval/arc_easy/acc,none"] for r in rows] == ["", "0.8"]
+    assert [r["lm_eval/arc_easy/acc,none_rel_change"] for r in rows] == ["", str(0.8 / 0.5 - 1)]
     assert (tmp_path / "learning_vs_forgetting.png").stat().st_size > 1000

@@ -67,6 +67,11 @@ def summarize_sweep(sweep_dir: Path) -> list[dict]:
         for suite, h in s.get("heldout", {}).items():
             row[f"{suite}_rel_change"] = h.get("rel_change")
             row.update(_interval_columns(f"{suite}_rel_change", h.get("rel_change_ci95")))
+        # lm-evaluation-harness tasks (callbacks.lm_eval): after the stream and the change since before
+        for task, metrics in (s.get("lm_eval") or {}).items():
+            for metric, m in metrics.items():
+                row[f"lm_eval/{task}/{metric}"] = m.get("after")
+                row[f"lm_eval/{task}/{metric}_rel_change"] = m.get("rel_change")
         rows.append(row)
     if not rows:
         return rows
