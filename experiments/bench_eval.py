@@ -168,11 +168,10 @@ def main() -> None:
     states = EvalPrefixStates()
     if args.lean:
         schedule = [("today", None), ("fill", states), ("cached", states)]
-        labels = ("today", "fill", "cached")
     else:
         schedule = [("today", None), ("uncached", None), ("fill", states)] + [
             ("cached", states), ("uncached", None), ("today", None)] * args.rounds
-        labels = ("today", "uncached", "fill", "cached")
+    labels = tuple(dict.fromkeys(label for label, _ in schedule))  # the points run, first-run order
     times: dict[str, list[dict]] = {k: [] for k in labels}
     results: dict[str, list] = {k: [] for k in labels}
     for label, st in schedule:
