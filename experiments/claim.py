@@ -19,6 +19,10 @@ holds for a measure when w_SMF <= w_other / 3 at the point estimate and the pair
 of w_other - w_SMF lies above 0 (equality excluded). The interval of w_other / 3 - w_SMF is
 shown too (above 0: the one-third bound itself is resolved).
 
+Mechanism: of the known facts a row lost, how many it now answers with an answer it gives to one
+of the stream's questions at its last point (the injected answers leaking into question-shaped
+inputs), with the most frequent ones.
+
 KL vs TF-IDF: at each budget, the paired difference of final recall (facts resampled within
 their task, a fact's templates together: intervals.recall_resampled) and of known facts kept.
 
@@ -99,6 +103,26 @@ def matched_row(curve: dict[str, Path]) -> tuple[str, str]:
             return name, f"lowest learning rate with recall >= {RECALL_MATCH}"
     best = max(curve, key=lambda n: final_recall(curve[n]))
     return best, f"best recall (none reaches {RECALL_MATCH})"
+
+
+def injected_answers(run: Path, top: int = 3) -> dict:
+    """The known facts ``run`` lost (exact match before, not after), and how many of them it
+    now answers with a prediction it gives to a stream question at its last point (compared
+    stripped and case-folded), with the ``top`` most frequent such answers."""
+    from collections import Counter
+
+    point = last_point(run)
+    before = read_columns(run / "items" / "before" / f"{KNOWN}.csv")
+    after = read_columns(run / "items" / point / f"{KNOWN}.csv")
+    stream = {p.strip().casefold() for p in read_columns(run / "items" / point / "fact_recall.csv")["prediction"]}
+    was = {i for i, em in zip(before["id"], before["em"]) if em == 1.0}
+    lost = [p.strip() for i, p, em in zip(after["id"], after["prediction"], after["em"]) if i in was and em != 1.0]
+    leaked = [p for p in lost if p.casefold() in stream]
+    shown = {}  # case-folded answer -> its first spelling
+    for p in leaked:
+        shown.setdefault(p.casefold(), p)
+    counts = Counter(p.casefold() for p in leaked).most_common(top)
+    return {"lost": len(lost), "answered_with_stream_answer": len(leaked), "top": [(shown[a], n) for a, n in counts]}
 
 
 # ----------------------------------------------------------------------------- worsening
@@ -248,6 +272,15 @@ def claim(found: dict[str, Path]) -> tuple[dict, str]:
             lines.append(f"| {k.rsplit('_', 1)[1]} | {d['facts']} | {d['recall_kl']:.4f} | {d['recall_tfidf']:.4f} | "
                          f"{d['recall_diff']:+.4f} {_iv(d['recall_diff_ci95'], pct=False)} | "
                          f"{d['known_kept_diff']:+.4f} {_iv(d['known_kept_diff_ci95'], pct=False)} |")
+    lines += ["", "Known facts lost, and how many of them are now answered with an answer the row gives to a stream "
+              "question:", "", "| row | lost | with a stream answer | most frequent |", "|---|---:|---:|---|"]
+    out["injected"] = {}
+    for name, run in found.items():
+        if not (run / "items" / "before" / f"{KNOWN}.csv").exists():
+            continue
+        d = out["injected"][name] = injected_answers(run)
+        lines.append(f"| {name} | {d['lost']} | {d['answered_with_stream_answer']} | "
+                     + ", ".join(f"{a} ({n})" for a, n in d["top"]) + " |")
     if out["missing"]:
         lines += ["", f"Rows of the curves not available yet (not run, or run without items/): {', '.join(out['missing'])}."]
     return out, "\n".join(lines)

@@ -114,3 +114,18 @@ def test_the_report_names_missing_rows(tmp_path):
     assert out["smf_targets"] == {"recall>=0.95": True, "known_kept>=0.98": False}
     assert {r["measure"] for r in out["comparisons"]} == {"triviaqa_known", "lambada"}
     assert "full_ft_lr3e-6" in out["missing"] and "not available yet" in md
+
+
+def test_injected_answers_counts_lost_known_facts_answered_with_stream_answers(tmp_path):
+    run = make_run(tmp_path / "r", known_lost=3, word_logprob_after=-1.0)
+    last = run / "items" / "after_task_1"
+    cols = claim.read_columns(last / "triviaqa_known.csv")
+    cols["prediction"] = [" Paris", "paris ", "Rome"] + cols["prediction"][3:]  # the 3 lost ones
+    _write(last / "triviaqa_known.csv", cols)
+    recall = claim.read_columns(last / "fact_recall.csv")
+    recall["prediction"] = [" PARIS"] + recall["prediction"][1:]
+    _write(last / "fact_recall.csv", recall)
+    d = claim.injected_answers(run)
+    assert d == {"lost": 3, "answered_with_stream_answer": 2, "top": [("Paris", 2)]}
+    out, md = claim.claim({"smf_kl_t300": run})
+    assert out["injected"]["smf_kl_t300"]["answered_with_stream_answer"] == 2 and "| smf_kl_t300 | 3 | 2 |" in md
