@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 
 from headline import HEAL_DIR, KEYS_ROWS, ROWS, RUNS, TUNE, TUNE_RUNS
-from report import TABLES, heal_table, keys_table, plot, row_of, tune_table, write_csv
+from report import TABLES, heal_table, keys_table, plot, row_of, tune_table, write_between, write_csv
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "headline"
@@ -61,18 +61,8 @@ def tune_main(runs_dir: Path) -> int:
     write_csv(rows, OUT / "tune.csv")
     table = tune_table(rows)
     print(table)
-    _write_between(table, "<!-- tune-table:start -->", "<!-- tune-table:end -->")
+    write_between(REPORT, table, "<!-- tune-table:start -->", "<!-- tune-table:end -->")
     return 0
-
-
-def _write_between(table: str, start: str, end: str) -> None:
-    if not REPORT.exists():
-        return
-    text = REPORT.read_text()
-    if start in text and end in text:
-        pre, rest = text.split(start, 1)
-        REPORT.write_text(pre + start + "\n" + table + "\n" + end + rest.split(end, 1)[1])
-        print(f"table written into {REPORT}")
 
 
 def main() -> int:
@@ -94,8 +84,8 @@ def main() -> int:
     plot(rows, OUT / "learning_vs_forgetting.png")
     table = TABLES["headline"](rows)
     print(table)
-    _write_between(table, MARK_START, MARK_END)
-    _write_between(commands_block(), "<!-- commands:start -->", "<!-- commands:end -->")
+    write_between(REPORT, table, MARK_START, MARK_END)
+    write_between(REPORT, commands_block(), "<!-- commands:start -->", "<!-- commands:end -->")
     keys_section({r["row"]: r for r in rows}, runs_dir)
     missing = [n for n in ROWS if n not in dict(runs)]
     if missing:
@@ -121,7 +111,7 @@ def keys_section(collected: dict[str, dict], runs_dir: Path) -> None:
             shutil.copy2(heal_summary, OUT / "heal_summary.json")
         table = "Healing run (`experiments/runs/heal_replace`):\n\n" + heal_table(summary) + "\n\n" + table
     print(table)
-    _write_between(table, "<!-- keys-table:start -->", "<!-- keys-table:end -->")
+    write_between(REPORT, table, "<!-- keys-table:start -->", "<!-- keys-table:end -->")
 
 
 if __name__ == "__main__":

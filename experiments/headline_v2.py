@@ -18,7 +18,8 @@ checkpoint. This script prints or launches that command and writes the study's r
 
 Runs live in $SMF_STUDY_RUNS/headline_v2 (default ~/.cache/smf_lightning/study_runs/headline_v2);
 --report copies each finished row's small files into experiments/results/headline_v2/<row>/ and
-writes the table (table.md, rows.csv) and the learning-vs-forgetting plot there.
+writes the table (table.md, rows.csv) and the learning-vs-forgetting plot there, and the table
+into experiments/REPORT.md between its ``headline-v2-table`` markers.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from study import multirun as study_multirun  # noqa: E402
 
 RUNS = runs_dir("headline_v2")
 RESULTS = HERE / "results" / "headline_v2"
+# where --report writes the table into experiments/REPORT.md (the prose around it is hand-written)
+REPORT_MARKERS = ("<!-- headline-v2-table:start -->", "<!-- headline-v2-table:end -->")
 
 # The rows in the report's order (their settings: conf/experiment/headline_v2/<row>.yaml)
 SMF_ROWS = ("smf_kl_t100", "smf_kl_t300", "smf_kl_t1000", "smf_tfidf_t100", "smf_tfidf_t300", "smf_tfidf_t1000",
@@ -49,7 +52,7 @@ def multirun(rows: tuple[str, ...] | list[str] = ROWS) -> list[str]:
 
 
 def report() -> None:
-    from report import table_of, write_csv
+    from report import table_of, write_between, write_csv
 
     finished = finished_rows(ROWS, RUNS, RESULTS)
     rows, md = table_of("headline_v2", finished)
@@ -61,6 +64,7 @@ def report() -> None:
         copy_small_files(run, RESULTS / name)
     write_csv(rows, RESULTS / "rows.csv")
     (RESULTS / "table.md").write_text(md + "\n")
+    write_between(HERE / "REPORT.md", md, *REPORT_MARKERS)
     from report import curves_plot
 
     curves_plot(rows, RESULTS / "learning_vs_forgetting.png")

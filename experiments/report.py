@@ -299,6 +299,21 @@ ROW_BUILDERS = {"recipe": recipe_row_of, "headline_v2": headline_v2_row_of}
 # ----------------------------------------------------------------------------- files
 
 
+def write_between(path: Path, text: str, start: str, end: str) -> bool:
+    """Replace what lies between the markers ``start`` and ``end`` of the file ``path`` (a
+    report's hand-written prose around a generated table) with ``text``; False, and the file
+    left as it is, when the file or either marker is missing."""
+    if not path.exists():
+        return False
+    doc = path.read_text()
+    if start not in doc or end not in doc:
+        return False
+    pre, rest = doc.split(start, 1)
+    path.write_text(pre + start + "\n" + text + "\n" + end + rest.split(end, 1)[1])
+    print(f"table written into {path}")
+    return True
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     cols = list(dict.fromkeys(k for r in rows for k in r))  # every key of every row, first-seen order
     with path.open("w", newline="") as f:

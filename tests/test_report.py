@@ -51,3 +51,20 @@ def test_run_dirs_in_job_order_and_named_rows(tmp_path):
             (tmp_path / name / "summary.json").write_text("{}")
     assert [n for n, _ in report.run_dirs(tmp_path)] == ["0", "2", "10", "a_run", "b_run"]
     assert [n for n, _ in report.run_dirs(tmp_path, ["b_run", "unfinished", "0"])] == ["b_run", "0"]
+
+
+def test_write_between_replaces_only_the_marked_text(tmp_path):
+    doc = tmp_path / "REPORT.md"
+    doc.write_text("prose\n<!-- t:start -->\nold\ntable\n<!-- t:end -->\nmore prose\n")
+    assert report.write_between(doc, "new", "<!-- t:start -->", "<!-- t:end -->")
+    assert doc.read_text() == "prose\n<!-- t:start -->\nnew\n<!-- t:end -->\nmore prose\n"
+    assert not report.write_between(doc, "x", "<!-- u:start -->", "<!-- u:end -->")
+    assert doc.read_text() == "prose\n<!-- t:start -->\nnew\n<!-- t:end -->\nmore prose\n"
+    assert not report.write_between(tmp_path / "absent.md", "x", "<!-- t:start -->", "<!-- t:end -->")
+    assert not (tmp_path / "absent.md").exists()
+
+
+def test_report_md_carries_the_headline_v2_table():
+    text = (EXPERIMENTS / "REPORT.md").read_text()
+    table = (EXPERIMENTS / "results" / "headline_v2" / "table.md").read_text().strip()
+    assert between(text, "headline-v2-table") == table
