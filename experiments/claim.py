@@ -34,6 +34,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -109,12 +110,10 @@ def injected_answers(run: Path, top: int = 3) -> dict:
     """The known facts ``run`` lost (exact match before, not after), and how many of them it
     now answers with a prediction it gives to a stream question at its last point (compared
     stripped and case-folded), with the ``top`` most frequent such answers."""
-    from collections import Counter
-
     point = last_point(run)
-    before = read_columns(run / "items" / "before" / f"{KNOWN}.csv")
-    after = read_columns(run / "items" / point / f"{KNOWN}.csv")
-    stream = {p.strip().casefold() for p in read_columns(run / "items" / point / "fact_recall.csv")["prediction"]}
+    before = read_columns(_suite_file(run, "before", KNOWN))
+    after = read_columns(_suite_file(run, point, KNOWN))
+    stream = {p.strip().casefold() for p in read_columns(_suite_file(run, point, "fact_recall"))["prediction"]}
     was = {i for i, em in zip(before["id"], before["em"]) if em == 1.0}
     lost = [p.strip() for i, p, em in zip(after["id"], after["prediction"], after["em"]) if i in was and em != 1.0]
     leaked = [p for p in lost if p.casefold() in stream]
@@ -276,7 +275,7 @@ def claim(found: dict[str, Path]) -> tuple[dict, str]:
               "question:", "", "| row | lost | with a stream answer | most frequent |", "|---|---:|---:|---|"]
     out["injected"] = {}
     for name, run in found.items():
-        if not (run / "items" / "before" / f"{KNOWN}.csv").exists():
+        if not _suite_file(run, "before", KNOWN).exists():
             continue
         d = out["injected"][name] = injected_answers(run)
         lines.append(f"| {name} | {d['lost']} | {d['answered_with_stream_answer']} | "
