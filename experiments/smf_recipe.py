@@ -25,7 +25,6 @@ experiments/results/recipe/<row>/.
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 from pathlib import Path
@@ -78,12 +77,9 @@ def report() -> None:
         print("no finished rows yet")
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
-    cols = list(dict.fromkeys(k for r in table for k in r))
-    with (RESULTS / "recipe.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(table)
-    from report import table_of
+    from report import table_of, write_csv
+
+    write_csv(table, RESULTS / "recipe.csv")
 
     _, md = table_of("recipe", finished)  # the table of experiments/report.py
     lines = md.splitlines()
