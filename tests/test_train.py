@@ -160,7 +160,8 @@ def test_stop_signal_keeps_results_prints_resume_command_and_resumes(tiny_run, t
     """A SIGTERM / SIGINT (sent by the run to itself after optimizer step 10: task 1's second
     step, a deterministic point) stops the run at once: exit 128 + signal, task 0's results and
     checkpoint intact, no further step taken, the exact resume command printed; running that
-    command gives the uninterrupted run's final files."""
+    command in the same run folder (as a sweep job resumes) gives the uninterrupted run's final files and
+    its metrics.csv: task 0's logged steps kept, task 1's steps logged once."""
     first = tmp_path / "stopped"
     res = cli([*TINY, f"hydra.run.dir={first}", f"debug.signal={signame}", "debug.signal_at_step=10"])
     out = res.stdout + res.stderr
@@ -177,10 +178,18 @@ def test_stop_signal_keeps_results_prints_resume_command_and_resumes(tiny_run, t
     line = next(ln for ln in out.splitlines() if "smf_lightning.train" in ln and "ckpt_path=" in ln)
     args = line.split("smf_lightning.train", 1)[1].split()
     assert f"ckpt_path={ckpt}" in args and "debug.signal=" + signame not in line
-    resumed = tmp_path / "resumed"
-    res = cli([*[a for a in args if not a.startswith("hydra.run.dir=")], f"hydra.run.dir={resumed}"])
+    res = cli([*args, f"hydra.run.dir={first}"])  # in the same folder, as a sweep job resumes
     assert res.returncode == 0, res.stderr[-3000:]
-    assert_same_final_results(resumed, tiny_run)
+    assert_same_final_results(first, tiny_run)
+    steps, losses = train_losses(first)
+    ref_steps, ref_losses = train_losses(tiny_run)
+    assert steps == ref_steps and len(set(steps)) == len(steps)
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+
+
+def train_losses(run_dir: Path) -> tuple[list[int], list[float]]:
+    rows = [r for r in csv.DictReader((run_dir / "csv" / "metrics.csv").open()) if r.get("train/loss")]
+    return [int(r["step"]) for r in rows], [float(r["train/loss"]) for r in rows]
 
 
 @pytest.mark.parametrize(

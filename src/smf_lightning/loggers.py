@@ -3,9 +3,19 @@ offline by default, and any Lightning logger a user adds as a ``_target_`` entry
 
 Every job closes its loggers and its wandb run (:func:`close_loggers`), so the jobs of a
 multirun sweep never log into one shared run (a known lightning-hydra-template pitfall).
+
+A resumed run (``ckpt_path=``; a sweep job launched again in its own folder) keeps the
+``metrics.csv`` of the run it resumes, where Lightning's CSV logger would delete it: every task
+checkpoint records how many rows each CSV logger had written (:func:`csv_rows`), and the
+resumed run cuts the file back to that many rows (:func:`cut_csv_rows`) before it appends, so
+each step of the finished tasks is kept once and the steps of an interrupted task are redone
+once, as in an uninterrupted run.
 """
 
 from __future__ import annotations
+
+import csv
+import os
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -49,7 +59,8 @@ def logger_entries(cfg: DictConfig) -> dict[str, DictConfig]:
 
 
 def build_loggers(cfg: DictConfig) -> list:
-    """The run's Lightning loggers, in the order of the ``logger`` group."""
+    """The run's Lightning loggers, in the order of the ``logger`` group; on resume their CSV
+    loggers append to the metrics.csv they find."""
     from hydra.utils import get_class, instantiate
     from lightning.pytorch.loggers import WandbLogger
 
@@ -63,7 +74,57 @@ def build_loggers(cfg: DictConfig) -> list:
             loggers.append(make(config=kwargs.get("config") or OmegaConf.to_container(cfg, resolve=True)))
         else:
             loggers.append(instantiate(kwargs))
+    if cfg.get("ckpt_path") is not None:
+        for lg in _csv_loggers(loggers):
+            lg._experiment = _kept_csv_writer(lg.log_dir)  # before Lightning builds its own
     return loggers
+
+
+def _csv_loggers(loggers: list) -> list:
+    from lightning.pytorch.loggers import CSVLogger
+
+    return [lg for lg in loggers if isinstance(lg, CSVLogger)]
+
+
+def _kept_csv_writer(log_dir: str):
+    """Lightning's CSV writer, except that it appends to the metrics.csv it finds (with that
+    file's columns) instead of deleting it."""
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+    class KeptCSVWriter(ExperimentWriter):
+        def _check_log_dir_exists(self) -> None:
+            if os.path.isfile(self.metrics_file_path):
+                with open(self.metrics_file_path, newline="") as f:
+                    self.metrics_keys = next(csv.reader(f), [])
+
+    os.makedirs(log_dir, exist_ok=True)
+    return KeptCSVWriter(log_dir=log_dir)
+
+
+def csv_rows(loggers: list) -> list[int]:
+    """Rows (header aside) in each CSV logger's metrics.csv, after writing out what it holds:
+    recorded in every task checkpoint (callbacks/checkpoint.py)."""
+    counts = []
+    for lg in _csv_loggers(loggers):
+        lg.save()
+        path = lg.experiment.metrics_file_path
+        counts.append(max(sum(1 for _ in csv.reader(open(path, newline=""))) - 1, 0) if os.path.isfile(path) else 0)
+    return counts
+
+
+def cut_csv_rows(loggers: list, counts: list[int] | None) -> None:
+    """Cut each CSV logger's metrics.csv back to the rows it had at the checkpoint a run resumes
+    from: the rows an interrupted task logged after it are logged again by the resumed run. A
+    checkpoint without counts (an older one) leaves the files as they are."""
+    for lg, n in zip(_csv_loggers(loggers), counts or []):
+        path = lg.experiment.metrics_file_path
+        if not os.path.isfile(path):
+            continue
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        if len(rows) - 1 > n:
+            with open(path, "w", newline="") as f:
+                csv.writer(f).writerows(rows[: n + 1])
 
 
 def _wandb_kwargs(cfg: DictConfig, kwargs: dict) -> dict:

@@ -3,7 +3,9 @@
 Written atomically (temp file, then rename, then fsync of file and folder), so a kill
 during the write leaves the previous task's checkpoint intact. The methods strip frozen
 weights from it (see ``ContinualLM.on_save_checkpoint``); it carries trainable weights,
-optimizer state and every callback's state (evaluation history, slot statistics).
+optimizer state and every callback's state (evaluation history, slot statistics), and how
+many rows each CSV logger had written, so a run resumed in its own folder keeps its
+``csv/metrics.csv`` as far as the checkpoint and logs the rest once (loggers.py).
 
 ``stop_after_task=k`` (``debug.stop_after_task``) SIGKILLs the run right after task k's
 checkpoint is durable: the deterministic kill point of the resume tests (interrupt.py).
@@ -21,12 +23,21 @@ from pathlib import Path
 import lightning as L
 
 from ..interrupt import fsync_file_and_dir, kill_self_hard
+from ..loggers import csv_rows, cut_csv_rows
 
 
 class TaskCheckpoint(L.Callback):
     def __init__(self, dirpath: Path, stop_after_task: int | None = None):
         self.path = Path(dirpath) / "last.ckpt"
         self.stop_after_task = stop_after_task
+
+    def on_save_checkpoint(self, trainer, module, checkpoint: dict) -> None:
+        if trainer.is_global_zero:
+            checkpoint["csv_rows"] = csv_rows(trainer.loggers)
+
+    def on_load_checkpoint(self, trainer, module, checkpoint: dict) -> None:
+        if trainer.is_global_zero:
+            cut_csv_rows(trainer.loggers, checkpoint.get("csv_rows"))
 
     def on_train_epoch_end(self, trainer, module) -> None:
         # Runs after the evaluation callback (it is last in the callback list), so the
