@@ -353,7 +353,9 @@ def plot(rows: list[dict], path: Path) -> None:
 def curves_plot(rows: list[dict], path: Path) -> None:
     """Learning vs forgetting, one curve per method: final recall against known facts lost and
     against each suite's relative change, the rows of a method joined in order of learning rate
-    (SMF: its KL rows at top-300, the learning-rate curve; other SMF rows as points)."""
+    (SMF: its KL rows at top-300, the learning-rate curve; other SMF rows as points). A panel
+    whose changes span more than 100% has a symmetric-log axis. The last panel zooms in on the
+    SMF rows (they sit together at recall ~1, loss ~0), each labelled in a column beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -363,33 +365,56 @@ def curves_plot(rows: list[dict], path: Path) -> None:
         [(f"{s}_rel", f"{s} relative change (%)", True) for s in ("nq_open", "gsm8k", "lambada", "hellaswag")]
     fig, grid = plt.subplots(2, 3, figsize=(13, 8))
     axes = grid.ravel()
-    axes[-1].axis("off")
     colors = {"smf": "tab:blue", "lora": "tab:orange", "full_ft": "tab:red"}
     curve = {"smf": [r for r in rows if r["method"] == "smf" and r["selector"] == "kl" and r.get("top_t") == 300],
              "lora": [r for r in rows if r["method"] == "lora"], "full_ft": [r for r in rows if r["method"] == "full_ft"]}
+    smf_points = [r for r in rows if r["method"] == "smf" and r not in curve["smf"]]
     for ax, (key, label, pct) in zip(axes, panels):
         scale = 100 if pct else 1
         for method, rs in curve.items():
             rs = sorted((r for r in rs if r.get(key) is not None), key=lambda r: r["lr"])
             if rs:
                 ax.plot([r["recall"] for r in rs], [scale * r[key] for r in rs], "-o", color=colors[method], label=method)
-                for r in rs:
-                    ax.annotate(f"lr {r['lr']:g}", (r["recall"], scale * r[key]), fontsize=6, xytext=(3, 3),
-                                textcoords="offset points")
-        for r in rows:
-            if r["method"] == "smf" and r not in curve["smf"] and r.get(key) is not None:
-                ax.scatter(r["recall"], scale * r[key], color="tab:blue", marker="x", s=25)
-                ax.annotate(r["row"].replace("smf_", ""), (r["recall"], scale * r[key]), fontsize=6, xytext=(3, -8),
-                            textcoords="offset points")
+                if method != "smf":  # SMF's labels: the zoom panel
+                    for r in rs:
+                        ax.annotate(f"lr {r['lr']:g}", (r["recall"], scale * r[key]), fontsize=6, xytext=(3, 3),
+                                    textcoords="offset points")
+        pts = [r for r in smf_points if r.get(key) is not None]
+        ax.scatter([r["recall"] for r in pts], [scale * r[key] for r in pts], color="tab:blue", marker="x", s=25)
+        values = [abs(scale * r[key]) for r in rows if r.get(key) is not None]
+        if pct and values and max(values) > 100:
+            ax.set_yscale("symlog", linthresh=10)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xlabel("fact recall after the stream")
-        ax.set_ylabel(label)
+        ax.set_ylabel(label + (" (symlog)" if ax.get_yscale() == "symlog" else ""))
         ax.set_xlim(-0.03, 1.03)
     axes[0].legend(fontsize=7)
+    smf_zoom(axes[-1], curve["smf"] + smf_points)
     fig.suptitle("learning vs forgetting (curves: learning rates; x: other SMF budgets and controls)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def smf_zoom(ax, rows: list[dict]) -> None:
+    """Known facts lost against recall for the SMF rows alone, each point labelled in a column
+    at the panel's left (in order of loss) with a line to it, so close points stay readable."""
+    rows = sorted((r for r in rows if r.get("known_lost") is not None), key=lambda r: (-r["known_lost"], r["recall"]))
+    if not rows:
+        ax.axis("off")
+        return
+    for i, r in enumerate(rows):
+        label = r["row"].replace("smf_", "") + ("" if r["lr"] is None else f" (lr {r['lr']:g})")
+        ax.plot(r["recall"], 100 * r["known_lost"], "o", color="tab:blue", ms=4)
+        ax.annotate(label, (r["recall"], 100 * r["known_lost"]), xytext=(0.03, 0.95 - i * 0.9 / max(len(rows), 1)),
+                    textcoords="axes fraction", fontsize=6, va="top",
+                    arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5})
+    lo = min(r["recall"] for r in rows)
+    ax.set_xlim(lo - 0.6 * (1.0 - lo) - 0.02, 1.005)
+    ax.set_ylim(bottom=-0.2)
+    ax.set_xlabel("fact recall after the stream")
+    ax.set_ylabel("known facts lost (%)")
+    ax.set_title("SMF rows (zoom)", fontsize=8)
 
 
 def table_of(table: str, runs: list[tuple[str, Path]]) -> tuple[list[dict], str]:
