@@ -20,7 +20,8 @@ that command and writes the study's report:
 
 Runs live in $SMF_STUDY_RUNS/recipe (default ~/.cache/smf_lightning/study_runs/recipe: outside the
 work tree, so they survive a fresh checkout); --report copies the small files into
-experiments/results/recipe/<row>/.
+experiments/results/recipe/<row>/ and writes the table of every finished row into RECIPE.md
+between its ``recipe-table`` markers.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from study import multirun as study_multirun  # noqa: E402
 
 RUNS = runs_dir("recipe")
 RESULTS = HERE / "results" / "recipe"
+RECIPE_MARKERS = ("<!-- recipe-table:start -->", "<!-- recipe-table:end -->")  # in RECIPE.md
 
 # The rows in the ablation's order (their overrides: conf/experiment/recipe/<row>.yaml)
 ROWS = ("old_defaults", "+schedule", "+output", "+whitening", "+hubs", "+ownership", "+selection", "+memory",
@@ -77,13 +79,14 @@ def report() -> None:
         print("no finished rows yet")
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
-    from report import table_of, write_csv
+    from report import table_of, write_between, write_csv
 
     write_csv(table, RESULTS / "recipe.csv")
 
     _, md = table_of("recipe", finished)  # the table of experiments/report.py
     lines = md.splitlines()
     (RESULTS / "recipe_table.md").write_text("\n".join(lines) + "\n")
+    write_between(HERE / "RECIPE.md", md, *RECIPE_MARKERS)
     print("\n".join(lines))
     print(f"\nwritten: {RESULTS / 'recipe.csv'}, {RESULTS / 'recipe_table.md'}")
 
