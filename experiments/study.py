@@ -135,6 +135,38 @@ def command_of(run: Path) -> str:
     return shlex.join(["python", "-m", "smf_lightning.train", *kept])
 
 
+def check_rows(args: list[str]) -> None:
+    """The checks each job of the multirun ``args`` makes at its start (smf_lightning.train.check:
+    config, assets, inputs), made on every job before any is launched, so that a bad row stops
+    the study now and not after hours of the rows before it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import open_dict
+
+    from smf_lightning.config import ConfigError
+    from smf_lightning.train import check, conf_dir
+
+    sweep = next(a for a in args if a.startswith("experiment="))
+    fixed = [a for a in args if a not in ("-m", sweep) and not a.startswith("hydra.")]
+    errors = []
+    for experiment in sweep.split("=", 1)[1].split(","):
+        try:
+            with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+                cfg = compose("train", overrides=[f"experiment={experiment}", *fixed], return_hydra_config=True)
+        except HydraException as e:  # the job would fail to compose: a missing file, a bad override
+            errors.append(f"  {experiment}: {e}")
+            continue
+        with open_dict(cfg):
+            del cfg["hydra"]
+            cfg.paths.output_dir = str(ROOT)  # a job's own folder, which does not exist yet: nothing is written
+        try:
+            check(cfg)
+        except ConfigError as e:
+            errors.append(f"  {experiment}: {e}")
+    if errors:
+        raise SystemExit("rows that would stop at their start; nothing launched:\n" + "\n".join(errors))
+
+
 def launch(args: list[str], runs: Path) -> None:
     """Run the multirun ``args`` from the repository root; a clear message if a row failed."""
     print(shlex.join(["python", "-m", "smf_lightning.train", *args]), flush=True)
@@ -169,6 +201,7 @@ def main(doc: str, rows: tuple[str, ...], multirun_of, report, runs: Path, resul
     if args.list:
         print(shlex.join(["python", "-m", "smf_lightning.train", *cmd]))
         return
+    check_rows(cmd)
     seeded = seed_cache()
     if seeded:
         print(f"project cache seeded with {len(seeded)} committed probe/before files ({CACHE_SEED})")

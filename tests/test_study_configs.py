@@ -241,20 +241,36 @@ def test_a_fresh_checkout_keeps_committed_rows_and_runs_only_the_rest(tmp_path, 
     study.copy_small_files(runs / "a", results / "a")
     assert study.command_of(results / "a") == study.command_of(runs / "a") == "python -m smf_lightning.train experiment=s/a"
 
-    launched, reported = [], []
+    launched, reported, checked = [], [], []
     monkeypatch.setenv("SMF_CACHE", str(tmp_path / "cache"))  # the committed cache seed lands here, not in ~/.cache
     monkeypatch.setattr(study, "launch", lambda cmd, where: launched.append(cmd))
+    monkeypatch.setattr(study, "check_rows", lambda cmd: checked.append(cmd))
     def run(*argv):
         monkeypatch.setattr(sys, "argv", ["driver", *argv])
         study.main("doc", ("a", "b", "c"), lambda rows: ["-m", ",".join(rows)], lambda: reported.append(1), runs, results)
     run()
-    assert launched == [["-m", "c"]] and reported == [1]
+    assert launched == checked == [["-m", "c"]] and reported == [1]  # every launched row checked first
     run("--only", "a", "b")
     assert launched == [["-m", "c"]] and reported == [1, 1]
     run("--list", "--only", "b", "c")
     assert capsys.readouterr().out.strip().endswith("smf_lightning.train -m c")
     with pytest.raises(SystemExit, match="unknown rows"):
         run("--only", "d")
+
+
+def test_study_checks_every_row_before_launching_any():
+    """study.check_rows makes each job's start-of-run checks on every row of a multirun: a bad
+    row is named with the reason, before any row runs."""
+    import study
+
+    study.check_rows(headline_v2.multirun(["smf_kl_t100", "lora_lr1e-4", "smf_all"]))  # good rows pass
+    bad = ["-m", "experiment=headline_v2/lora_lr1e-4,headline_v2/smf_random_t300,headline_v2/smf_nope",
+           "++method.exclude_hubs=0.1", "hydra.sweep.dir=x"]
+    with pytest.raises(SystemExit, match="nothing launched") as e:
+        study.check_rows(bad)
+    assert "headline_v2/smf_random_t300: bad config: method.exclude_hubs=0.1" in str(e.value)
+    assert "headline_v2/smf_nope: " in str(e.value)  # no such row file: the job would not compose
+    assert "lora_lr1e-4" not in str(e.value)  # LoRA has no hub exclusion to refuse
 
 
 def test_cache_seed_round_trip(tmp_path):

@@ -66,15 +66,24 @@ def stage_module(cfg: DictConfig):
     return {"continual": continual, "heal": heal}[name]
 
 
-def run(cfg: DictConfig) -> dict:
-    """One run of the stage cfg.stage names; returns its summary (also written to the run directory)."""
-    from .interrupt import RunInterrupted, log_resume_hint, stop_on_signals
-
+def check(cfg: DictConfig):
+    """Every check a run makes before it loads anything (the config, the hyperparameter search's
+    metric, the stage's own: assets, inputs); returns the stage's module. ConfigError says what
+    is wrong and what to do. Study drivers run it on every row before launching any
+    (experiments/study.py)."""
     validate_config(cfg)
     if cfg.get("optimized_metric"):  # a hyperparameter search (hparams_search=...): its metric must exist
         check_objective_config(cfg)
     stage = stage_module(cfg)
     stage.check_config(cfg)
+    return stage
+
+
+def run(cfg: DictConfig) -> dict:
+    """One run of the stage cfg.stage names; returns its summary (also written to the run directory)."""
+    from .interrupt import RunInterrupted, log_resume_hint, stop_on_signals
+
+    stage = check(cfg)
     try:
         with stop_on_signals():
             return stage.run(cfg)
