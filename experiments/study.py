@@ -136,9 +136,9 @@ def command_of(run: Path) -> str:
 
 
 def check_rows(args: list[str]) -> None:
-    """The checks each job of the multirun ``args`` makes at its start (smf_lightning.train.check:
-    config, assets, inputs), made on every job before any is launched, so that a bad row stops
-    the study now and not after hours of the rows before it."""
+    """The config checks each job of the multirun ``args`` makes at its start (composition, then
+    smf_lightning.train.check), made on every job before any is launched, so that a bad row
+    stops the study now and not after hours of the rows before it."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import open_dict

@@ -108,7 +108,11 @@ def csv_rows(loggers: list) -> list[int]:
     for lg in _csv_loggers(loggers):
         lg.save()
         path = lg.experiment.metrics_file_path
-        counts.append(max(sum(1 for _ in csv.reader(open(path, newline=""))) - 1, 0) if os.path.isfile(path) else 0)
+        if not os.path.isfile(path):
+            counts.append(0)
+            continue
+        with open(path, newline="") as f:
+            counts.append(max(sum(1 for _ in csv.reader(f)) - 1, 0))
     return counts
 
 

@@ -67,10 +67,10 @@ def stage_module(cfg: DictConfig):
 
 
 def check(cfg: DictConfig):
-    """Every check a run makes before it loads anything (the config, the hyperparameter search's
-    metric, the stage's own: assets, inputs); returns the stage's module. ConfigError says what
-    is wrong and what to do. Study drivers run it on every row before launching any
-    (experiments/study.py)."""
+    """The config checks a run makes before it loads anything (values, the hyperparameter
+    search's metric, the stage's trainer, logger and callback groups); returns the stage's
+    module. ConfigError says what is wrong and what to do. Study drivers run it on every row
+    before launching any (experiments/study.py)."""
     validate_config(cfg)
     if cfg.get("optimized_metric"):  # a hyperparameter search (hparams_search=...): its metric must exist
         check_objective_config(cfg)
