@@ -149,20 +149,16 @@ def check_rows(args: list[str]) -> None:
     sweep = next(a for a in args if a.startswith("experiment="))
     fixed = [a for a in args if a not in ("-m", sweep) and not a.startswith("hydra.")]
     errors = []
-    for experiment in sweep.split("=", 1)[1].split(","):
-        try:
-            with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        for experiment in sweep.split("=", 1)[1].split(","):
+            try:
                 cfg = compose("train", overrides=[f"experiment={experiment}", *fixed], return_hydra_config=True)
-        except HydraException as e:  # the job would fail to compose: a missing file, a bad override
-            errors.append(f"  {experiment}: {e}")
-            continue
-        with open_dict(cfg):
-            del cfg["hydra"]
-            cfg.paths.output_dir = str(ROOT)  # a job's own folder, which does not exist yet: nothing is written
-        try:
-            check(cfg)
-        except ConfigError as e:
-            errors.append(f"  {experiment}: {e}")
+                with open_dict(cfg):
+                    del cfg["hydra"]
+                    cfg.paths.output_dir = str(ROOT)  # the job's own folder does not exist yet: nothing is written
+                check(cfg)
+            except (HydraException, ConfigError) as e:  # it would not compose (missing file, bad override) or not pass
+                errors.append(f"  {experiment}: {e}")
     if errors:
         raise SystemExit("rows that would stop at their start; nothing launched:\n" + "\n".join(errors))
 
