@@ -25,6 +25,8 @@ inputs), with the most frequent ones.
 
 KL vs TF-IDF: at each budget, the paired difference of final recall (facts resampled within
 their task, a fact's templates together: intervals.recall_resampled) and of known facts kept.
+The same differences for KL top-300 against the selection controls (random top-300, all slots
+read) at the same learning rate: what choosing the slots by KL buys.
 
     python experiments/claim.py            # experiments/results/headline_v2/claim.{md,json}
 """
@@ -56,6 +58,7 @@ CURVES = {
     "full finetuning": ("full_ft_lr3e-6", "full_ft_lr1e-5", "full_ft_lr3e-5"),
 }
 SELECTOR_PAIRS = (("smf_kl_t100", "smf_tfidf_t100"), ("smf_kl_t300", "smf_tfidf_t300"), ("smf_kl_t1000", "smf_tfidf_t1000"))
+CONTROL_PAIRS = (("smf_kl_t300", "smf_random_t300"), ("smf_kl_t300", "smf_all"))
 
 
 def aggregate_of(metric: str) -> Aggregate:
@@ -193,24 +196,38 @@ def compare(smf: tuple[str, Path], other: tuple[str, Path], n_resamples: int = R
     return rows
 
 
-def selector_difference(kl: Path, tfidf: Path, n_resamples: int = RESAMPLES, seed: int = SEED) -> dict:
-    """KL minus TF-IDF: final recall (training templates) and known facts kept, paired."""
-    point_kl, point_tf = last_point(kl), last_point(tfidf)
-    rec_kl = read_columns(kl / "items" / point_kl / "fact_recall.csv")
-    rec_tf = read_columns(tfidf / "items" / point_tf / "fact_recall.csv")
-    if rec_kl["id"] != rec_tf["id"] or rec_kl["template"] != rec_tf["template"]:
-        raise ValueError(f"{kl} and {tfidf} did not recall the same facts in the same order")
-    templates = json.loads((kl / "summary.json").read_text())["data"]["train_templates"]
-    tasks = sorted(set(rec_kl["task"]))
-    res = [ci.recall_resampled(r, tasks, templates, "em", n_resamples, seed) for r in (rec_kl, rec_tf)]
-    rk, rt = (sum(r[j] for j in tasks) / len(tasks) for r in res)
-    out = {"facts": len(set(rec_kl["id"])), "recall_kl": final_recall(kl), "recall_tfidf": final_recall(tfidf),
-           "recall_diff": final_recall(kl) - final_recall(tfidf), "recall_diff_ci95": _pair(ci.percentile_interval(rk - rt))}
-    w = paired_worsening(KNOWN, *measures(kl)[KNOWN], {"kl": kl, "tfidf": tfidf}, n_resamples, seed)
+def row_difference(a: Path, b: Path, n_resamples: int = RESAMPLES, seed: int = SEED) -> dict:
+    """Row ``a`` minus row ``b`` (the same stream): final recall (training templates) and known
+    facts kept, paired."""
+    point_a, point_b = last_point(a), last_point(b)
+    rec_a = read_columns(a / "items" / point_a / "fact_recall.csv")
+    rec_b = read_columns(b / "items" / point_b / "fact_recall.csv")
+    if rec_a["id"] != rec_b["id"] or rec_a["template"] != rec_b["template"]:
+        raise ValueError(f"{a} and {b} did not recall the same facts in the same order")
+    templates = json.loads((a / "summary.json").read_text())["data"]["train_templates"]
+    tasks = sorted(set(rec_a["task"]))
+    res = [ci.recall_resampled(r, tasks, templates, "em", n_resamples, seed) for r in (rec_a, rec_b)]
+    ra, rb = (sum(r[j] for j in tasks) / len(tasks) for r in res)
+    out = {"facts": len(set(rec_a["id"])), "recall_a": final_recall(a), "recall_b": final_recall(b),
+           "recall_diff": final_recall(a) - final_recall(b), "recall_diff_ci95": _pair(ci.percentile_interval(ra - rb))}
+    w = paired_worsening(KNOWN, *measures(a)[KNOWN], {"a": a, "b": b}, n_resamples, seed)
     # kept = before - lost, the same before: the kept difference is minus the lost difference
-    out.update(known_kept_diff=w["tfidf"][0] - w["kl"][0],
-               known_kept_diff_ci95=_pair(ci.percentile_interval(w["tfidf"][1] - w["kl"][1])))
+    out.update(known_kept_diff=w["b"][0] - w["a"][0],
+               known_kept_diff_ci95=_pair(ci.percentile_interval(w["b"][1] - w["a"][1])))
     return out
+
+
+def difference_table(title: str, pairs: list[tuple[str, str]], found: dict[str, Path]) -> tuple[list[dict], list[str]]:
+    """(rows, markdown lines) of ``row_difference`` for each (a, b) pair of finished rows."""
+    rows, lines = [], ["", title + " (paired 95% intervals):", "",
+                       "| a | b | facts | recall a | recall b | recall a - b | known kept a - b |", "|---|---|---:|---:|---:|---:|---:|"]
+    for a, b in pairs:
+        d = {"a": a, "b": b, **row_difference(found[a], found[b])}
+        rows.append(d)
+        lines.append(f"| {a} | {b} | {d['facts']} | {d['recall_a']:.4f} | {d['recall_b']:.4f} | "
+                     f"{d['recall_diff']:+.4f} {_iv(d['recall_diff_ci95'], pct=False)} | "
+                     f"{d['known_kept_diff']:+.4f} {_iv(d['known_kept_diff_ci95'], pct=False)} |")
+    return rows, lines
 
 
 # ----------------------------------------------------------------------------- report
@@ -228,7 +245,7 @@ def _iv(iv, pct=True):
 
 def claim(found: dict[str, Path]) -> tuple[dict, str]:
     """(claim.json, claim.md) from the finished rows ``found`` (row -> folder with items/)."""
-    lines, out = [], {"matched": {}, "comparisons": [], "selectors": [], "missing": []}
+    lines, out = [], {"matched": {}, "comparisons": [], "selectors": [], "controls": [], "missing": []}
     matched = {}
     for method, curve in CURVES.items():
         have = {r: found[r] for r in curve if r in found}
@@ -261,16 +278,12 @@ def claim(found: dict[str, Path]) -> tuple[dict, str]:
                 ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
                 lines.append(f"| {r['measure']} | {_pct(r['w_smf'])} | {_pct(r['w_other'])} | {ratio} | {_iv(r['diff_ci95'])} | "
                              f"{_iv(r['third_minus_smf_ci95'])} | {'yes' if r['holds'] else 'no'} |")
-    pairs = [(k, t) for k, t in SELECTOR_PAIRS if k in found and t in found]
-    if pairs:
-        lines += ["", "KL minus TF-IDF (paired 95% intervals):", "",
-                  "| budget | facts | recall KL | recall TF-IDF | recall diff | known kept diff |", "|---|---:|---:|---:|---:|---:|"]
-        for k, t in pairs:
-            d = {"kl": k, "tfidf": t, **selector_difference(found[k], found[t])}
-            out["selectors"].append(d)
-            lines.append(f"| {k.rsplit('_', 1)[1]} | {d['facts']} | {d['recall_kl']:.4f} | {d['recall_tfidf']:.4f} | "
-                         f"{d['recall_diff']:+.4f} {_iv(d['recall_diff_ci95'], pct=False)} | "
-                         f"{d['known_kept_diff']:+.4f} {_iv(d['known_kept_diff_ci95'], pct=False)} |")
+    for key, title, table in (("selectors", "KL minus TF-IDF at each budget", SELECTOR_PAIRS),
+                              ("controls", "KL top-300 minus the selection controls, same learning rate", CONTROL_PAIRS)):
+        pairs = [(a, b) for a, b in table if a in found and b in found]
+        if pairs:
+            out[key], more = difference_table(title, pairs, found)
+            lines += more
     lines += ["", "Known facts lost, and how many of them are now answered with an answer the row gives to a stream "
               "question:", "", "| row | lost | with a stream answer | most frequent |", "|---|---:|---:|---|"]
     out["injected"] = {}

@@ -96,15 +96,26 @@ def test_rows_that_scored_other_items_are_refused(tmp_path):
         claim.compare(("a", a), ("b", b), n_resamples=10)
 
 
-def test_selector_difference(tmp_path):
+def test_row_difference(tmp_path):
     kl = make_run(tmp_path / "kl", known_lost=0, word_logprob_after=-1.0, recall_wrong=0)
     tf = make_run(tmp_path / "tf", known_lost=2, word_logprob_after=-1.0, recall_wrong=2)
-    d = claim.selector_difference(kl, tf, n_resamples=200)
+    d = claim.row_difference(kl, tf, n_resamples=200)
     assert d["facts"] == N
     assert d["recall_diff"] == pytest.approx(2 / N) and d["known_kept_diff"] == pytest.approx(2 / N)
     assert d["recall_diff_ci95"][0] >= 0 and d["recall_diff_ci95"][1] <= 4 / N
-    same = claim.selector_difference(kl, kl, n_resamples=50)
+    same = claim.row_difference(kl, kl, n_resamples=50)
     assert same["recall_diff"] == 0 and same["recall_diff_ci95"] == [0.0, 0.0] and same["known_kept_diff_ci95"] == [0.0, 0.0]
+
+
+def test_the_report_compares_kl_with_the_selection_controls(tmp_path):
+    found = {"smf_kl_t300": make_run(tmp_path / "kl", 1, -1.0), "smf_random_t300": make_run(tmp_path / "r", 5, -1.0),
+             "smf_all": make_run(tmp_path / "all", 9, -1.0, recall_wrong=1)}
+    out, md = claim.claim(found)
+    diffs = {d["b"]: d for d in out["controls"]}
+    assert set(diffs) == {"smf_random_t300", "smf_all"} and out["selectors"] == []
+    assert diffs["smf_random_t300"]["known_kept_diff"] == pytest.approx(4 / N) and diffs["smf_random_t300"]["recall_diff"] == 0
+    assert diffs["smf_all"]["known_kept_diff"] == pytest.approx(8 / N) and diffs["smf_all"]["recall_diff"] == pytest.approx(1 / N)
+    assert "| smf_kl_t300 | smf_all | 20 |" in md
 
 
 def test_the_report_names_missing_rows(tmp_path):
