@@ -208,8 +208,9 @@ def row_difference(a: Path, b: Path, n_resamples: int = RESAMPLES, seed: int = S
     tasks = sorted(set(rec_a["task"]))
     res = [ci.recall_resampled(r, tasks, templates, "em", n_resamples, seed) for r in (rec_a, rec_b)]
     ra, rb = (sum(r[j] for j in tasks) / len(tasks) for r in res)
-    out = {"facts": len(set(rec_a["id"])), "recall_a": final_recall(a), "recall_b": final_recall(b),
-           "recall_diff": final_recall(a) - final_recall(b), "recall_diff_ci95": _pair(ci.percentile_interval(ra - rb))}
+    fa, fb = final_recall(a), final_recall(b)
+    out = {"facts": len(set(rec_a["id"])), "recall_a": fa, "recall_b": fb, "recall_diff": fa - fb,
+           "recall_diff_ci95": _pair(ci.percentile_interval(ra - rb))}
     w = paired_worsening(KNOWN, *measures(a)[KNOWN], {"a": a, "b": b}, n_resamples, seed)
     # kept = before - lost, the same before: the kept difference is minus the lost difference
     out.update(known_kept_diff=w["b"][0] - w["a"][0],
