@@ -130,6 +130,25 @@ def test_loggers_from_the_logger_group(tmp_path):
     assert build_loggers(tiny_cfg(tmp_path, "logger.wandb.mode=online"))[1]._offline is False
 
 
+def test_a_resumed_run_logs_under_the_checkpoints_wandb_id(tmp_path):
+    """The task checkpoint's wandb run id (callbacks/checkpoint.py) becomes the resumed run's id;
+    a checkpoint without one (an older one) and a run without ckpt_path leave wandb to choose."""
+    import torch
+
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"wandb_ids": ["run7abc"]}, ckpt)
+    wandb_logger = build_loggers(tiny_cfg(tmp_path, "logger.wandb.mode=offline", f"ckpt_path={ckpt}"))[1]
+    assert (wandb_logger._wandb_init["id"], wandb_logger._wandb_init["resume"], wandb_logger.version) == (
+        "run7abc", "allow", "run7abc")
+    torch.save({"csv_rows": [3]}, ckpt)
+    assert build_loggers(tiny_cfg(tmp_path, "logger.wandb.mode=offline", f"ckpt_path={ckpt}"))[1].version is None
+    assert build_loggers(tiny_cfg(tmp_path, "logger.wandb.mode=offline"))[1].version is None
+    # an id the user sets wins over the checkpoint's
+    torch.save({"wandb_ids": ["run7abc"]}, ckpt)
+    cfg = tiny_cfg(tmp_path, "logger.wandb.mode=offline", f"ckpt_path={ckpt}", "+logger.wandb.id=mine")
+    assert build_loggers(cfg)[1].version == "mine"
+
+
 def test_tensorboard_logger_option(tmp_path):
     pytest.importorskip("tensorboard")
     from lightning.pytorch.loggers import TensorBoardLogger

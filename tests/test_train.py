@@ -161,7 +161,7 @@ def test_stop_signal_keeps_results_prints_resume_command_and_resumes(tiny_run, t
     step, a deterministic point) stops the run at once: exit 128 + signal, task 0's results and
     checkpoint intact, no further step taken, the exact resume command printed; running that
     command in the same run folder (as a sweep job resumes) gives the uninterrupted run's final files and
-    its metrics.csv: task 0's logged steps kept, task 1's steps logged once."""
+    its metrics.csv: task 0's logged steps kept, task 1's steps logged once; wandb logs under the same run id."""
     first = tmp_path / "stopped"
     res = cli([*TINY, f"hydra.run.dir={first}", f"debug.signal={signame}", "debug.signal_at_step=10"])
     out = res.stdout + res.stderr
@@ -184,6 +184,9 @@ def test_stop_signal_keeps_results_prints_resume_command_and_resumes(tiny_run, t
     ref_steps, ref_losses = train_losses(tiny_run)
     assert steps == ref_steps and len(set(steps)) == len(steps)
     assert losses == pytest.approx(ref_losses, rel=1e-5)
+    # the resumed run logged under the interrupted run's wandb id (offline: a second folder, same id)
+    runs = sorted((first / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, runs
 
 
 def train_losses(run_dir: Path) -> tuple[list[int], list[float]]:

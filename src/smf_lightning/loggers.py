@@ -9,7 +9,10 @@ A resumed run (``ckpt_path=``; a sweep job launched again in its own folder) kee
 checkpoint records how many rows each CSV logger had written (:func:`csv_rows`), and the
 resumed run cuts the file back to that many rows (:func:`cut_csv_rows`) before it appends, so
 each step of the finished tasks is kept once and the steps of an interrupted task are redone
-once, as in an uninterrupted run.
+once, as in an uninterrupted run. The checkpoint also records each wandb run's id
+(:func:`wandb_ids`), and the resumed run logs under that id (``resume="allow"``): online it
+continues the same wandb run; offline it writes a second ``offline-run-*-<id>`` folder with the
+same id (wandb cannot resume offline runs; ``wandb sync --id <id> --append`` is its way to add it).
 """
 
 from __future__ import annotations
@@ -65,10 +68,14 @@ def build_loggers(cfg: DictConfig) -> list:
     from lightning.pytorch.loggers import WandbLogger
 
     loggers = []
+    resumed_ids = iter(_checkpoint_entry(cfg.get("ckpt_path"), "wandb_ids") or [])
     for entry in logger_entries(cfg).values():
         kwargs = OmegaConf.to_container(entry, resolve=True)
         kwargs.pop("enabled", None)  # ours, not the logger's: false leaves the entry out
         if issubclass(get_class(entry._target_), WandbLogger):
+            run_id = next(resumed_ids, None)
+            if kwargs.get("id") is None and run_id is not None:
+                kwargs["id"] = run_id  # the interrupted run's; WandbLogger passes resume="allow"
             make = instantiate(_wandb_kwargs(cfg, kwargs), _partial_=True)
             # the run's config is handed over as it is: instantiate would build its _target_ entries
             loggers.append(make(config=kwargs.get("config") or OmegaConf.to_container(cfg, resolve=True)))
@@ -78,6 +85,24 @@ def build_loggers(cfg: DictConfig) -> list:
         for lg in _csv_loggers(loggers):
             lg._experiment = _kept_csv_writer(lg.log_dir)  # before Lightning builds its own
     return loggers
+
+
+def _checkpoint_entry(ckpt_path, key: str):
+    """One entry of a task checkpoint (memory-mapped: the weights are not read), or None when
+    there is no checkpoint or it lacks the entry (an older one)."""
+    if ckpt_path is None or not os.path.isfile(ckpt_path):
+        return None
+    import torch
+
+    return torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get(key)
+
+
+def wandb_ids(loggers: list) -> list[str | None]:
+    """The run id of each wandb logger, in the order of the ``logger`` group: recorded in every
+    task checkpoint (callbacks/checkpoint.py), so a resumed run logs under the same id."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    return [lg.version for lg in loggers if isinstance(lg, WandbLogger)]
 
 
 def _csv_loggers(loggers: list) -> list:

@@ -5,7 +5,8 @@ during the write leaves the previous task's checkpoint intact. The methods strip
 weights from it (see ``ContinualLM.on_save_checkpoint``); it carries trainable weights,
 optimizer state and every callback's state (evaluation history, slot statistics), and how
 many rows each CSV logger had written, so a run resumed in its own folder keeps its
-``csv/metrics.csv`` as far as the checkpoint and logs the rest once (loggers.py).
+``csv/metrics.csv`` as far as the checkpoint and logs the rest once, and the wandb run's id, so
+the resumed run logs into the same wandb run (loggers.py).
 
 ``stop_after_task=k`` (``debug.stop_after_task``) SIGKILLs the run right after task k's
 checkpoint is durable: the deterministic kill point of the resume tests (interrupt.py).
@@ -23,7 +24,7 @@ from pathlib import Path
 import lightning as L
 
 from ..interrupt import fsync_file_and_dir, kill_self_hard
-from ..loggers import csv_rows, cut_csv_rows
+from ..loggers import csv_rows, cut_csv_rows, wandb_ids
 
 
 class TaskCheckpoint(L.Callback):
@@ -34,6 +35,7 @@ class TaskCheckpoint(L.Callback):
     def on_save_checkpoint(self, trainer, module, checkpoint: dict) -> None:
         if trainer.is_global_zero:
             checkpoint["csv_rows"] = csv_rows(trainer.loggers)
+            checkpoint["wandb_ids"] = wandb_ids(trainer.loggers)
 
     def on_load_checkpoint(self, trainer, module, checkpoint: dict) -> None:
         if trainer.is_global_zero:
