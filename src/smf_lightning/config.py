@@ -98,6 +98,20 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("n_tasks", "facts_per_task", "repeats_per_batch", "train_batch_size", "eval_batch_size"):
         if key in d:
             _need(int(d[key]) >= 1, f"data.{key}", d[key], "an integer >= 1")
+    if "rephrased_max_new_tokens" in d:
+        _need(int(d.rephrased_max_new_tokens) >= 1, "data.rephrased_max_new_tokens", d.rephrased_max_new_tokens,
+              "an integer >= 1")
+    if d.get("rewordings") is not None:
+        from .data.rewording import STYLES
+
+        _need(0 <= int(d.rewordings) <= len(STYLES), "data.rewordings", d.rewordings,
+              f"0 (off) .. {len(STYLES)} (one rewording per prompt style: {', '.join(STYLES)})")
+    if d.get("rephrasings") or d.get("exclude_streams"):
+        from .data.rephrasings import builtin_stream_ids, read_rephrasings
+
+        if d.get("rephrasings"):
+            read_rephrasings(str(d.rephrasings))  # a missing or malformed file stops here, naming the line
+        builtin_stream_ids(list(d.get("exclude_streams") or []))
     ckpt = cfg.get("ckpt_path")
     if ckpt and not Path(ckpt).is_file():
         raise ConfigError(

@@ -39,6 +39,8 @@ from ..config import SUITES_AT
 import numpy as np
 
 from ..eval import intervals as ci
+from ..eval.metrics import exact_match
+from ..eval.suites import REPHRASED
 from ..eval.metrics import continual_learning_metrics, degradation_pct, relative_change
 from ..loggers import wandb_run
 from .plots import plot_accuracy_matrix, plot_forgetting_curves
@@ -107,6 +109,12 @@ RECALL_FIGURES = {  # summary key -> (templates, per-fact score)
     "fact_recall": ("train", "em"),
     "fact_recall_heldout_template": ("heldout", "em"),
     "fact_recall_contains": ("train", "contains"),
+}
+# Recall on the evaluation-only rephrasings (docs/design.md "Rephrased questions"): computed from the
+# per-item records (template "rephrased"), for the tasks whose facts have rephrasings.
+REPHRASED_FIGURES = {
+    "fact_recall_rephrased": ("rephrased", "em"),
+    "fact_recall_rephrased_contains": ("rephrased", "contains"),
 }
 
 
@@ -196,8 +204,11 @@ class ContinualEvaluation(L.Callback):
             for k, v in cols.items():
                 records.setdefault(k, []).extend(v)
         row, row_h, row_c = self._recall_rows(records)
-        log.info("evaluation '%s': recall %.2f (training templates), %.2f (held-out) in %.0f s", label,
-                 sum(row[j] for j in tasks) / len(tasks), sum(row_h[j] for j in tasks) / len(tasks), time.perf_counter() - t0)
+        rephrased = ci.recall_task_means(records, list(tasks), [REPHRASED], "em")
+        log.info("evaluation '%s': recall %.2f (training templates), %.2f (held-out)%s in %.0f s", label,
+                 sum(row[j] for j in tasks) / len(tasks), sum(row_h[j] for j in tasks) / len(tasks),
+                 f", {sum(rephrased.values()) / len(rephrased):.2f} (rephrased)" if rephrased else "",
+                 time.perf_counter() - t0)
         return records, (row, row_h, row_c)
 
     def _scope(self, name: str):
@@ -225,7 +236,27 @@ class ContinualEvaluation(L.Callback):
         return tuple(rows)
 
     def _templates(self, which: str) -> list[str]:
+        if which == "rephrased":
+            return [REPHRASED]
         return list(self.dm.train_templates if which == "train" else self.dm.heldout_templates)
+
+    def _figure_matrix(self, figure: str) -> list[list[float | None]]:
+        """An accuracy matrix from the per-item records of every point (None: not evaluated)."""
+        templates, score = {**RECALL_FIGURES, **REPHRASED_FIGURES}[figure]
+        out = []
+        for records in self.recall_items:
+            means = ci.recall_task_means(records, sorted(set(records["task"])), self._templates(templates), score) \
+                if records else {}
+            out.append([means.get(j) for j in range(self.dm.n_tasks)])
+        return out
+
+    @property
+    def has_rephrased(self) -> bool:
+        return any(REPHRASED in records.get("template", ()) for records in self.recall_items if records)
+
+    def _final_mean(self, row: list[float | None]) -> float | None:
+        values = [v for v in row if v is not None]
+        return sum(values) / len(values) if values else None
 
     def _add_point(self, label: str, row, row_h, row_c, results, items, recall_items) -> None:
         """Record one evaluation point and write the output files so far."""
@@ -293,23 +324,52 @@ class ContinualEvaluation(L.Callback):
         records = self.recall_items[point] if point < len(self.recall_items) else None
         if not self.resamples or not records:
             return None
-        templates, score = RECALL_FIGURES[figure]
+        templates, score = {**RECALL_FIGURES, **REPHRASED_FIGURES}[figure]
         return ci.recall_resampled(records, sorted(set(records["task"])), self._templates(templates), score,
                                    self.resamples, self.interval_seed)
 
     def _recall_intervals(self, figure: str, value: float, before: float) -> dict:
         """The final figure (mean over all tasks) with its interval and its paired change since before."""
+        if value is None or before is None:
+            return {"before": before, "after": value, "ci95": None, "change": None, "change_ci95": None,
+                    "rel_change": None, "rel_change_ci95": None}
         out = {"before": before, "after": value, "ci95": None, "change": value - before, "change_ci95": None,
                "rel_change": relative_change(before, value), "rel_change_ci95": None}
         final, first = self._recall_resampled(len(self.R) - 1, figure), self._recall_resampled(0, figure)
         if final is None or first is None:
             return out
-        tasks = range(self.dm.n_tasks)
-        after_b = sum(final[j] for j in tasks) / self.dm.n_tasks
-        before_b = sum(first[j] for j in tasks) / self.dm.n_tasks
+        tasks = [j for j in range(self.dm.n_tasks) if j in final and j in first]  # rephrased: the tasks that have them
+        if not tasks:
+            return out
+        after_b = sum(final[j] for j in tasks) / len(tasks)
+        before_b = sum(first[j] for j in tasks) / len(tasks)
         out["ci95"] = _pair(ci.percentile_interval(after_b))
         out["change_ci95"] = _pair(ci.percentile_interval(after_b - before_b))
         out["rel_change_ci95"] = _pair(ci.percentile_interval(ci.relative_changes(before_b, after_b)))
+        return out
+
+    def _other_fact_answers(self) -> dict:
+        """Of the final point's wrong answers (exact match 0), how many give another taught fact's
+        answer instead (an alias of any other fact of the stream, exact match of the first line):
+        per group of templates (trained questions, held-out template, rephrased), with counts."""
+        records = self.recall_items[-1] if self.recall_items else {}
+        if not records:
+            return {}
+        facts = {f.id: f for j in range(self.dm.n_tasks) for f in self.dm.task_facts(j)}
+        groups = {"trained": set(self.dm.train_templates), "heldout_template": set(self.dm.heldout_templates),
+                  "rephrased": {REPHRASED}}
+        out = {}
+        for group, templates in groups.items():
+            wrong = other = 0
+            for fact_id, template, prediction, em in zip(records["id"], records["template"], records["prediction"],
+                                                          records["em"]):
+                if template not in templates or em:
+                    continue
+                wrong += 1
+                line = prediction.split("\n", 1)[0].strip().rstrip(".")
+                other += any(exact_match(line, f.aliases) for fid, f in facts.items() if fid != fact_id)
+            if wrong or group != "rephrased":
+                out[group] = {"wrong": wrong, "other_fact_answer": other, "share": other / wrong if wrong else None}
         return out
 
     def _log(self, trainer, point: int) -> None:
@@ -318,6 +378,10 @@ class ContinualEvaluation(L.Callback):
             if v is not None:
                 metrics[f"recall/task{j}"] = v
                 metrics[f"recall_heldout_template/task{j}"] = self.R_heldout[point][j]
+        if self.has_rephrased:
+            for j, v in enumerate(self._figure_matrix("fact_recall_rephrased")[point]):
+                if v is not None:
+                    metrics[f"recall_rephrased/task{j}"] = v
         for suite, vals in self.heldout[point].items():
             metrics.update({f"heldout/{suite}/{k}": v for k, v in vals.items()})
         metrics["eval_point"] = point
@@ -372,7 +436,10 @@ class ContinualEvaluation(L.Callback):
     # ---------------------------------------------------------------- files
     def _write_progress(self) -> None:
         n = self.dm.n_tasks
-        for name, mat in (("accuracy_matrix.csv", self.R), ("accuracy_matrix_heldout_template.csv", self.R_heldout)):
+        matrices = [("accuracy_matrix.csv", self.R), ("accuracy_matrix_heldout_template.csv", self.R_heldout)]
+        if self.has_rephrased:
+            matrices.append(("accuracy_matrix_rephrased.csv", self._figure_matrix("fact_recall_rephrased")))
+        for name, mat in matrices:
             lines = ["eval_point," + ",".join(f"task_{j}" for j in range(n))]
             for label, row in zip(self.labels, mat):
                 lines.append(label + "," + ",".join("" if v is None else f"{v:.6f}" for v in row))
@@ -420,6 +487,14 @@ class ContinualEvaluation(L.Callback):
         recall = {}
         for figure, mat in zip(RECALL_FIGURES, (self.R, self.R_heldout, self.R_contains)):
             recall[figure] = self._recall_intervals(figure, sum(mat[-1]) / n, sum(mat[0]) / n)
+        rephrased = {}
+        if self.has_rephrased:
+            for figure in REPHRASED_FIGURES:
+                mat = self._figure_matrix(figure)
+                recall[figure] = self._recall_intervals(figure, self._final_mean(mat[-1]), self._final_mean(mat[0]))
+                rephrased[figure] = recall[figure]["after"]
+            rephrased["accuracy_matrix_rephrased"] = self._figure_matrix("fact_recall_rephrased")
+        rephrased["wrong_answer_is_other_fact"] = self._other_fact_answers()
         degradation, degradation_ci = self._degradation()
         history = module.updated_params_history
         self._summary = _clean({
@@ -430,6 +505,9 @@ class ContinualEvaluation(L.Callback):
             "fact_recall_heldout_template": sum(final_h) / n,
             # the gold alias anywhere in the greedy answer: counts "Niger Niger Niger" (exact match does not)
             "fact_recall_contains": sum(self.R_contains[-1]) / n if self.R_contains else None,
+            # the same facts asked in other words, never trained (null: no fact has rephrasings)
+            "fact_recall_rephrased": rephrased.get("fact_recall_rephrased"),
+            "fact_recall_rephrased_contains": rephrased.get("fact_recall_rephrased_contains"),
             **{f"{figure}_ci95": r["ci95"] for figure, r in recall.items()},
             "recall": recall,  # each figure before/after training, its interval, the paired change
             "acc": cl["acc"],
@@ -448,6 +526,10 @@ class ContinualEvaluation(L.Callback):
             "updated_params_per_step": sum(history) / len(history) if history else 0,
             "accuracy_matrix": self.R,
             "accuracy_matrix_heldout_template": self.R_heldout,
+            "accuracy_matrix_rephrased": rephrased.get("accuracy_matrix_rephrased"),
+            # of the wrong final answers, the share that is another taught fact's answer (collapse onto a
+            # few taught answers would otherwise pass for generalisation)
+            "wrong_answer_is_other_fact": rephrased["wrong_answer_is_other_fact"],
             "eval_points": self.labels,
             "data": self.dm.info,
         })
@@ -460,6 +542,10 @@ class ContinualEvaluation(L.Callback):
             plot_accuracy_matrix(self.R, self.labels, self.out_dir / "accuracy_matrix.png", "fact recall R (training templates)"),
             plot_accuracy_matrix(self.R_heldout, self.labels, self.out_dir / "accuracy_matrix_heldout_template.png", "fact recall R (held-out template)"),
         ]
+        if self.has_rephrased:
+            pngs.append(plot_accuracy_matrix(self._figure_matrix("fact_recall_rephrased"), self.labels,
+                                             self.out_dir / "accuracy_matrix_rephrased.png",
+                                             "fact recall R (rephrased questions, never trained)"))
         suites = self.dm.heldout_suites()
         curves = {f"{n} {s.primary_metric}": [h[n][s.primary_metric] if n in h else None for h in self.heldout]
                   for n, s in suites.items()}

@@ -18,6 +18,7 @@ to probe, which the training script passes in.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from functools import partial
 
@@ -47,10 +48,14 @@ from smf_lightning.data.facts import (
     split_templates,
     synthetic_facts,
 )
+from smf_lightning.data.rewording import STYLES as REWORDING_STYLES
+from smf_lightning.data.rewording import generate_rewordings, keep_rewordings, reword_cache_file
+from smf_lightning.data.rephrasings import builtin_stream_ids, check_rephrasings, read_rephrasings
 from smf_lightning.data.sources import PassageItem, QAItem, load_source
+from smf_lightning.eval.metrics import normalize_answer
 from smf_lightning.eval.scoring import pad_token_id
 from smf_lightning.eval.custom_suites import build_custom_suite, check_suite_config, is_custom
-from smf_lightning.eval.suites import FactRecallSuite, build_suite, evaluate_task_recall, suite_subset_order
+from smf_lightning.eval.suites import REPHRASED, FactRecallSuite, build_suite, evaluate_task_recall, suite_subset_order
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +113,11 @@ class FactStreamDataModule(L.LightningDataModule):
         chunk_overlap: int = 0,
         require_qa: bool = True,
         example_max_answer_words: int = 5,
+        rephrased_max_new_tokens: int,
+        rephrasings: str | None = None,
+        exclude_streams: Sequence[str] = (),
+        rewordings: int = 0,
+        rewording_max_new_tokens: int = 40,
     ):
         """
         tokenizer, probe_model: the run's tokenizer and its *base* model (probed for
@@ -168,6 +178,18 @@ class FactStreamDataModule(L.LightningDataModule):
         self.probe_templates = bool(probe_templates)
         self.max_answer_words = max_answer_words
         self.recall_max_new_tokens = recall_max_new_tokens
+        if rephrased_max_new_tokens < 1:
+            raise ValueError(f"rephrased_max_new_tokens must be >= 1, got {rephrased_max_new_tokens}")
+        self.rephrased_max_new_tokens = rephrased_max_new_tokens
+        self.rephrasings = rephrasings
+        self.exclude_streams = tuple(exclude_streams or ())
+        self._eval_only: dict[str, str] = {}  # normalised evaluation-only question -> its fact id (see _encode)
+        if not 0 <= rewordings <= len(REWORDING_STYLES):
+            raise ValueError(f"rewordings must be in [0, {len(REWORDING_STYLES)}] (one per prompt style of "
+                             f"data/rewording.py), got {rewordings}")
+        self.rewordings = int(rewordings)
+        self.rewording_max_new_tokens = int(rewording_max_new_tokens)
+        self._reworded: dict[str, tuple[str, ...]] = {}  # fact id -> its generated training rewordings
         self.eval_batch_size = eval_batch_size
         self.generation_batch_size = generation_batch_size
         self.suite_options = {name: dict(opts) for name, opts in suites.items()}
@@ -224,6 +246,11 @@ class FactStreamDataModule(L.LightningDataModule):
             else:
                 candidates, where = self._probe_triviaqa()
             self.tasks = split_into_tasks(candidates, self.n_tasks, self.facts_per_task, self.seed, where)
+            if self.facts_source == "triviaqa" and self.rephrasings:
+                self.tasks = self._attach_rephrasings(self.tasks)
+        self._eval_only = {normalize_answer(r): f.id for task in self.tasks for f in task for r in f.rephrased}
+        if self.rewordings and self.facts_source != "documents":
+            self._reword_stream()
         if KNOWN_SUITE in self.suite_options:  # probed now, on the base model (before any retrofit)
             opts = self.suite_options[KNOWN_SUITE]
             self._known = self._known_facts(int(opts["n_items"]))
@@ -232,9 +259,14 @@ class FactStreamDataModule(L.LightningDataModule):
             n_tasks=self.n_tasks, facts_per_task=self.facts_per_task, seed=self.seed,
             train_templates=list(self.train_templates), heldout_templates=list(self.heldout_templates),
             loss_on=self.loss_on,
+            rephrased={"facts": sum(bool(f.rephrased) for t in self.tasks for f in t),
+                       "questions": sum(len(f.rephrased) for t in self.tasks for f in t),
+                       "template": self.train_templates[0], "max_new_tokens": self.rephrased_max_new_tokens},
             background={name: n for name, n in self.background_sizes.items()},
             task_fact_ids=[[f.id for f in task] for task in self.tasks],  # which facts, in stream order
         )
+        if self._reworded:
+            self.info["rewordings"] = self.info_rewordings
 
     def _eligible(self, item: QAItem) -> bool:
         """Short answers, and every template's sequence fits max_seq_len tokens."""
@@ -264,6 +296,9 @@ class FactStreamDataModule(L.LightningDataModule):
             if self._eligible(data.items[pos]):
                 pool.append(data.items[pos])
         self._pool_end = end  # the known-facts suite scans the order from here on
+        if self.exclude_streams:  # facts of other built-in streams (the test stream never shares a fact with dev)
+            excluded = builtin_stream_ids(self.exclude_streams)
+            pool = [it for it in pool if it.id not in excluded]
         fingerprint = self._fingerprint()
         records, cache_file = self._probe(pool, self.probe_prompt, fingerprint)
         misses = [it for it in pool if not records[it.id].known]
@@ -374,7 +409,7 @@ class FactStreamDataModule(L.LightningDataModule):
     def _unfit_reason(self, fact: Fact) -> str | None:
         if len(fact.answer.split()) > self.max_answer_words:
             return "answer_too_long"
-        for question in (fact.question, *fact.paraphrases):
+        for question in fact.training_questions():
             variant = Fact(fact.id, question, fact.answer, fact.aliases)
             if any(len(self._encode(variant, name).input_ids) > self.max_seq_len for name in self.templates):
                 return "sequence_too_long"
@@ -519,7 +554,49 @@ class FactStreamDataModule(L.LightningDataModule):
         order = suite_subset_order(name, n_total, self.seed)
         return list(reversed(order[n_total - n_background:]))
 
+    def _reword_stream(self) -> None:
+        """Generate (cached) and filter the training rewordings of every stream fact's question
+        (data/rewording.py); counts go to info["rewordings"]."""
+        facts = [f for task in self.tasks for f in task]
+        cache = reword_cache_file(self.cache_dir or default_cache_dir().parent / "rewordings",
+                                  self.model_fingerprint or self._fingerprint(), self.rewording_max_new_tokens)
+        raw = generate_rewordings(self.probe_model, self.tokenizer, [f.question for f in facts], self.rewordings,
+                                  self.rewording_max_new_tokens, self.generation_batch_size, cache)
+        counts: Counter = Counter()
+        fits = lambda q, f: self._unfit_reason(Fact(f.id, q, f.answer, f.aliases)) is None  # noqa: E731
+        for f in facts:
+            self._reworded[f.id] = keep_rewordings(f, raw[f.question], lambda q, f=f: fits(q, f), counts)
+        self.info_rewordings = {"per_question": self.rewordings, "cache_file": str(cache), **dict(sorted(counts.items()))}
+        log.info("Rewordings: %d kept of %d generated (%s)", counts["kept"], counts["generated"],
+                 {k: v for k, v in counts.items() if k.startswith("dropped")})
+        example = next((f for f in facts if self._reworded[f.id]), None)
+        if example is not None:
+            log.info("Rewording example: %r -> %r", example.question, list(self._reworded[example.id]))
+
+    def _attach_rephrasings(self, tasks):
+        """The stream's TriviaQA facts with their evaluation-only rephrasings (data.rephrasings:
+        the package's own, or a JSONL file of {id, rephrased}); facts without one keep none."""
+        table = read_rephrasings(self.rephrasings)
+        out = []
+        for task in tasks:
+            facts = []
+            for f in task:
+                texts = table.get(f.id, ())
+                facts.append(Fact(f.id, f.question, f.answer, f.aliases, f.paraphrases,
+                                  check_rephrasings(texts, f.training_questions(), f"{self.rephrasings}: {f.id}")))
+            out.append(tuple(facts))
+        return tuple(out)
+
     def _encode(self, fact: Fact, template_name: str, loss_on: str | None = None) -> TrainingExample:
+        """Every sequence that is trained on or fitted to (training batches, background
+        statistics, whitening, the read gate's keys, key init) is encoded here, so this is
+        where evaluation-only rephrasings are refused: they must never feed any of those."""
+        owner = self._eval_only.get(normalize_answer(fact.question)) if self._eval_only else None
+        if owner is not None:
+            raise ValueError(
+                f"{fact.question!r} (used for {fact.id}) is an evaluation-only rephrasing of fact {owner}: it must never "
+                "be trained on or used for slot selection, whitening, background statistics or the read gate."
+            )
         return encode_example(
             self.tokenizer, self.templates[template_name], fact.question, fact.answer, loss_on or self.loss_on, fact.id
         )
@@ -557,7 +634,7 @@ class FactStreamDataModule(L.LightningDataModule):
             self._train_examples[task_index] = [
                 self._encode(Fact(fact.id, question, fact.answer, fact.aliases), name)
                 for fact in self.task_facts(task_index)
-                for question in (fact.question, *fact.paraphrases)
+                for question in (*fact.training_questions(), *self._reworded.get(fact.id, ()))
                 for name in self.train_templates
             ]
         return self._train_examples[task_index]
@@ -637,8 +714,25 @@ class FactStreamDataModule(L.LightningDataModule):
         eval/suites.evaluate_task_recall). Same numbers as recall_suites(j)[t].evaluate(...).
         `items`, if given, receives each (task, template)'s per-fact columns
         (FactRecallSuite.last_items) for intervals and items/ files."""
-        return evaluate_task_recall(model, tokenizer, {j: self.recall_suites(j) for j in tasks},
-                                    batch_size or self.generation_batch_size, items)
+        results = evaluate_task_recall(model, tokenizer, {j: self.recall_suites(j) for j in tasks},
+                                       batch_size or self.generation_batch_size, items)
+        rephrased = {j: {REPHRASED: s} for j in tasks if (s := self.rephrased_suite(j)) is not None}
+        if rephrased:  # its own pass: a longer decoding than the templates' (rephrased_max_new_tokens)
+            for j, r in evaluate_task_recall(model, tokenizer, rephrased, batch_size or self.generation_batch_size,
+                                             items, scope=REPHRASED).items():
+                results[j].update(r)
+        return results
+
+    def rephrased_suite(self, task_index: int) -> FactRecallSuite | None:
+        """Recall of the task's facts asked in other words (each fact's `rephrased` questions,
+        one item per rephrasing, the fact's id on each) under the first training template;
+        None if no fact of the task has one. Decodes rephrased_max_new_tokens tokens, so an
+        answer after a short preamble ("The city is ...") is still seen by "contains"."""
+        facts = [Fact(f.id, r, f.answer, f.aliases) for f in self.task_facts(task_index) for r in f.rephrased]
+        if not facts:
+            return None
+        return FactRecallSuite(facts, self.templates[self.train_templates[0]], self.rephrased_max_new_tokens,
+                               self.generation_batch_size, name=f"task{task_index}/{REPHRASED}")
 
     def heldout_suites(self) -> dict:
         """The held-out capability suites configured in `suites`, built once."""

@@ -16,6 +16,10 @@ Record fields (their names in the file are mapped by ``fields``):
     id           names the fact in summary.json (default: line-<line>, or row-<index> of a dataset)
     paraphrases  further questions asking for the same answer: extra training sequences of
                  the same fact; recall is still measured once per fact, on `question`
+    rephrased    the question in other words, for evaluation only (``fact_recall_rephrased``):
+                 never trained, probed or used by slot selection, whitening or the read gate;
+                 one that equals the question or a paraphrase (after normalisation) would not
+                 be held out, and is a bad record
     task         fixes the task split: records with the same label form one task (labels that
                  are all integers run in numeric order, others in order of first appearance)
 
@@ -38,10 +42,11 @@ from pathlib import Path
 
 from smf_lightning.errors import ConfigError
 from smf_lightning.data.facts import Fact
+from smf_lightning.data.rephrasings import rephrasing_problem
 
 log = logging.getLogger(__name__)
 
-RECORD_FIELDS = ("id", "question", "answers", "paraphrases", "task")
+RECORD_FIELDS = ("id", "question", "answers", "paraphrases", "rephrased", "task")
 REQUIRED_FIELDS = ("question", "answers")
 FORMATS = ("auto", "jsonl", "csv", "disk", "hub")
 # FactStreamDataModule keyword arguments that only facts=file reads (conf/data/facts_file.yaml).
@@ -132,7 +137,8 @@ class FactFile:
         return labels
 
     def digest(self) -> str:
-        """Changes with any fact's id, question, answers or paraphrases (keys the probe cache)."""
+        """Changes with any fact's id, question, answers or paraphrases (keys the probe cache;
+        the evaluation-only rephrasings are not probed and leave it unchanged)."""
         text = json.dumps([[f.id, f.question, list(f.aliases), list(f.paraphrases)] for f in self.facts])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -352,12 +358,30 @@ def _parse_record(raw: Mapping, names: dict[str, str], default_id: str, separato
     paraphrases = _text_list(_field(raw, names, "paraphrases"), "paraphrases", names, separator) or []
     if "" in paraphrases:
         raise _BadRecord("empty_paraphrase", f"paraphrase {paraphrases.index('')} is empty (field {names['paraphrases']!r}).")
+    raw_rephrased = _field(raw, names, "rephrased")
+    if raw_rephrased is not None and not all(isinstance(r, str) for r in (
+            raw_rephrased if isinstance(raw_rephrased, list | tuple) else [raw_rephrased])):
+        raise _BadRecord("bad_type", f"field {names['rephrased']!r} must be text or a list of texts, got "
+                                     f"{raw_rephrased!r}.")
+    if separator is None and isinstance(raw_rephrased, str) and not raw_rephrased.strip():
+        raise _BadRecord("empty_rephrased", f"empty rephrasing (field {names['rephrased']!r}).")  # a CSV's empty cell: none
+    rephrased = _text_list(raw_rephrased, "rephrased", names, separator) or []
     fact_id = _text(_field(raw, names, "id"), "id", names)
     task = _text(_field(raw, names, "task"), "task", names)
     aliases = tuple(dict.fromkeys(a for a in answers if a))
-    fact = Fact(fact_id or default_id, question, aliases[0], aliases,
-                tuple(p for p in dict.fromkeys(paraphrases) if p != question))
+    paraphrases = tuple(p for p in dict.fromkeys(paraphrases) if p != question)
+    fact = Fact(fact_id or default_id, question, aliases[0], aliases, paraphrases,
+                check_rephrased(rephrased, (question, *paraphrases), names["rephrased"]))
     return fact, task or None
+
+
+def check_rephrased(rephrased: list[str], trained: tuple[str, ...], field_name: str = "rephrased") -> tuple[str, ...]:
+    """The evaluation-only rephrasings of a fact, deduplicated; a bad one (empty, or the same
+    as a trained question after normalisation: data/rephrasings) makes the record bad."""
+    problem = rephrasing_problem(rephrased, trained)
+    if problem is not None:
+        raise _BadRecord(problem[0], f"{problem[1]} (field {field_name!r})")
+    return tuple(dict.fromkeys(rephrased))
 
 
 def _field(raw: Mapping, names: dict[str, str | None], key: str):

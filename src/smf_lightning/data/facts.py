@@ -38,13 +38,20 @@ class Fact:
     """One question/answer fact; `answer` is what training teaches, `aliases` (which include
     `answer`) are what evaluation accepts. `paraphrases` are further questions with the same
     answer, trained like `question` but never evaluated: recall is measured once per fact, on
-    `question` (facts from a file, data/fact_file.py)."""
+    `question` (facts from a file, data/fact_file.py). `rephrased` are the opposite: the same
+    question in other words, used *only* for evaluation (recall on a wording never trained,
+    docs/design.md "Rephrased questions"): never trained, probed, selected on or fitted to."""
 
     id: str
     question: str
     answer: str
     aliases: tuple[str, ...]
     paraphrases: tuple[str, ...] = ()
+    rephrased: tuple[str, ...] = ()
+
+    def training_questions(self) -> tuple[str, ...]:
+        """The questions training sequences are made of: `question`, then each paraphrase."""
+        return (self.question, *self.paraphrases)
 
 
 # -----------------------------------------------------------------------------

@@ -113,16 +113,37 @@ def check_same_items(before: Mapping[str, Sequence], after: Mapping[str, Sequenc
 
 def recall_task_means(records: Mapping[str, Sequence], tasks: Sequence[int], templates: Sequence[str], score: str) -> dict[int, float]:
     """Task j's recall: the mean over `templates` of the mean over the task's facts of `score`
-    (the accuracy matrix's entry), in exactly the arithmetic of FactRecallSuite.score_predictions."""
+    (the accuracy matrix's entry), in exactly the arithmetic of FactRecallSuite.score_predictions.
+    A fact with several rows under one template (its rephrasings) counts once, with the mean of
+    its rows. Tasks without a row under some template are left out."""
     out = {}
     for j in tasks:
-        per_template = [aggregate(Aggregate("mean", score), {score: _select(records, j, t, score)}) for t in templates]
+        columns = [_per_fact(records, j, t, score) for t in templates]
+        if not all(columns):
+            continue
+        per_template = [aggregate(Aggregate("mean", score), {score: col}) for col in columns]
         out[j] = sum(per_template) / len(per_template)
     return out
 
 
 def _select(records: Mapping[str, Sequence], task: int, template: str, column: str) -> list:
     return [v for j, t, v in zip(records["task"], records["template"], records[column]) if j == task and t == template]
+
+
+def _per_fact(records: Mapping[str, Sequence], task: int, template: str, column: str) -> list:
+    """`column` per fact of (task, template), in order of first appearance: the row itself when
+    each fact has one row (every template), the mean of a fact's rows when it has several (the
+    rephrasings of a fact: the fact, not the rephrasing, is the item)."""
+    values = _select(records, task, template, column)
+    if "id" not in records:
+        return values
+    ids = _select(records, task, template, "id")
+    if len(set(ids)) == len(ids):
+        return values
+    grouped: dict[str, list] = {}
+    for fact_id, v in zip(ids, values):
+        grouped.setdefault(fact_id, []).append(v)
+    return [sum(vs) / len(vs) for vs in grouped.values()]
 
 
 def recall_resampled(
@@ -134,7 +155,10 @@ def recall_resampled(
     j, its number of facts), the same at every evaluation point, so changes are paired."""
     out = {}
     for j in tasks:
-        scores = np.asarray([_select(records, j, t, score) for t in templates], dtype=np.float64)  # [templates, facts]
+        columns = [_per_fact(records, j, t, score) for t in templates]
+        if not all(columns):
+            continue
+        scores = np.asarray(columns, dtype=np.float64)  # [templates, facts]
         idx = resample_indices(scores.shape[1], n_resamples, [seed, j])
         out[j] = scores[:, idx].mean(axis=2).mean(axis=0)  # [templates, B, facts] -> [B]
     return out

@@ -311,11 +311,14 @@ class FactRecallSuite:
         return [(f.id, p, recall_scores(p, suffix, f.aliases)[0]) for f, p in zip(self.facts, self.last_predictions)]
 
 
+REPHRASED = "rephrased"  # the recall records' "template" of a fact's evaluation-only rephrasings
+
+
 def evaluate_task_recall(model, tokenizer, task_suites: Mapping[int, Mapping[str, FactRecallSuite]], batch_size: int,
-                         items: dict | None = None) -> dict[int, dict[str, dict[str, float]]]:
+                         items: dict | None = None, scope: str = "fact_recall") -> dict[int, dict[str, dict[str, float]]]:
     """Fact recall of several tasks (task -> template name -> its FactRecallSuite): task ->
     template -> {"em", "contains"}; `items`, if given, receives each (task, template)'s
-    last_items.
+    last_items. `scope` names the kept prefix states of these prompts (one per task).
 
     One greedy pass per task over all its templates' prompts: batches are formed within a
     task, so each task's batches are the same at every evaluation point, however many tasks
@@ -332,7 +335,7 @@ def evaluate_task_recall(model, tokenizer, task_suites: Mapping[int, Mapping[str
         max_new = {s.max_new_tokens for s in suites.values()}
         if len(max_new) != 1:
             raise ValueError(f"task {j}: its recall suites decode different numbers of tokens ({sorted(max_new)})")
-        with states.scope(f"fact_recall/task{j}") if states is not None else contextlib.nullcontext():
+        with states.scope(f"{scope}/task{j}") if states is not None else contextlib.nullcontext():
             predictions = generate_greedy(model, tokenizer, prompts, max_new.pop(), batch_size) if prompts else []
         results[j], pos = {}, 0
         for name, suite in suites.items():

@@ -1,0 +1,114 @@
+"""Training-time rewordings of a fact's question, written by a language model.
+
+A memory that is written only under the trained question string is read again only by
+queries close to it: asked in other words, the answer position reads other rows and the
+fact is not recalled (docs/design.md, "Rephrased questions"). Training each fact also under
+a few rewordings spreads its writes over the queries that different wordings produce, as
+paraphrase augmentation does for knowledge editors (e.g. WISE's random-prefix and
+paraphrase training). The rewordings are generated automatically from the question alone,
+so a user's file that brings only a question and an answer gets them too.
+
+Each rewording comes from one few-shot prompt style (STYLES), decoded greedily by the
+generator model (by default the base model being trained), then filtered: it must be a
+different question (not the question or a paraphrase after normalisation, not a duplicate),
+must not contain the answer (it would teach the answer as part of the question), must have
+at least three words, and must not coincide with one of the fact's evaluation-only
+rephrasings (those never feed training; such a rewording is dropped and counted). The
+generator never sees the rephrasings. Results are cached per (generator fingerprint,
+prompts, decoding length) under ``$SMF_CACHE/rewordings``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+from smf_lightning.data.facts import Fact
+from smf_lightning.eval.metrics import contains_answer, normalize_answer
+
+log = logging.getLogger(__name__)
+
+# Few-shot prompts, one rewording each; the examples are general knowledge the model knows,
+# written for this purpose (no stream or evaluation question among them).
+_HEADER = "Rewrite each question in other words. Keep every detail; do not answer it.\n\n"
+STYLES: dict[str, str] = {
+    "synonyms": _HEADER + (
+        "Question: Who painted the ceiling of the Sistine Chapel?\n"
+        "Rewritten: Which artist was responsible for painting the Sistine Chapel's ceiling?\n\n"
+        "Question: In which year did the Berlin Wall fall?\n"
+        "Rewritten: The Berlin Wall came down in what year?\n\n"
+        "Question: {question}\nRewritten:"),
+    "subject_first": _HEADER + (
+        "Question: What is the capital city of Australia?\n"
+        "Rewritten: Australia has which city as its capital?\n\n"
+        "Question: Which planet is known as the Red Planet?\n"
+        "Rewritten: The Red Planet is a nickname for which planet?\n\n"
+        "Question: {question}\nRewritten:"),
+    "name_the": _HEADER + (
+        "Question: Who wrote the novel Pride and Prejudice?\n"
+        "Rewritten: Name the author of the novel Pride and Prejudice.\n\n"
+        "Question: What is the largest ocean on Earth?\n"
+        "Rewritten: Name the ocean that is the largest on Earth.\n\n"
+        "Question: {question}\nRewritten:"),
+}
+
+
+def reword_cache_file(cache_dir: str | Path, fingerprint: str, max_new_tokens: int) -> Path:
+    key = hashlib.sha256(json.dumps([STYLES, max_new_tokens]).encode()).hexdigest()[:16]
+    return Path(cache_dir).expanduser() / f"rewordings-{fingerprint[:16]}-{key}.json"
+
+
+def generate_rewordings(model, tokenizer, questions: Sequence[str], n_styles: int, max_new_tokens: int,
+                        batch_size: int, cache_file: Path | None) -> dict[str, list[str]]:
+    """question -> its raw rewordings, one per style of the first `n_styles` (cached)."""
+    from smf_lightning.eval.scoring import generate_greedy
+
+    styles = list(STYLES)[:n_styles]
+    stored: dict[str, dict[str, str]] = {}
+    if cache_file is not None and cache_file.is_file():
+        stored = json.loads(cache_file.read_text())
+    todo = [(q, s) for q in dict.fromkeys(questions) for s in styles if s not in stored.get(q, {})]
+    if todo:
+        if model is None:
+            raise ValueError(f"{len(todo)} rewordings are not cached ({cache_file}); the generator model is needed.")
+        log.info("Rewording %d questions x %d styles with the generator model (%d to generate)",
+                 len(set(questions)), len(styles), len(todo))
+        outputs = generate_greedy(model, tokenizer, [STYLES[s].replace("{question}", q) for q, s in todo],
+                                  max_new_tokens, batch_size)
+        for (q, s), text in zip(todo, outputs):
+            stored.setdefault(q, {})[s] = text.strip()
+        if cache_file is not None:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_name(cache_file.name + f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(stored))
+            os.replace(tmp, cache_file)
+    return {q: [stored[q][s] for s in styles] for q in dict.fromkeys(questions)}
+
+
+def keep_rewordings(fact: Fact, raw: Sequence[str], fits, counts: Counter) -> tuple[str, ...]:
+    """The usable rewordings of `fact` from `raw` (see the module docstring), counting each
+    drop by reason in `counts`; `fits(question)` says whether its training sequences fit."""
+    seen = {normalize_answer(q) for q in fact.training_questions()}
+    held_out = {normalize_answer(r) for r in fact.rephrased}
+    kept = []
+    for text in raw:
+        counts["generated"] += 1
+        norm = normalize_answer(text)
+        reason = ("empty" if not norm else
+                  "too_short" if len(norm.split()) < 3 else
+                  "same_as_trained" if norm in seen else
+                  "is_evaluation_rephrasing" if norm in held_out else
+                  "contains_answer" if contains_answer(text, fact.aliases) else
+                  "too_long" if not fits(text) else None)
+        if reason:
+            counts[f"dropped_{reason}"] += 1
+            continue
+        seen.add(norm)
+        kept.append(text)
+        counts["kept"] += 1
+    return tuple(kept)
