@@ -85,8 +85,9 @@ def multirun(study: str, rows, runs: Path) -> list[str]:
 
 
 # the small files of a finished row that a study's report keeps in experiments/results/<study>/<row>/
-SMALL_FILES = ("summary.json", "accuracy_matrix.csv", "accuracy_matrix_heldout_template.csv", "heldout.csv",
-               "slot_stats.csv", "accuracy_matrix.png", "forgetting_curves.png", "slot_stats.png")
+SMALL_FILES = ("summary.json", "accuracy_matrix.csv", "accuracy_matrix_heldout_template.csv",
+               "accuracy_matrix_rephrased.csv", "heldout.csv", "slot_stats.csv", "accuracy_matrix.png",
+               "forgetting_curves.png", "slot_stats.png")
 
 
 def copy_small_files(run: Path, dest: Path) -> None:

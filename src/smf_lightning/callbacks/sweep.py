@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 COLUMNS = [
     "job", "method", "selector", "top_t", "lr", "fact_recall", "fact_recall_heldout_template",
+    "fact_recall_rephrased", "fact_recall_rephrased_contains",
     "acc", "bwt", "forgetting", "heldout_degradation_pct", "steps", "seconds_per_step",
     "peak_rss_mb", "trainable_params", "updated_params_per_step",
 ]
@@ -62,7 +63,7 @@ def summarize_sweep(sweep_dir: Path) -> list[dict]:
         row["lr"] = s.get("lr")
         row["heldout_degradation_pct"] = heldout_degradation_pct(s.get("heldout", {}))
         # 95% intervals (summary.json of runs with callbacks.intervals; empty for older runs)
-        for key in ("fact_recall", "fact_recall_heldout_template", "heldout_degradation_pct"):
+        for key in ("fact_recall", "fact_recall_heldout_template", "fact_recall_rephrased", "heldout_degradation_pct"):
             row.update(_interval_columns(key, s.get(f"{key}_ci95")))
         for suite, h in s.get("heldout", {}).items():
             row[f"{suite}_rel_change"] = h.get("rel_change")

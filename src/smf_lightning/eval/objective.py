@@ -24,7 +24,7 @@ from ..errors import ConfigError
 OBJECTIVE = "objective"  # optimized_metric naming the constrained objective above
 # Top-level summary keys a dotted optimized_metric may start from (callbacks/evaluation.py writes them;
 # tests/test_hparams_search.py checks each is in a real run's summary.json).
-SUMMARY_METRICS = ("fact_recall", "fact_recall_heldout_template", "fact_recall_contains", "acc", "bwt",
+SUMMARY_METRICS = ("fact_recall", "fact_recall_heldout_template", "fact_recall_contains", "fact_recall_rephrased", "acc", "bwt",
                    "forgetting", "heldout", "heldout_degradation_pct", "recall")
 FILE_KNOWN_SUITE = "file_known"  # data=facts_file with known_items > 0 (data/datamodule.py)
 

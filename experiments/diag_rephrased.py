@@ -1,0 +1,140 @@
+"""Why is a rephrased question not recalled? Reads of a trained run's memory, question by question.
+
+Loads a finished (or interrupted) run — its config, its checkpoint's value rows and write keys —
+and asks every stream fact three ways under the first training template: the trained question,
+each of its evaluation-only rephrasings, and (for contrast) the known-facts suite's questions.
+For every prompt it records the memory reads *before* the read gate and whether the gate lets
+each read through, and prints, per group:
+
+- ``answer_written``: share of the answer position's read weight that lands on written rows
+  (rows some training step updated), before the gate;
+- ``answer_passed``: the same after the gate (what actually reaches the residual stream);
+- ``prompt_written`` / ``prompt_passed``: the same over every position of the prompt (the
+  recipe writes from every position of a fact's sequences, so subject tokens carry the fact too);
+- ``slot_jaccard``: for a rephrasing, the Jaccard overlap of the written rows its prompt reads
+  (passed reads) with those the trained question's prompt reads;
+- ``answer_query_cos``: cosine of the rephrasing's answer-position query with the trained
+  question's (the addressing input after whitening; 1 = same query).
+
+    python experiments/diag_rephrased.py outputs/facts_seq_quick/<date>/<time> [--out FILE.json]
+
+Nothing here trains or changes the run; it reads evaluation items, as evaluation does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+
+def load_run(run_dir: Path):
+    from smf_lightning.memory import memory_layers
+    from smf_lightning.models import build as M
+    from smf_lightning.stages.continual import build_datamodule
+
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    model, tok, info = M.load_model(cfg)
+    dm = build_datamodule(cfg, model, tok)
+    model = M.maybe_retrofit(cfg, model, info)
+    M.prepare_memory(cfg, model, info, dm)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    missing = set(state) - set(model.state_dict())
+    if missing:
+        raise SystemExit(f"checkpoint tensors not in the model: {sorted(missing)[:3]}")
+    model.load_state_dict(state, strict=False)
+    mems = memory_layers(model)
+    for i, (rows, keys, mass) in ckpt.get("write_keys", {}).items():
+        mems[int(i)].clear_writes()
+        mems[int(i)].add_writes(rows, keys, mass)
+    return cfg, model.eval(), tok, dm, mems
+
+
+@torch.no_grad()
+def prompt_reads(model, tok, mems, prompt: str) -> dict:
+    """Per memory layer: pre-gate slot ids / weights, gate, normalised queries of every position."""
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, i=i: inputs.__setitem__(i, a[0].detach()))
+             for i, m in mems.items()]
+    try:
+        ids = tok(prompt, return_tensors="pt")
+        model(**ids, logits_to_keep=1)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for i, mem in mems.items():
+        idx, w, q = mem._lookup(inputs[i].float())
+        B, T = idx.shape[:2]
+        queries = F.normalize(q.reshape(B, T, mem.heads, mem.k_dim), dim=-1)
+        gate = mem._read_gate(idx, queries) if mem.cfg.read_gate is not None else torch.ones_like(w)
+        head = torch.arange(mem.heads).view(1, 1, mem.heads, 1).expand_as(idx)
+        written = mem.write_mass[idx, head] > 0 if mem.cfg.read_gate is not None else mem.values.weight[idx].abs().sum(-1) > 0
+        out[i] = {"idx": idx[0], "w": w[0], "gate": gate[0], "written": written[0], "q": queries[0]}
+    return out
+
+
+def shares(r: dict, positions: slice) -> tuple[float, float]:
+    w, written, gate = r["w"][positions], r["written"][positions].float(), r["gate"][positions]
+    total = float(w.sum())
+    return float((w * written).sum()) / total, float((w * written * gate).sum()) / total
+
+
+def passed_written(r: dict) -> set[int]:
+    keep = (r["written"] & (r["gate"] > 0))
+    return set(r["idx"][keep].tolist())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--known", type=int, default=50, help="known-suite questions for contrast")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    cfg, model, tok, dm, mems = load_run(args.run)
+    template = dm.templates[dm.train_templates[0]]
+    layer = next(iter(mems))
+    groups: dict[str, dict[str, list[float]]] = {g: {} for g in ("trained", "rephrased", "known")}
+
+    def add(group: str, key: str, value: float) -> None:
+        groups[group].setdefault(key, []).append(value)
+
+    facts = [f for j in range(dm.n_tasks) for f in dm.task_facts(j)]
+    for f in facts:
+        base = prompt_reads(model, tok, mems, template.prompt(f.question))[layer]
+        for group, r in [("trained", base)] + [("rephrased", prompt_reads(model, tok, mems, template.prompt(q))[layer])
+                                                for q in f.rephrased]:
+            a_w, a_p = shares(r, slice(-1, None))
+            p_w, p_p = shares(r, slice(None))
+            add(group, "answer_written", a_w)
+            add(group, "answer_passed", a_p)
+            add(group, "prompt_written", p_w)
+            add(group, "prompt_passed", p_p)
+            if group == "rephrased":
+                mine, theirs = passed_written(base), passed_written(r)
+                add(group, "slot_jaccard", len(mine & theirs) / max(len(mine | theirs), 1))
+                add(group, "answer_query_cos", float((base["q"][-1] * r["q"][-1]).sum(-1).mean()))
+    known = dm.heldout_suites().get("triviaqa_known")
+    for f in (known.facts[: args.known] if known is not None else []):
+        r = prompt_reads(model, tok, mems, template.prompt(f.question))[layer]
+        for key, value in zip(("answer_written", "answer_passed"), shares(r, slice(-1, None))):
+            add("known", key, value)
+        for key, value in zip(("prompt_written", "prompt_passed"), shares(r, slice(None))):
+            add("known", key, value)
+    table = {g: {k: {"mean": statistics.fmean(v), "median": statistics.median(v), "n": len(v)} for k, v in d.items()}
+             for g, d in groups.items() if d}
+    print(f"run {args.run}  memory layer {layer}  read gate {mems[layer].cfg.read_gate}")
+    for g, d in table.items():
+        print(f"{g:10s} " + "  ".join(f"{k} {m['mean']:.3f} (median {m['median']:.3f}, n={m['n']})" for k, m in d.items()))
+    if args.out:
+        args.out.write_text(json.dumps({"run": str(args.run), "layer": layer, "groups": table}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
