@@ -210,3 +210,18 @@ def test_cli_reports_rephrased_recall_in_every_output(tmp_path):
     ids = {f for t in summary["data"]["task_fact_ids"] for f in t}
     assert len(rephrased_items) == ("zorb" in ids) * 2 + ("quill" in ids)
     assert (run / "accuracy_matrix_rephrased.png").stat().st_size > 1000
+
+
+def test_a_rewording_that_drops_a_detail_or_repeats_the_question_is_not_trained():
+    from collections import Counter
+
+    from smf_lightning.data.rewording import keep_rewordings
+
+    fact = Fact("anne", "Who did Princess Anne marry in 1992?", "Tim Laurence", ("Tim Laurence",))
+    counts: Counter = Counter()
+    kept = keep_rewordings(fact, ["Princess Anne married in what year?", "In 1992, whom did Princess Anne wed?",
+                                  "Who did princess Anne marry in 1992", "Was it Tim Laurence that Princess Anne wed in 1992?"],
+                           lambda q: True, counts)
+    assert kept == ("In 1992, whom did Princess Anne wed?",)
+    assert counts == {"generated": 4, "kept": 1, "dropped_lost_detail": 1, "dropped_same_as_trained": 1,
+                      "dropped_contains_answer": 1}

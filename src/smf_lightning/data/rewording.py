@@ -11,7 +11,9 @@ so a user's file that brings only a question and an answer gets them too.
 Each rewording comes from one few-shot prompt style (STYLES), decoded greedily by the
 generator model (by default the base model being trained), then filtered: it must be a
 different question (not the question or a paraphrase after normalisation, not a duplicate),
-must not contain the answer (it would teach the answer as part of the question), must have
+must not contain the answer (it would teach the answer as part of the question), must keep
+every detail of the question (each number and capitalised name: a rewording that drops "in
+1992" asks another question, and training the answer on it teaches something false), must have
 at least three words, and must not coincide with one of the fact's evaluation-only
 rephrasings (those never feed training; such a rewording is dropped and counted). The
 generator never sees the rephrasings. Results are cached per (generator fingerprint,
@@ -24,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -90,11 +93,26 @@ def generate_rewordings(model, tokenizer, questions: Sequence[str], n_styles: in
     return {q: [stored[q][s] for s in styles] for q in dict.fromkeys(questions)}
 
 
+# Capitalised words that are not details of the question (question words, articles, prepositions
+# that start a sentence): every other capitalised word, and every token with a digit, is a detail
+# that a rewording must keep ("In 1992", "Shoreham, New York").
+_NOT_DETAILS = frozenset(
+    "what which who whom whose where when why how name in on at of for by to from with the a an "
+    "is was are were did does do this that these those known also according".split())
+
+
+def question_details(question: str) -> set[str]:
+    """The words that pin the answer down: tokens with a digit and capitalised words (lower-cased)."""
+    tokens = re.findall(r"[\w]+", question.replace("’", "'"))
+    return {t.lower() for t in tokens if any(c.isdigit() for c in t) or (t[0].isupper() and t.lower() not in _NOT_DETAILS)}
+
+
 def keep_rewordings(fact: Fact, raw: Sequence[str], fits, counts: Counter) -> tuple[str, ...]:
     """The usable rewordings of `fact` from `raw` (see the module docstring), counting each
     drop by reason in `counts`; `fits(question)` says whether its training sequences fit."""
     seen = {normalize_answer(q) for q in fact.training_questions()}
     held_out = {normalize_answer(r) for r in fact.rephrased}
+    details = question_details(fact.question)
     kept = []
     for text in raw:
         counts["generated"] += 1
@@ -104,6 +122,7 @@ def keep_rewordings(fact: Fact, raw: Sequence[str], fits, counts: Counter) -> tu
                   "same_as_trained" if norm in seen else
                   "is_evaluation_rephrasing" if norm in held_out else
                   "contains_answer" if contains_answer(text, fact.aliases) else
+                  "lost_detail" if not details <= {t.lower() for t in re.findall(r"[\w]+", text.replace("’", "'"))} else
                   "too_long" if not fits(text) else None)
         if reason:
             counts[f"dropped_{reason}"] += 1
