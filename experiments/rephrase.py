@@ -47,6 +47,10 @@ def _ci(interval) -> str:
     return f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ""
 
 
+def _share(x) -> str:
+    return "–" if x is None else f"{x:.2f}"
+
+
 def _pct(x, interval=None) -> str:
     if x is None:
         return "–"
@@ -88,7 +92,7 @@ def markdown(rows: list[dict]) -> str:
             f"| {r['row']} | {r['stream']} | {r['recall']:.3f}{_ci(r['recall_ci95'])} | {r['heldout_template']:.3f}"
             f"{_ci(r['heldout_template_ci95'])} | **{r['rephrased']:.3f}**{_ci(r['rephrased_ci95'])} "
             f"({r['rephrased_contains']:.3f}) | "
-            f"{'–' if r['rephrased_wrong_other_fact'] is None else f'{r['rephrased_wrong_other_fact']:.2f}'} | "
+            f"{_share(r['rephrased_wrong_other_fact'])} | "
             f"{r['known_kept']:.3f}{_ci(r['known_kept_ci95'])} | {r['bwt']:+.3f} | "
             + " | ".join(_pct(r.get(f"{k}_rel_change"), r.get(f"{k}_rel_change_ci95")) for k in SUITES)
             + f" | {r['steps']} × {r['seconds_per_step']:.1f} | {r['wall_minutes']:.0f} min |")
