@@ -467,14 +467,18 @@ def test_before_evaluation_key_holds_the_facts_content_not_only_their_ids():
 
     cfg = OmegaConf.create({"model": {"name": "m", "source": "s", "dtype": "float32"}, "data": {"suites": {}}})
 
-    def dm(answer):
-        fact = Fact(id="f1", question="Who?", answer=answer, aliases=(answer,))
-        return SimpleNamespace(n_tasks=1, task_facts=lambda t: (fact,), templates={}, heldout_templates=[], _known=[fact],
+    def dm(answer, rephrased=()):
+        fact = Fact(id="f1", question="Who?", answer=answer, aliases=(answer,), rephrased=rephrased)
+        return SimpleNamespace(n_tasks=1, task_facts=lambda t: (fact,), templates={"qa": SimpleNamespace(text="Q {question} A {answer}")},
+                               train_templates=["qa"], heldout_templates=[], _known=[fact],
                                probe_prompt="{question}", seed=0, source="offline", recall_max_new_tokens=4,
-                               eval_batch_size=2, generation_batch_size=2)
+                               rephrased_max_new_tokens=8, eval_batch_size=2, generation_batch_size=2)
 
     assert before_eval_key(cfg, dm("Paris"), "fp") == before_eval_key(cfg, dm("Paris"), "fp")
     assert before_eval_key(cfg, dm("Paris"), "fp")["stream"] != before_eval_key(cfg, dm("Rome"), "fp")["stream"]
+    # the rephrasings are asked at the "before" point too: other rephrasings, another point
+    assert "rephrased" not in before_eval_key(cfg, dm("Paris"), "fp")
+    assert before_eval_key(cfg, dm("Paris", ("Whom?",)), "fp") != before_eval_key(cfg, dm("Paris", ("Which one?",)), "fp")
 
 
 def test_score_scale_sharpens_weights_and_keeps_the_slots():

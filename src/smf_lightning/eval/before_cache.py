@@ -44,6 +44,10 @@ def before_eval_key(cfg, dm, base_fingerprint: str) -> dict:
 
     # a datamodule stand-in without held-out suites (tests) has no items to key
     suites = dm.heldout_suites() if hasattr(dm, "heldout_suites") else {}
+    rephrased = [[f.id, list(f.rephrased)] for t in range(dm.n_tasks) for f in dm.task_facts(t) if f.rephrased]
+    # only when some fact has rephrasings: the keys (and cached points) of streams without them stay as they were
+    asked = {"rephrased": rephrased, "rephrased_max_new_tokens": dm.rephrased_max_new_tokens,
+             "rephrased_template": dm.templates[dm.train_templates[0]].text} if rephrased else {}
 
     return {
         "format": EVAL_FORMAT,
@@ -62,6 +66,7 @@ def before_eval_key(cfg, dm, base_fingerprint: str) -> dict:
         "recall_max_new_tokens": dm.recall_max_new_tokens,
         "eval_batch_size": dm.eval_batch_size,
         "generation_batch_size": dm.generation_batch_size,
+        **asked,
     }
 
 
