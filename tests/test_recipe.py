@@ -384,6 +384,23 @@ def test_interleaved_schedule_mixes_facts_and_repeats_each_example_once_per_pass
     assert [[(e.fact_id, e.template) for e in b] for b in again.train_batches(0)] == [[(e.fact_id, e.template) for e in b] for b in batches]
 
 
+def test_order_seed_reorders_batches_and_keeps_the_stream(tiny_tok):
+    from test_data import _data_cfg
+
+    from smf_lightning.data.datamodule import FactStreamDataModule
+
+    cfg = _data_cfg(n_tasks=2, facts_per_task=4, suites={}, background={"synthetic": 4}, train_batch_size=4,
+                    repeats_per_batch=1, schedule="interleaved", epochs_per_task=2)
+    key = lambda dm: [[(e.fact_id, e.template) for e in b] for b in dm.train_batches(0)]  # noqa: E731
+    dms = [FactStreamDataModule(tokenizer=tiny_tok, **{**cfg, "order_seed": s}) for s in (None, 0, 1)]
+    for dm in dms:
+        dm.setup()
+    assert dms[0].tasks == dms[1].tasks == dms[2].tasks  # the same facts in the same tasks
+    assert key(dms[0]) == key(dms[1])  # null = data.seed (0)
+    assert key(dms[2]) != key(dms[0])
+    assert sorted(e for b in key(dms[2]) for e in b) == sorted(e for b in key(dms[0]) for e in b)  # same sequences
+
+
 # ----------------------------------------------------------------------------- known facts
 
 

@@ -118,6 +118,7 @@ class FactStreamDataModule(L.LightningDataModule):
         exclude_streams: Sequence[str] = (),
         rewordings: int = 0,
         rewording_max_new_tokens: int = 40,
+        order_seed: int | None = None,
     ):
         """
         tokenizer, probe_model: the run's tokenizer and its *base* model (probed for
@@ -187,6 +188,7 @@ class FactStreamDataModule(L.LightningDataModule):
         if not 0 <= rewordings <= len(REWORDING_STYLES):
             raise ValueError(f"rewordings must be in [0, {len(REWORDING_STYLES)}] (one per prompt style of "
                              f"data/rewording.py), got {rewordings}")
+        self.order_seed = self.seed if order_seed is None else int(order_seed)
         self.rewordings = int(rewordings)
         self.rewording_max_new_tokens = int(rewording_max_new_tokens)
         self._reworded: dict[str, tuple[str, ...]] = {}  # fact id -> its generated training rewordings
@@ -653,12 +655,12 @@ class FactStreamDataModule(L.LightningDataModule):
         examples = self.training_examples(task_index)
         size = self.train_batch_size
         if self.schedule == "interleaved":
-            order = seeded_order(len(examples), self.seed, f"task{task_index}/batches")
+            order = seeded_order(len(examples), self.order_seed, f"task{task_index}/batches")
             shuffled = [examples[i] for i in order]
             chunks = [shuffled[i:i + size] for i in range(0, len(shuffled), size)]
             batches = []
             for epoch in range(self.epochs_per_task):
-                batches += [chunks[i] for i in seeded_order(len(chunks), self.seed, f"task{task_index}/pass{epoch}")]
+                batches += [chunks[i] for i in seeded_order(len(chunks), self.order_seed, f"task{task_index}/pass{epoch}")]
         else:
             chunks = [examples[i:i + size] for i in range(0, len(examples), size)]
             batches = chunks * self.epochs_per_task
