@@ -174,9 +174,9 @@ def test_row_files_open_with_their_command():
 
 def study_row_files() -> list[str]:
     conf = Path(conf_dir()) / "experiment"
-    rows = {str(p.relative_to(conf).with_suffix("")) for d in ("headline", "headline_v2", "recipe")
+    rows = {str(p.relative_to(conf).with_suffix("")) for d in ("headline", "headline_v2", "recipe", "rephrase")
             for p in (conf / d).rglob("*.yaml")}
-    return ["heal", *sorted(rows)]  # with the healing stage's own experiment
+    return ["heal", "facts_seq_test", *sorted(rows)]  # with the healing stage's own experiment and the test stream
 
 
 @pytest.mark.parametrize("row", study_row_files())
@@ -300,3 +300,22 @@ def test_cache_seed_round_trip(tmp_path):
         ["before_eval/before_b.json", "probes/probe-a.json"]
     (fresh / "probes/probe-a.json").write_text("{}")
     assert study.seed_cache(seed, fresh) == [] and (fresh / "probes/probe-a.json").read_text() == "{}"
+
+
+# ---- the rephrased-questions study (conf/experiment/rephrase/) ----
+
+
+def test_rephrase_rows_are_its_files_and_run_on_the_dev_or_test_stream():
+    import rephrase
+
+    conf = Path(conf_dir()) / "experiment" / "rephrase"
+    assert set(rephrase.ROWS) == {p.stem for p in conf.glob("*.yaml")}
+    dev, _ = composed(["experiment=smf_recipe"])
+    test, _ = composed(["experiment=facts_seq_test"])
+    for row in rephrase.ROWS:
+        cfg, sweep = composed([f"experiment=rephrase/{row}"])
+        stream = test if row.startswith("test") else dev
+        assert sweep["subdir"] == row
+        for key in ("seed", "probe_pool_size", "n_tasks", "facts_per_task", "exclude_streams", "suites"):
+            assert cfg["data"][key] == stream["data"][key], (row, key)
+    assert test["data"]["exclude_streams"] == ["dev", "quick"] and test["data"]["seed"] != dev["data"]["seed"]
