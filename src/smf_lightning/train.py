@@ -103,8 +103,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     except ConfigError as e:
         log.error("%s", e)
         raise SystemExit(2) from None
-    keys = ("stage", "method", "fact_recall", "acc", "bwt", "forgetting", "base_ppl", "before_ppl", "after_ppl", "steps")
-    log.info("summary: %s", {k: summary[k] for k in keys if k in summary})
+    keys = ("stage", "method", "fact_recall", "fact_recall_heldout_template", "fact_recall_rephrased", "acc", "bwt",
+            "forgetting", "base_ppl", "before_ppl", "after_ppl", "steps")
+    log.info("summary: %s", {k: summary[k] for k in keys if summary.get(k) is not None})
     if value is not None:
         log.info("optimized_metric %s = %r", cfg.optimized_metric, value)
     return value
