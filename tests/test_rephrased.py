@@ -225,3 +225,39 @@ def test_a_rewording_that_drops_a_detail_or_repeats_the_question_is_not_trained(
     assert kept == ("In 1992, whom did Princess Anne wed?",)
     assert counts == {"generated": 4, "kept": 1, "dropped_lost_detail": 1, "dropped_same_as_trained": 1,
                       "dropped_contains_answer": 1}
+
+
+def test_rewording_groups_for_whitening_hold_a_background_question_and_its_rewordings(tiny_tok, tmp_path, monkeypatch):
+    """model.memory.within_groups=rewordings: the within-question covariance is fitted on groups of
+    one background question and its kept rewordings, under the first training template; stream
+    facts and their rephrasings are not among them."""
+    from smf_lightning.data.rewording import STYLES
+    from smf_lightning.eval import scoring
+    from smf_lightning.models.tiny import tiny_qwen2
+
+    def fake_generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop_at_newline=True):
+        out = []
+        for p in prompts:
+            style = next(s for s, text in STYLES.items() if p.startswith(text.split("{question}")[0]))
+            out.append(f" {style}: " + p.rsplit("Question: ", 1)[1].split("\nRewritten:")[0].lower())
+        return out
+
+    monkeypatch.setattr(scoring, "generate_greedy", fake_generate)
+    path = write_jsonl(tmp_path / "f.jsonl", REPHRASED)
+    dm = FactStreamDataModule(tokenizer=tiny_tok, probe_model=tiny_qwen2(),
+                              **file_cfg(path, tmp_path, n_tasks=1, facts_per_task=5, background={"synthetic": 6},
+                                         max_seq_len=256))
+    dm.setup()
+    batches = dm.rewording_group_batches(4, questions_per_batch=3)
+    assert [b["groups"].tolist() for b in batches] == [[0] * 4 + [1] * 4 + [2] * 4, [3] * 4]  # question + 3 rewordings
+    texts = [tiny_tok.decode(ids) for b in batches for ids in b["input_ids"].tolist()]
+    background = [f.question for f in dm._background_facts[:4]]
+    for q, group in enumerate([texts[i:i + 4] for i in range(0, 16, 4)]):
+        assert group[0].startswith(f"Question: {background[q]}") and all(background[q].lower() in t for t in group[1:])
+    stream = {f.question for f in dm.task_facts(0)}
+    assert not any(s in t for s in stream for t in texts) and not any("Quartzine" in t for t in texts)
+    assert dm.rewording_cache_name().startswith("rewordings-")
+    from smf_lightning.memory import MemoryConfig
+
+    with pytest.raises(ValueError, match="within_groups='wordings'; allowed: 'templates', 'rewordings'"):
+        MemoryConfig(layers=[1], input_norm="zca_within", whiten_on="loss", within_groups="wordings").validate()

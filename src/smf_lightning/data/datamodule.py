@@ -560,8 +560,7 @@ class FactStreamDataModule(L.LightningDataModule):
         """Generate (cached) and filter the training rewordings of every stream fact's question
         (data/rewording.py); counts go to info["rewordings"]."""
         facts = [f for task in self.tasks for f in task]
-        cache = reword_cache_file(self.cache_dir or default_cache_dir().parent / "rewordings",
-                                  self.model_fingerprint or self._fingerprint(), self.rewording_max_new_tokens)
+        cache = self._rewording_cache()
         raw = generate_rewordings(self.probe_model, self.tokenizer, [f.question for f in facts], self.rewordings,
                                   self.rewording_max_new_tokens, self.generation_batch_size, cache)
         counts: Counter = Counter()
@@ -823,6 +822,45 @@ class FactStreamDataModule(L.LightningDataModule):
             batch["groups"] = torch.tensor([q for q in chunk for _ in self.train_templates])
             batches.append(batch)
         return batches
+
+    def rewording_group_batches(self, n_questions: int, questions_per_batch: int = 8) -> list[dict]:
+        """The first ``n_questions`` QA facts of the background, each with its model-written rewordings
+        (data/rewording.py, every prompt style, the same filters as a stream fact's), under the first
+        training template, collated with ``groups`` (the question's index per row): the corpus of
+        ``model.memory.within_groups=rewordings``. Questions left with no rewording are skipped."""
+        self._require_stream()
+        facts = self._background_facts[:n_questions]
+        raw = generate_rewordings(self.probe_model, self.tokenizer, [f.question for f in facts], len(REWORDING_STYLES),
+                                  self.rewording_max_new_tokens, self.generation_batch_size, self._rewording_cache())
+        counts: Counter = Counter()
+        groups = []
+        for f in facts:
+            kept = keep_rewordings(f, raw[f.question], lambda q, f=f: self._unfit_reason(
+                Fact(f.id, q, f.answer, f.aliases)) is None, counts)
+            if kept:
+                groups.append([Fact(f.id, q, f.answer, f.aliases) for q in (f.question, *kept)])
+        if len(groups) < 2:
+            raise ValueError(f"model.memory.within_groups=rewordings: only {len(groups)} of {len(facts)} background "
+                             "questions kept a rewording; raise data.background.triviaqa or within_questions.")
+        log.info("Rewording groups for whitening: %d questions, %d rewordings kept of %d generated",
+                 len(groups), counts["kept"], counts["generated"])
+        pad_id = pad_token_id(self.tokenizer)
+        template = self.train_templates[0]
+        batches = []
+        for start in range(0, len(groups), questions_per_batch):
+            chunk = groups[start:start + questions_per_batch]
+            batch = collate_examples([self._encode(f, template) for g in chunk for f in g], pad_id)
+            batch["groups"] = torch.tensor([start + q for q, g in enumerate(chunk) for _ in g])
+            batches.append(batch)
+        return batches
+
+    def _rewording_cache(self):
+        return reword_cache_file(self.cache_dir or default_cache_dir().parent / "rewordings",
+                                 self.model_fingerprint or self._fingerprint(), self.rewording_max_new_tokens)
+
+    def rewording_cache_name(self) -> str:
+        """Names the generator and prompts of the rewordings (keys caches built from them)."""
+        return self._rewording_cache().name
 
     def background_key(self) -> dict:
         """What determines the background corpus (for the background-statistics cache key)."""

@@ -82,6 +82,11 @@ class MemoryConfig:
     # in which one question's templates differ are damped, so its templates read shared slots.
     within_alpha: float = 0.003
     within_questions: int = 400  # background questions rendered under every training template to fit W
+    # What varies within a group of W: "templates" (one question under every training template) or
+    # "rewordings" (one question and its model-written rewordings under the first template, data/rewording.py):
+    # directions in which wordings of one question differ are damped, so a rewording reads the rows its
+    # question wrote (docs/design.md "Rephrased questions").
+    within_groups: str = "templates"
     # Which background positions the whitening statistics come from: "all" real tokens, or "loss"
     # (answer-predicting) positions only, the positions whose reads SMF trains (memory/whitening.py).
     whiten_on: str = "all"
@@ -125,6 +130,8 @@ class MemoryConfig:
                 raise ValueError(f"memory.within_alpha={self.within_alpha!r} must be > 0 (W + alpha C must be invertible).")
             if self.within_questions < 2:
                 raise ValueError(f"memory.within_questions={self.within_questions!r} must be >= 2.")
+        if self.within_groups not in ("templates", "rewordings"):
+            raise ValueError(f"memory.within_groups={self.within_groups!r}; allowed: 'templates', 'rewordings'.")
         if not self.score_scale > 0:
             raise ValueError(f"memory.score_scale={self.score_scale!r} must be > 0 (softmax inverse temperature).")
         if self.whiten_on not in ("all", "loss"):

@@ -78,10 +78,16 @@ def input_whitening(cfg: DictConfig, model, dm) -> dict:
     key = {"corpus": dm.background_key(), "batch_size": dm.background_batch_size, "data_source": dm.source}
     batches = lambda: dm.background_batches(sort_by_length=True)  # noqa: E731
     if cfg.model.memory.get("input_norm") == "zca_within":
-        # one question under every training template per group: the within-question covariance
         n = int(cfg.model.memory.get("within_questions", 400))
-        key["template_groups"] = n
-        batches = lambda: dm.template_group_batches(n)  # noqa: E731
+        if cfg.model.memory.get("within_groups", "templates") == "rewordings":
+            # one question and its model-written rewordings per group (data/rewording.py)
+            groups = dm.rewording_group_batches(n)
+            key["rewording_groups"] = {"questions": n, "generator": dm.rewording_cache_name()}
+            batches = lambda: groups  # noqa: E731
+        else:
+            # one question under every training template per group: the within-question covariance
+            key["template_groups"] = n
+            batches = lambda: dm.template_group_batches(n)  # noqa: E731
     return load_or_fit_input_whitening(
         model, batches, Path(cfg.paths.cache_dir) / "whitening", key,
         loss_tokens_only=cfg.model.memory.get("whiten_on", "all") == "loss",
