@@ -14,7 +14,11 @@ each read through, and prints, per group:
 - ``slot_jaccard``: for a rephrasing, the Jaccard overlap of the written rows its prompt reads
   (passed reads) with those the trained question's prompt reads;
 - ``answer_query_cos``: cosine of the rephrasing's answer-position query with the trained
-  question's (the addressing input after whitening; 1 = same query).
+  question's (the addressing input after whitening; 1 = same query);
+- ``shared_tokens_passed`` / ``other_tokens_passed``: for a rephrasing, the passed read weight on
+  written rows at its positions whose token also occurs in the trained question (the words a
+  rewording keeps, e.g. the subject) and at its other positions (answer position excluded), as
+  shares of the prompt's read weight.
 
     python experiments/diag_rephrased.py outputs/facts_seq_quick/<date>/<time> [--out FILE.json]
 
@@ -57,13 +61,15 @@ def load_run(run_dir: Path):
 
 
 @torch.no_grad()
-def prompt_reads(model, tok, mems, prompt: str) -> dict:
+def prompt_reads(model, tok, mems, prompt: str, token_ids: list | None = None) -> dict:
     """Per memory layer: pre-gate slot ids / weights, gate, normalised queries of every position."""
     inputs = {}
     hooks = [m.register_forward_pre_hook(lambda mod, a, i=i: inputs.__setitem__(i, a[0].detach()))
              for i, m in mems.items()]
     try:
         ids = tok(prompt, return_tensors="pt")
+        if token_ids is not None:
+            token_ids.extend(ids["input_ids"][0].tolist())
         model(**ids, logits_to_keep=1)
     finally:
         for h in hooks:
@@ -107,9 +113,24 @@ def main() -> None:
 
     facts = [f for j in range(dm.n_tasks) for f in dm.task_facts(j)]
     for f in facts:
-        base = prompt_reads(model, tok, mems, template.prompt(f.question))[layer]
-        for group, r in [("trained", base)] + [("rephrased", prompt_reads(model, tok, mems, template.prompt(q))[layer])
-                                                for q in f.rephrased]:
+        base_ids: list = []
+        base = prompt_reads(model, tok, mems, template.prompt(f.question), base_ids)[layer]
+        question_ids = set(tok(" " + f.question, add_special_tokens=False)["input_ids"])
+        rephrased = []
+        for q in f.rephrased:
+            ids: list = []
+            rephrased.append(prompt_reads(model, tok, mems, template.prompt(q), ids)[layer])
+            shared = torch.tensor([i in question_ids for i in ids])
+            shared[-1] = False  # the answer position apart
+            r = rephrased[-1]
+            passed = (r["w"] * r["written"].float() * r["gate"]).sum((-1, -2))  # per position
+            total = float(r["w"].sum())
+            other = ~shared
+            other[-1] = False
+            add("rephrased", "shared_tokens_passed", float(passed[shared].sum()) / total)
+            add("rephrased", "other_tokens_passed", float(passed[other].sum()) / total)
+            add("rephrased", "shared_token_share", float(shared.float().mean()))
+        for group, r in [("trained", base)] + [("rephrased", r) for r in rephrased]:
             a_w, a_p = shares(r, slice(-1, None))
             p_w, p_p = shares(r, slice(None))
             add(group, "answer_written", a_w)

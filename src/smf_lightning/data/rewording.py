@@ -62,8 +62,14 @@ STYLES: dict[str, str] = {
 
 
 def reword_cache_file(cache_dir: str | Path, fingerprint: str, max_new_tokens: int) -> Path:
-    key = hashlib.sha256(json.dumps([STYLES, max_new_tokens]).encode()).hexdigest()[:16]
-    return Path(cache_dir).expanduser() / f"rewordings-{fingerprint[:16]}-{key}.json"
+    """One file per generator and decoding length; inside, each rewording is stored under its
+    style's key (style_key), so adding a style or editing one prompt keeps the others' entries."""
+    return Path(cache_dir).expanduser() / f"rewordings-{fingerprint[:16]}-{max_new_tokens}.json"
+
+
+def style_key(name: str) -> str:
+    """A style's name and a hash of its prompt: an edited prompt is a new style."""
+    return f"{name}-{hashlib.sha256(STYLES[name].encode()).hexdigest()[:8]}"
 
 
 def generate_rewordings(model, tokenizer, questions: Sequence[str], n_styles: int, max_new_tokens: int,
@@ -71,7 +77,8 @@ def generate_rewordings(model, tokenizer, questions: Sequence[str], n_styles: in
     """question -> its raw rewordings, one per style of the first `n_styles` (cached)."""
     from smf_lightning.eval.scoring import generate_greedy
 
-    styles = list(STYLES)[:n_styles]
+    styles = [style_key(name) for name in list(STYLES)[:n_styles]]
+    prompts = {style_key(name): text for name, text in STYLES.items()}
     stored: dict[str, dict[str, str]] = {}
     if cache_file is not None and cache_file.is_file():
         stored = json.loads(cache_file.read_text())
@@ -81,7 +88,7 @@ def generate_rewordings(model, tokenizer, questions: Sequence[str], n_styles: in
             raise ValueError(f"{len(todo)} rewordings are not cached ({cache_file}); the generator model is needed.")
         log.info("Rewording %d questions x %d styles with the generator model (%d to generate)",
                  len(set(questions)), len(styles), len(todo))
-        outputs = generate_greedy(model, tokenizer, [STYLES[s].replace("{question}", q) for q, s in todo],
+        outputs = generate_greedy(model, tokenizer, [prompts[s].replace("{question}", q) for q, s in todo],
                                   max_new_tokens, batch_size)
         for (q, s), text in zip(todo, outputs):
             stored.setdefault(q, {})[s] = text.strip()
