@@ -825,12 +825,13 @@ class FactStreamDataModule(L.LightningDataModule):
 
     def rewording_group_batches(self, n_questions: int, questions_per_batch: int = 8) -> list[dict]:
         """The first ``n_questions`` QA facts of the background, each with its model-written rewordings
-        (data/rewording.py, every prompt style, the same filters as a stream fact's), under the first
+        (data/rewording.py, data.rewordings styles or 3, the same filters as a stream fact's), under the first
         training template, collated with ``groups`` (the question's index per row): the corpus of
         ``model.memory.within_groups=rewordings``. Questions left with no rewording are skipped."""
         self._require_stream()
         facts = self._background_facts[:n_questions]
-        raw = generate_rewordings(self.probe_model, self.tokenizer, [f.question for f in facts], len(REWORDING_STYLES),
+        styles = self.rewordings or 3  # as many as the stream's facts are trained with (3 when they are not reworded)
+        raw = generate_rewordings(self.probe_model, self.tokenizer, [f.question for f in facts], styles,
                                   self.rewording_max_new_tokens, self.generation_batch_size, self._rewording_cache())
         counts: Counter = Counter()
         groups = []

@@ -58,6 +58,24 @@ STYLES: dict[str, str] = {
         "Question: What is the largest ocean on Earth?\n"
         "Rewritten: Name the ocean that is the largest on Earth.\n\n"
         "Question: {question}\nRewritten:"),
+    "detail_first": _HEADER + (
+        "Question: Who became President of the United States in 1961?\n"
+        "Rewritten: In 1961, who became the President of the United States?\n\n"
+        "Question: Which composer wrote the violin concertos called The Four Seasons?\n"
+        "Rewritten: The Four Seasons, a set of violin concertos, was written by which composer?\n\n"
+        "Question: {question}\nRewritten:"),
+    "can_you_tell": _HEADER + (
+        "Question: What is the tallest mountain in Africa?\n"
+        "Rewritten: Can you tell me which mountain is the highest in Africa?\n\n"
+        "Question: Who discovered penicillin?\n"
+        "Rewritten: Do you know who made the discovery of penicillin?\n\n"
+        "Question: {question}\nRewritten:"),
+    "passive": _HEADER + (
+        "Question: Which country hosted the 2016 Summer Olympics?\n"
+        "Rewritten: By which country were the 2016 Summer Olympics hosted?\n\n"
+        "Question: Who directed the film Jaws?\n"
+        "Rewritten: The film Jaws was directed by whom?\n\n"
+        "Question: {question}\nRewritten:"),
 }
 
 
