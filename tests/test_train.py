@@ -322,3 +322,41 @@ def test_loss_on_kept_logits_equals_full_logits_loss(tiny_tok):
         torch.testing.assert_close(loss, grads[0][0], rtol=1e-5, atol=1e-6)
         for a, b in zip(g, grads[0][1], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_summary_counts_the_memory_capacity_the_stream_used(tiny_run):
+    """SMF's capacity accounting: per task and memory layer the slots written, owned and still free.
+    With exclude_owned a task writes only slots no earlier task owns and never a hub slot, so the
+    counts add up exactly."""
+    s = json.loads((tiny_run / "summary.json").read_text())
+    cap = s["capacity"]
+    assert cap["exclude_owned"] is True and set(cap["layers"]) == {"1", "2"}
+    for layer, now in cap["layers"].items():
+        tasks = [e for e in cap["per_task"] if str(e["layer"]) == layer]
+        assert [e["task"] for e in tasks] == [0, 1]
+        assert tasks[0]["owned"] == tasks[0]["written"] and tasks[1]["owned"] == tasks[0]["owned"] + tasks[1]["written"]
+        for e in tasks:
+            assert e["free"] == e["n_slots"] - e["hubs"] - e["owned"] and 0 < e["per_fact"] <= s["top_t"]
+        assert now["owned"] == tasks[-1]["owned"] and now["hubs"] == 26  # ceil(0.1 x 256)
+    rows = list(csv.DictReader((tiny_run / "slot_stats.csv").open()))
+    last = {r["layer"]: r for r in rows}  # the last step of each layer
+    assert {k: int(r["owned_slots"]) for k, r in last.items()} == {k: v["owned"] for k, v in cap["layers"].items()}
+    assert "capacity after task 1 (memory layer 1)" in (tiny_run / "cli_output.txt").read_text()
+
+
+def test_a_stream_that_cannot_fit_the_memory_is_refused_before_loading(tmp_path):
+    # tiny: 256 slots per layer, 26 of them hubs, top-16 per fact, slots never reused: 14 facts fit
+    res = cli([*TINY, "data.n_tasks=8", "data.facts_per_task=2", f"hydra.run.dir={tmp_path}"])
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out[-2000:]
+    assert ("8 tasks x 2 facts x method.top_t=16 slots = 256 slots per memory layer, but only 230 can be selected "
+            "(model.memory.n_slots=256 minus 26 hub slots") in out
+    assert "At this budget 14 facts fit" in out and "loading model" not in out and "Traceback" not in out
+    from hydra import compose, initialize_config_dir
+
+    from smf_lightning.config import validate_config
+    from smf_lightning.train import conf_dir
+
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        for fits in (["data.facts_per_task=1", "data.n_tasks=14"], ["method.exclude_owned=false"], ["method.top_t=14"]):
+            validate_config(compose("train", overrides=["experiment=tiny", "data.n_tasks=8", "data.facts_per_task=2", *fits]))

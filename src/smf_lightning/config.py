@@ -89,6 +89,7 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError(f"bad config: model.{e} Fix it on the command line, e.g. `model.memory.KEY=...`.") from None
         if m.name == "smf" and m.selector != "all":
             _need(int(m.top_t) <= int(mem.n_slots), "method.top_t", m.top_t, f"<= model.memory.n_slots={mem.n_slots}")
+            _check_capacity(m, mem, cfg.data)
 
     _validate_data(cfg.data)
     _validate_trainer(cfg.trainer)
@@ -121,6 +122,32 @@ def validate_config(cfg: DictConfig) -> None:
     w = (cfg.get("logger") or {}).get("wandb") or {}  # logger.wandb=null, or a logger group without wandb
     _need(w.get("mode", "offline") in ("offline", "online", "disabled"), "logger.wandb.mode", w.get("mode"),
           "offline | online | disabled")
+
+
+def _check_capacity(m: DictConfig, mem: DictConfig, d: DictConfig) -> None:
+    """A stream that cannot fit the memory is refused before anything loads. With
+    method.exclude_owned a slot selected for one task is never selected again, and with
+    method.select_per=fact every fact takes up to top_t slots of each memory layer; hub slots are
+    never selected. So the stream needs up to n_tasks x facts_per_task x top_t slots per layer out
+    of n_slots - ceil(exclude_hubs x n_slots). (The methods' `capacity` in summary.json counts
+    what a run really used: facts of one task may share slots, so this is an upper bound.)"""
+    if not (m.get("exclude_owned") and m.get("select_per", "step") == "fact"):
+        return
+    if "n_tasks" not in d or "facts_per_task" not in d:
+        return
+    n_slots, top_t = int(mem.n_slots), int(m.top_t)
+    hubs = math.ceil(float(m.get("exclude_hubs", 0.0) or 0.0) * n_slots)
+    facts = int(d.n_tasks) * int(d.facts_per_task)
+    needed, free = facts * top_t, n_slots - hubs
+    if needed > free:
+        fit = free // top_t
+        raise ConfigError(
+            f"bad config: the stream cannot fit the memory: {d.n_tasks} tasks x {d.facts_per_task} facts x "
+            f"method.top_t={top_t} slots = {needed:,} slots per memory layer, but only {free:,} can be selected "
+            f"(model.memory.n_slots={n_slots:,} minus {hubs:,} hub slots, method.exclude_hubs={m.get('exclude_hubs')}), "
+            f"and method.exclude_owned=true never selects a slot twice. At this budget {fit:,} facts fit; lower "
+            f"method.top_t (to {free // facts:,} for this stream), raise model.memory.n_slots, shorten the stream, or let "
+            f"later facts reuse slots with method.exclude_owned=false.")
 
 
 def decoder_layer_count(model_cfg: DictConfig) -> int | None:

@@ -524,6 +524,7 @@ class ContinualEvaluation(L.Callback):
             "peak_gpu_mb": peak_gpu_mb(module.device),  # null on CPU
             "trainable_params": module.trainable_param_count(),
             "updated_params_per_step": sum(history) / len(history) if history else 0,
+            **module.summary_extras(),  # the method's own figures (SMF: capacity of the memory)
             "accuracy_matrix": self.R,
             "accuracy_matrix_heldout_template": self.R_heldout,
             "accuracy_matrix_rephrased": rephrased.get("accuracy_matrix_rephrased"),

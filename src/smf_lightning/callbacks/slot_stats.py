@@ -32,12 +32,14 @@ class SlotStatsLogger(L.Callback):
             return
         self._seen_steps = step
         metrics = {}
+        capacity = module.capacity()
         for layer, sel in module.last_selection.items():
             mem = module.memories[layer]
             s = slot_step_stats(
                 module.last_counts[layer], sel, bg=module.background.get(layer), history=self.history, layer=layer
             )
             self.history.record(layer, sel, mem.n_slots)
+            s.update(owned_slots=capacity[layer]["owned"], free_slots=capacity[layer]["free"])
             self.rows.append({"step": step, "task": trainer.current_epoch, "layer": layer, **s})
             metrics.update({f"slots/L{layer}/{k}": v for k, v in s.items()})
         module.log_dict(metrics, on_step=True, on_epoch=False)

@@ -101,6 +101,10 @@ class ContinualLM(L.LightningModule):
     def after_backward(self, batch: dict) -> None:
         pass
 
+    def summary_extras(self) -> dict:
+        """What this method adds to summary.json (SMF: the memory's capacity); none by default."""
+        return {}
+
     def take_optimizer_step(self, opt) -> int:
         """Clip, step; return how many parameters this step may have changed."""
         clip = self.mcfg.get("grad_clip")

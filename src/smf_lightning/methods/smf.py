@@ -34,6 +34,8 @@ random selector's generator is seeded with the run's seed, the same on every ran
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..memory import freeze_all_but_values, memory_layers
@@ -59,6 +61,7 @@ SUPPORTED_PRECISION = {
 }
 OPTIMIZER_STATE = ("fresh", "carry")
 COUNT_BY = ("reads", "weight")
+log = logging.getLogger(__name__)
 
 
 class SparseMemoryFinetune(ContinualLM):
@@ -97,6 +100,7 @@ class SparseMemoryFinetune(ContinualLM):
         self.owned = {i: torch.zeros(m.n_slots, dtype=torch.bool) for i, m in self.memories.items()}
         self._task_selected = {i: torch.zeros(m.n_slots, dtype=torch.bool) for i, m in self.memories.items()}
         self.fact_slots: dict[str, dict[int, torch.Tensor]] = {}
+        self.capacity_history: list[dict] = []  # one entry per finished task and memory layer (capacity())
         # random selector only; the same seed on every rank, so DDP ranks draw the same slots
         self._generator = torch.Generator().manual_seed(seed)
         self._counts: dict[int, torch.Tensor] = {}
@@ -178,8 +182,44 @@ class SparseMemoryFinetune(ContinualLM):
             self.fact_slots = self.select_fact_slots(dm.training_examples(dm.current_task), dm.collate)
 
     def on_train_epoch_end(self) -> None:
+        entries = self._task_capacity(self.trainer.current_epoch)
+        self.capacity_history += entries
+        for e in entries:
+            log.info("capacity after task %d (memory layer %s): %d slots written (%s per fact), %d of %d owned, %d free "
+                     "(%d hub slots never selected)", e["task"], e["layer"], e["written"],
+                     "-" if e["per_fact"] is None else f"{e['per_fact']:.0f}", e["owned"], e["n_slots"], e["free"], e["hubs"])
         for i, sel in self._task_selected.items():
             self.owned[i] |= sel
+
+    # ---- capacity: how much of the table the stream has used --------------------------
+    def capacity(self) -> dict[int, dict[str, int]]:
+        """Per memory layer: its slots, the hub slots never selected, the slots owned (selected by
+        a finished task or the one in progress) and the slots a next task may still select (with
+        exclude_owned, neither hubs nor owned)."""
+        out = {}
+        for i, mem in self.memories.items():
+            owned = self.owned[i] | self._task_selected[i]
+            blocked = self.hub_mask[i] | owned if self.exclude_owned else self.hub_mask[i]
+            out[i] = {"n_slots": mem.n_slots, "hubs": int(self.hub_mask[i].sum()), "owned": int(owned.sum()),
+                      "free": int(mem.n_slots - blocked.sum())}
+        return out
+
+    def _task_capacity(self, task: int) -> list[dict]:
+        """capacity() at the end of ``task``, with the slots it wrote and its facts' mean budget."""
+        out = []
+        for i, c in self.capacity().items():
+            per_fact = [int(s[i].numel()) for s in self.fact_slots.values() if i in s]
+            out.append({"task": task, "layer": i, "written": int(self._task_selected[i].sum()),
+                        "per_fact": sum(per_fact) / len(per_fact) if per_fact else None, **c})
+        return out
+
+    def summary_extras(self) -> dict:
+        history = list(self.capacity_history)
+        task = self.trainer.current_epoch if self._trainer is not None else None
+        if task is not None and not any(e["task"] == task for e in history):  # the last task, not yet folded in
+            history += self._task_capacity(task)
+        return {"capacity": {"layers": {str(i): c for i, c in self.capacity().items()}, "per_task": history,
+                             "exclude_owned": self.exclude_owned}}
 
     @torch.no_grad()
     def select_fact_slots(self, examples, collate, batch_size: int = 16) -> dict[str, dict[int, torch.Tensor]]:
@@ -294,12 +334,14 @@ class SparseMemoryFinetune(ContinualLM):
         # folds the task's slots into `owned`: store both, the union is what the next task excludes.
         checkpoint["owned_slots"] = {i: torch.nonzero(self.owned[i] | self._task_selected[i]).squeeze(1)
                                      for i in self.owned}
+        checkpoint["capacity_history"] = self.summary_extras()["capacity"]["per_task"]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         for i, ids in checkpoint.get("owned_slots", {}).items():
             self.owned[int(i)].zero_()
             self.owned[int(i)][ids] = True
+        self.capacity_history = list(checkpoint.get("capacity_history", []))
         for i, (rows, keys, mass) in checkpoint.get("write_keys", {}).items():
             mem = self.memories[int(i)]
             mem.clear_writes()
