@@ -136,8 +136,10 @@ def _check_capacity(m: DictConfig, mem: DictConfig, d: DictConfig) -> None:
         return
     if "n_tasks" not in d or "facts_per_task" not in d:
         return
+    from .selection.selectors import hub_count
+
     n_slots, top_t = int(mem.n_slots), int(m.top_t)
-    hubs = math.ceil(float(m.get("exclude_hubs", 0.0) or 0.0) * n_slots)
+    hubs = hub_count(float(m.get("exclude_hubs", 0.0) or 0.0), n_slots)
     facts = int(d.n_tasks) * int(d.facts_per_task)
     needed, free = facts * top_t, n_slots - hubs
     if needed > free:

@@ -39,9 +39,8 @@ from ..config import SUITES_AT
 import numpy as np
 
 from ..eval import intervals as ci
-from ..eval.metrics import exact_match
+from ..eval.metrics import continual_learning_metrics, degradation_pct, exact_match, relative_change
 from ..eval.suites import REPHRASED
-from ..eval.metrics import continual_learning_metrics, degradation_pct, relative_change
 from ..loggers import wandb_run
 from .plots import plot_accuracy_matrix, plot_forgetting_curves
 

@@ -267,8 +267,6 @@ class FactStreamDataModule(L.LightningDataModule):
             background={name: n for name, n in self.background_sizes.items()},
             task_fact_ids=[[f.id for f in task] for task in self.tasks],  # which facts, in stream order
         )
-        if self._reworded:
-            self.info["rewordings"] = self.info_rewordings
 
     def _eligible(self, item: QAItem) -> bool:
         """Short answers, and every template's sequence fits max_seq_len tokens."""
@@ -556,18 +554,25 @@ class FactStreamDataModule(L.LightningDataModule):
         order = suite_subset_order(name, n_total, self.seed)
         return list(reversed(order[n_total - n_background:]))
 
-    def _reword_stream(self) -> None:
-        """Generate (cached) and filter the training rewordings of every stream fact's question
-        (data/rewording.py); counts go to info["rewordings"]."""
-        facts = [f for task in self.tasks for f in task]
-        cache = self._rewording_cache()
-        raw = generate_rewordings(self.probe_model, self.tokenizer, [f.question for f in facts], self.rewordings,
-                                  self.rewording_max_new_tokens, self.generation_batch_size, cache)
+    def _kept_rewordings(self, facts: Sequence[Fact], n_styles: int) -> tuple[dict[str, tuple[str, ...]], Counter]:
+        """(fact id -> its usable rewordings, counts by reason): each question rewritten in the first
+        ``n_styles`` prompt styles by the generator (cached), then filtered (data/rewording.py)."""
+        raw = generate_rewordings(self.probe_model, self.tokenizer, [f.question for f in facts], n_styles,
+                                  self.rewording_max_new_tokens, self.generation_batch_size, self._rewording_cache())
         counts: Counter = Counter()
-        fits = lambda q, f: self._unfit_reason(Fact(f.id, q, f.answer, f.aliases)) is None  # noqa: E731
+        kept = {}
         for f in facts:
-            self._reworded[f.id] = keep_rewordings(f, raw[f.question], lambda q, f=f: fits(q, f), counts)
-        self.info_rewordings = {"per_question": self.rewordings, "cache_file": str(cache), **dict(sorted(counts.items()))}
+            fits = lambda q, f=f: self._unfit_reason(Fact(f.id, q, f.answer, f.aliases)) is None  # noqa: E731
+            kept[f.id] = keep_rewordings(f, raw[f.question], fits, counts)
+        return kept, counts
+
+    def _reword_stream(self) -> None:
+        """The training rewordings of every stream fact's question (data/rewording.py); counts go to
+        info["rewordings"]."""
+        facts = [f for task in self.tasks for f in task]
+        self._reworded, counts = self._kept_rewordings(facts, self.rewordings)
+        self.info["rewordings"] = {"per_question": self.rewordings, "cache_file": str(self._rewording_cache()),
+                                   **dict(sorted(counts.items()))}
         log.info("Rewordings: %d kept of %d generated (%s)", counts["kept"], counts["generated"],
                  {k: v for k, v in counts.items() if k.startswith("dropped")})
         example = next((f for f in facts if self._reworded[f.id]), None)
@@ -830,16 +835,9 @@ class FactStreamDataModule(L.LightningDataModule):
         ``model.memory.within_groups=rewordings``. Questions left with no rewording are skipped."""
         self._require_stream()
         facts = self._background_facts[:n_questions]
-        styles = self.rewordings or 3  # as many as the stream's facts are trained with (3 when they are not reworded)
-        raw = generate_rewordings(self.probe_model, self.tokenizer, [f.question for f in facts], styles,
-                                  self.rewording_max_new_tokens, self.generation_batch_size, self._rewording_cache())
-        counts: Counter = Counter()
-        groups = []
-        for f in facts:
-            kept = keep_rewordings(f, raw[f.question], lambda q, f=f: self._unfit_reason(
-                Fact(f.id, q, f.answer, f.aliases)) is None, counts)
-            if kept:
-                groups.append([Fact(f.id, q, f.answer, f.aliases) for q in (f.question, *kept)])
+        # as many styles as the stream's facts are trained with (3 when they are not reworded)
+        kept, counts = self._kept_rewordings(facts, self.rewordings or 3)
+        groups = [[Fact(f.id, q, f.answer, f.aliases) for q in (f.question, *kept[f.id])] for f in facts if kept[f.id]]
         if len(groups) < 2:
             raise ValueError(f"model.memory.within_groups=rewordings: only {len(groups)} of {len(facts)} background "
                              "questions kept a rewording; raise data.background.triviaqa or within_questions.")

@@ -126,10 +126,14 @@ _NOT_DETAILS = frozenset(
     "is was are were did does do this that these those known also according".split())
 
 
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.replace("’", "'"))
+
+
 def question_details(question: str) -> set[str]:
     """The words that pin the answer down: tokens with a digit and capitalised words (lower-cased)."""
-    tokens = re.findall(r"[\w]+", question.replace("’", "'"))
-    return {t.lower() for t in tokens if any(c.isdigit() for c in t) or (t[0].isupper() and t.lower() not in _NOT_DETAILS)}
+    return {t.lower() for t in _words(question)
+            if any(c.isdigit() for c in t) or (t[0].isupper() and t.lower() not in _NOT_DETAILS)}
 
 
 def keep_rewordings(fact: Fact, raw: Sequence[str], fits, counts: Counter) -> tuple[str, ...]:
@@ -147,7 +151,7 @@ def keep_rewordings(fact: Fact, raw: Sequence[str], fits, counts: Counter) -> tu
                   "same_as_trained" if norm in seen else
                   "is_evaluation_rephrasing" if norm in held_out else
                   "contains_answer" if contains_answer(text, fact.aliases) else
-                  "lost_detail" if not details <= {t.lower() for t in re.findall(r"[\w]+", text.replace("’", "'"))} else
+                  "lost_detail" if not details <= {t.lower() for t in _words(text)} else
                   "too_long" if not fits(text) else None)
         if reason:
             counts[f"dropped_{reason}"] += 1

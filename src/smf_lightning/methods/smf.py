@@ -213,13 +213,17 @@ class SparseMemoryFinetune(ContinualLM):
                         "per_fact": sum(per_fact) / len(per_fact) if per_fact else None, **c})
         return out
 
-    def summary_extras(self) -> dict:
-        history = list(self.capacity_history)
+    def _capacity_history(self) -> list[dict]:
+        """capacity_history with the task in progress: the evaluation and the task checkpoint run
+        before this module's on_train_epoch_end records it."""
         task = self.trainer.current_epoch if self._trainer is not None else None
-        if task is not None and not any(e["task"] == task for e in history):  # the last task, not yet folded in
-            history += self._task_capacity(task)
-        return {"capacity": {"layers": {str(i): c for i, c in self.capacity().items()}, "per_task": history,
-                             "exclude_owned": self.exclude_owned}}
+        if task is None or any(e["task"] == task for e in self.capacity_history):
+            return list(self.capacity_history)
+        return self.capacity_history + self._task_capacity(task)
+
+    def summary_extras(self) -> dict:
+        return {"capacity": {"layers": {str(i): c for i, c in self.capacity().items()},
+                             "per_task": self._capacity_history(), "exclude_owned": self.exclude_owned}}
 
     @torch.no_grad()
     def select_fact_slots(self, examples, collate, batch_size: int = 16) -> dict[str, dict[int, torch.Tensor]]:
@@ -334,7 +338,7 @@ class SparseMemoryFinetune(ContinualLM):
         # folds the task's slots into `owned`: store both, the union is what the next task excludes.
         checkpoint["owned_slots"] = {i: torch.nonzero(self.owned[i] | self._task_selected[i]).squeeze(1)
                                      for i in self.owned}
-        checkpoint["capacity_history"] = self.summary_extras()["capacity"]["per_task"]
+        checkpoint["capacity_history"] = self._capacity_history()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)

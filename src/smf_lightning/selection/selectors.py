@@ -187,15 +187,20 @@ def select_slots(
     return candidates[order].sort().values
 
 
+def hub_count(fraction: float, n_slots: int) -> int:
+    """How many slots ``exclude_hubs=fraction`` excludes: ceil(fraction * N)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"hub fraction {fraction!r} must be in [0, 1): the share of slots excluded as hubs.")
+    return math.ceil(fraction * n_slots)
+
+
 def hub_slots(bg: BackgroundStats, fraction: float) -> torch.Tensor:
     """BoolTensor[N]: the ``ceil(fraction * N)`` slots the background corpus reads most (ties to
     the lower id). DOTS excludes them from selection: a hub slot is read by general text, so
     writing a fact into it changes the model everywhere (their ablation: known facts kept 87%
     without, 98-99% with hub protection)."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"hub fraction {fraction!r} must be in [0, 1): the share of slots excluded as hubs.")
     n = bg.bg_count.numel()
-    k = math.ceil(fraction * n)
+    k = hub_count(fraction, n)
     mask = torch.zeros(n, dtype=torch.bool)
     if k:
         order = torch.sort(bg.bg_count.cpu(), descending=True, stable=True).indices[:k]
