@@ -1,6 +1,6 @@
 """Benchmark: one evaluation point of an SMF run with and without the kept frozen-prefix states
-(issue 14, item 3a: "an evaluation point of the four suites at 200 items (GSM8K 100) plus recall
-of 200 facts in <= 0.5 x today's time").
+(the target: "an evaluation point of the four suites at 200 items (GSM8K 100) plus recall
+of 200 facts in <= 0.5 x today's time"; docs/benchmarks.md, experiments/BENCHMARKS.md).
 
 The offline Qwen2.5-class model with the quickstart's memory (conf/experiment/facts_seq_quick.yaml:
 one memory layer at decoder layer 15 of 24), memory values set to random non-zero rows (a trained
@@ -12,7 +12,7 @@ template (4 training + 1 held-out), one greedy pass per task (the point after th
 or the "before" point, sees all tasks; a point after task i reuses tasks 0..i alike). Four kinds of point, one
 process, the same weights, so every point decodes the same tokens and their numbers must be equal:
 
-- today: the evaluation before issue 14's speed-ups, the baseline of its "<= 0.5 x": no kept
+- today: the evaluation before the speed-ups, the baseline of the target's "<= 0.5 x": no kept
   states, and greedy decoding as it was (every row decoded until all rows are done, the prompt's
   logits through a strided slice; eval/scoring._greedy_decode(legacy=True));
 - uncached: without the kept states, greedy decoding as now (finished rows leave the batch down
@@ -25,7 +25,7 @@ process, the same weights, so every point decodes the same tokens and their numb
   fill's from some step on run in full from there (their share is printed), and the numbers
   must still equal the uncached point's.
 
-Columns: cached/today is the issue's ratio; uncached/today is what the decoding changes alone
+Columns: cached/today is the target's ratio; uncached/today is what the decoding changes alone
 give; cached/uncached what the kept states alone give. Scores come from the same code in every
 mode (equal to the last bit); the decoding changes could only move a greedy text where two
 logits tie within float rounding ("same as today" says whether any did).
@@ -38,7 +38,7 @@ a shared machine then hit them alike) and each figure is the median.
     python experiments/bench_eval.py --n 32 --facts 32     # a quick run (GSM8K n/2)
     nice -n 5 python experiments/bench_eval.py --n 32 --facts 40 --out bench_eval_n32   # what fits in ~30 min on 2 shared cores
     nice -n 15 python experiments/bench_eval.py --n 8 --facts 16 --tasks 1 --threads 1 --clock cpu --out bench_eval_n8_f16_cpu  # beside other jobs
-    python experiments/bench_eval.py --lean --clock cpu --out bench_eval_n200_lean   # the issue's size: today, fill, cached
+    python experiments/bench_eval.py --lean --clock cpu --out bench_eval_n200_lean   # the target's size: today, fill, cached
 Writes experiments/results/bench_eval.{json,csv}.
 """
 
@@ -101,7 +101,7 @@ def build(args):
 def evaluate_point(cfg, model, tok, suites, recall, states, today: bool = False, clock=time.perf_counter
                    ) -> tuple[dict, dict]:
     """(seconds per part, results per part) of one evaluation point; `today`: with the greedy
-    decoding loop from before issue 14 (the baseline)."""
+    decoding loop from before the speed-ups (the baseline)."""
     import contextlib
     import functools
     from unittest import mock
@@ -142,7 +142,7 @@ def main() -> None:
                          "worker threads spinning would count")
     ap.add_argument("--rounds", type=int, default=1, help="cached/uncached/today rounds after the fill (medians)")
     ap.add_argument("--lean", action="store_true",
-                    help="three points only: today, fill, cached (the issue's ratio at full size in about half the "
+                    help="three points only: today, fill, cached (the headline ratio at full size in about half the "
                          "time; the fill, which computes every layer while it keeps the states, is the reference)")
     ap.add_argument("--redrawn", action="store_true",
                     help="also a point after the memory values are drawn anew, cached and uncached")

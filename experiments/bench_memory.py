@@ -1,4 +1,4 @@
-"""Benchmark: cost of the memory layers on the real offline Qwen2.5-class model (issue 2).
+"""Benchmark: cost of the memory layers on the real offline Qwen2.5-class model.
 
 Forward and forward+backward time of the retrofitted model (memory at layers 6, 12, 18;
 N = 16,384; 4 heads; knn 16) versus the base model on the same batch, interleaved in one

@@ -1,4 +1,4 @@
-"""Benchmark: one optimizer step of SMF vs full finetuning vs LoRA on the same batch (issue 6).
+"""Benchmark: one optimizer step of SMF vs full finetuning vs LoRA on the same batch.
 
 Each method runs in its own subprocess (so peak RSS is its own), on the offline
 Qwen2.5-class model, same batch of fact-injection-like sequences, with the settings of
@@ -7,7 +7,7 @@ background pass is needed — selection cost is the same for every scored select
 
     python experiments/bench_methods.py            # writes experiments/results/bench_methods.{json,csv}
 
-Targets (issue 6): SMF step <= 0.6 x full finetuning's, SMF peak memory <= 0.5 x.
+Targets (experiments/REPORT.md, "Performance"): SMF step <= 0.6 x full finetuning's, SMF peak memory <= 0.5 x.
 """
 
 from __future__ import annotations

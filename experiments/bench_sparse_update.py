@@ -1,12 +1,12 @@
 """Benchmark: sparse-slot optimizer step time vs the number of slots N and vs dense AdamW.
 
-design.md §5 requires the cost of a step to be proportional to t·v_dim (t selected rows),
+docs/design.md §5 requires the cost of a step to be proportional to t·v_dim (t selected rows),
 not to N·v_dim. This script times one optimizer step (median over repeats, after warmup)
 for N = 16,384 and N = 1,048,576 slots at the same budget t, on a gradient shaped like a
 real memory layer's: row-sparse COO from a batch of `tokens` tokens × `heads` heads × `knn`
 slots (uncoalesced, duplicates included, as nn.EmbeddingBag(sparse=True) produces), and
 compares with torch.optim.AdamW over the full [N, v_dim] table fed the dense gradient
-masked to the selected rows (the "not sparse" baseline of design.md §5).
+masked to the selected rows (the "not sparse" baseline of docs/design.md §5).
 
 Run (one run, this CPU):
 

@@ -1,5 +1,5 @@
 """Benchmark: one evaluation of each held-out suite at full size on the offline Qwen2.5-class
-model (issue 4: "a 200-item suite fits in a few minutes on this CPU").
+model (the target: a 200-item suite fits in a few minutes on this CPU).
 
 Same suite classes, subsets and batch sizes as a run (conf/data/facts_triviaqa.yaml):
 NQ-open 200 (greedy answers + answer NLL), HellaSwag 200 (4 endings, shared context),

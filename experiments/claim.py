@@ -1,4 +1,4 @@
-"""The claim of issue 18, tested on the per-item scores of the headline_v2 rows (experiments/REPORT.md).
+"""The claim of the second headline study, tested on the per-item scores of the headline_v2 rows (experiments/REPORT.md).
 
 Stated before the runs:
 
@@ -132,7 +132,7 @@ def injected_answers(run: Path, top: int = 3) -> dict:
 
 def measures(run: Path) -> dict[str, tuple[Aggregate, bool]]:
     """measure -> (aggregate, higher_is_better): known facts and each suite's primary metric,
-    plus NQ's answer NLL (a target of issue 13)."""
+    plus NQ's answer NLL (a target of the recipe study, experiments/RECIPE.md)."""
     held = json.loads((run / "summary.json").read_text())["heldout"]
     out = {name: (aggregate_of(h["metric"]), bool(h["higher_is_better"])) for name, h in held.items()}
     if "nq_open" in held:
@@ -158,7 +158,7 @@ def paired_worsening(measure: str, agg: Aggregate, hib: bool, runs: dict[str, Pa
     """name -> (point, per-resample) worsening of every run in ``runs`` for one measure (its
     aggregate and direction: ``measures``), each from its own before and after points, one set
     of resampled item indices for all of them (every row scored the same items; its before point
-    may come from another session's CPU, equal to the last few bits)."""
+    may come from another machine's CPU, equal to the last few bits)."""
     points, ids = {}, None
     for name, run in runs.items():
         before = read_columns(_suite_file(run, "before", measure))

@@ -1,4 +1,4 @@
-"""GPU check (issue 16): does the whole framework run on one CUDA GPU, how fast, in how much memory,
+"""GPU check (docs/benchmarks.md): does the whole framework run on one CUDA GPU, how fast, in how much memory,
 and with which recall / retention? Self-contained, sized for < 5 minutes on one modern GPU.
 
 Two runs of the real CLI (``python -m smf_lightning.train``), each on ``trainer.accelerator=gpu

@@ -1,4 +1,4 @@
-"""The headline study of issue 6 (experiments/REPORT.md) as Hydra multiruns: every row is a config
+"""The first headline study (experiments/REPORT.md, appendix) as Hydra multiruns: every row is a config
 ``conf/experiment/headline/<row>.yaml`` (experiment=facts_seq_report plus the row's overrides) and
 a study is one multirun of its rows into a fixed sweep directory, one job folder per row. This
 script prints that command and launches it; the study itself needs nothing here:
@@ -11,7 +11,7 @@ stopped from their last task checkpoint (callbacks/sweep.py: resume_sweep_job).
 
     python experiments/headline.py --list             # the multirun command, run nothing
     python experiments/headline.py                    # the rows, then experiments/headline_report.py
-    python experiments/headline.py --keys             # issue 7 (k-means keys, healed replace; heals first)
+    python experiments/headline.py --keys             # the keys rows (k-means keys, healed replace; heals first)
     python experiments/headline.py --tune             # the learning-rate search (2 tasks of the stream)
     python experiments/headline.py --only lora full_ft --lanes 2 -- trainer.max_time=00:02:00:00
 
@@ -70,7 +70,7 @@ def shell(args: list[str]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--keys", action="store_true", help="the issue-7 rows (k-means keys, healed replace)")
+    ap.add_argument("--keys", action="store_true", help="the k-means-keys and healed-replace rows")
     ap.add_argument("--tune", action="store_true", help="the learning-rate search instead of the rows")
     ap.add_argument("--only", nargs="+", help="these rows of the sweep only")
     ap.add_argument("--list", action="store_true", help="print the multirun command(s), run nothing")

@@ -47,7 +47,7 @@ def commands_block() -> str:
     conf/experiment/headline/<row>.yaml), the healing run of the healed rows first."""
     from headline import HEAL_CMD, multirun, shell
 
-    lines = ["```bash", "# rows", shell(multirun("rows", ROWS)), "# issue 7 rows (the healing run first)",
+    lines = ["```bash", "# rows", shell(multirun("rows", ROWS)), "# k-means keys and healed replace rows (the healing run first)",
              shell(HEAL_CMD), shell(multirun("keys", KEYS_ROWS)), "# learning-rate search", shell(multirun("tune", TUNE)), "```"]
     return "\n".join(lines)
 
@@ -94,7 +94,7 @@ def main() -> int:
 
 
 def keys_section(collected: dict[str, dict], runs_dir: Path) -> None:
-    """Issue 7 at one budget: additive vs additive + k-means keys vs replace + healed (KEYS_ROWS),
+    """The keys rows at one budget: additive vs additive + k-means keys vs replace + healed (KEYS_ROWS),
     next to the additive smf_kl_t128 row (already in `collected`, the headline rows)."""
     runs = [(n, runs_dir / n) for n in KEYS_ROWS if (runs_dir / n / "summary.json").exists()]
     if not runs:

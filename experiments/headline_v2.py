@@ -1,4 +1,4 @@
-"""The second headline study of issue 18 (experiments/REPORT.md): SMF with the recipe against LoRA
+"""The second headline study (experiments/REPORT.md): SMF with the recipe against LoRA
 and full finetuning on one stream, each method at several learning rates or budgets. Every row is
 ``conf/experiment/headline_v2/<row>.yaml``: experiment=smf_recipe (200 unknown TriviaQA facts in
 5 tasks x 40, recorded by fact id in each run's summary.json; the known-facts suite and the four

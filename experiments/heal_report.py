@@ -29,8 +29,9 @@ import torch
 
 from smf_lightning.stages.heal import build_healing_corpus, heal_memory, make_batches, perplexity, training_batches
 from smf_lightning.memory import MemoryConfig, retrofit
-from smf_lightning.memory.key_init import init_keys_kmeans, slot_usage_stats
+from smf_lightning.memory.key_init import init_keys_kmeans
 from smf_lightning.models.loading import load_base_model
+from smf_lightning.selection.stats import slot_usage_stats
 
 
 # name -> (k-means keys first?, trainable memory parameters, lr multiplier)

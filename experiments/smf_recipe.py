@@ -1,4 +1,4 @@
-"""The SMF recipe study of issue 13 (experiments/RECIPE.md) as a Hydra multirun: one row per lever,
+"""The SMF recipe study (experiments/RECIPE.md) as a Hydra multirun: one row per lever,
 from the old defaults to the recipe. Every row is a config ``conf/experiment/recipe/<row>.yaml``
 (experiment=smf_recipe: 200 unknown TriviaQA facts in 5 tasks x 40, the known-facts suite and the
 four suites before and after the stream, plus the row's overrides; each file says what its lever

@@ -22,11 +22,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# The probe and before-evaluation caches of the studies' base model, committed: every session's
+# The probe and before-evaluation caches of the studies' base model, committed: a fresh
 # machine starts with an empty project cache, and recomputing them costs ~50 minutes of a 2-core
-# CPU per session (the probes of 600 stream candidates and ~3,000 known-fact candidates, the
+# CPU per machine (the probes of 600 stream candidates and ~3,000 known-fact candidates, the
 # before point of 200-item suites). Seeded from here (smf_lightning.assets.seed_cache, also run by
-# make train), every row of every session also trains on the same stream and pairs with the same
+# make train), every row on every machine also trains on the same stream and pairs with the same
 # before point. Files are keyed as in the project cache (model fingerprint, prompts, suites, items,
 # EVAL_FORMAT), so a changed setup computes anew.
 CACHE_SEED = ROOT / "experiments" / "study_cache"
@@ -73,7 +73,7 @@ def keep_cache(fingerprints: set[str], seed: Path = CACHE_SEED, root: Path | Non
 
 def runs_dir(study: str) -> Path:
     """Where a study's runs (with their task checkpoints) live: outside the work tree, beside the
-    project's cache, so a study can span sessions on the same machine ($SMF_STUDY_RUNS, default
+    project's cache, so a study can span several launches on the same machine ($SMF_STUDY_RUNS, default
     <SMF cache>/study_runs)."""
     base = os.environ.get("SMF_STUDY_RUNS") or Path(os.environ.get("SMF_CACHE") or Path.home() / ".cache" / "smf_lightning") / "study_runs"
     return Path(base) / study

@@ -1,4 +1,4 @@
-"""Background statistics on a tiny retrofitted Qwen2 (design.md §3): counts, padding, cache."""
+"""Background statistics on a tiny retrofitted Qwen2 (docs/design.md §3): counts, padding, cache."""
 
 
 import pytest

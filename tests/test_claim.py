@@ -1,4 +1,4 @@
-"""experiments/claim.py: the claim of issue 18 from the rows' per-item scores (matched recall,
+"""experiments/claim.py: the claim of experiments/REPORT.md from the rows' per-item scores (matched recall,
 paired worsening between rows, KL minus TF-IDF), on small run folders the test writes."""
 
 from __future__ import annotations

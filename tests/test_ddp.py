@@ -1,4 +1,4 @@
-"""Data-parallel SMF on this CPU: 2 processes, gloo, ``strategy=ddp_spawn`` (issue 16).
+"""Data-parallel SMF on this CPU: 2 processes, gloo, ``strategy=ddp_spawn`` (docs/usage.md "Scaling out").
 
 Never ``strategy=ddp`` inside pytest: Lightning's ``ddp`` launcher re-runs ``sys.argv`` (the
 pytest command) in every rank. ``ddp_spawn`` pickles the Trainer's module and callbacks into

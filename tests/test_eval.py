@@ -42,7 +42,7 @@ def test_exact_match_and_degenerate_repeats():
     assert exact_match("the Eiffel Tower.", ["Eiffel Tower"]) == 1.0
     assert exact_match("Eiffel", ["Eiffel Tower", "La Tour Eiffel"]) == 0.0
     assert exact_match("la tour eiffel", ["Eiffel Tower", "La Tour Eiffel"]) == 1.0
-    # design.md §9: a repeated answer is not an exact match, though containment counts it.
+    # docs/design.md §9: a repeated answer is not an exact match, though containment counts it.
     assert exact_match("Niger Niger Niger", ["Niger"]) == 0.0
     assert contains_answer("Niger Niger Niger", ["Niger"]) == 1.0
 

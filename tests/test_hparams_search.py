@@ -1,4 +1,4 @@
-"""Hyperparameter search with Optuna (issue 16, item 4): ``hparams_search=smf_lr | lora_lr |
+"""Hyperparameter search with Optuna (docs/usage.md "Hyperparameter search"): ``hparams_search=smf_lr | lora_lr |
 full_ft_lr`` select hydra-optuna-sweeper and a search space, and the task function returns the
 objective (eval/objective.py) that the sweeper maximises."""
 

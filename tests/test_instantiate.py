@@ -1,7 +1,7 @@
 """The trainer, logger and callbacks groups instantiate as Lightning + Hydra users expect
 (lightning-hydra-template's convention): a callback, a logger or a Trainer argument added from
 the command line takes effect without code; the project's own callbacks keep their order; a
-list that breaks the run's guarantees fails before loading, saying what to do (issue 17)."""
+list that breaks the run's guarantees fails before loading, saying what to do."""
 
 from __future__ import annotations
 

@@ -9,10 +9,10 @@ from smf_lightning.memory import MemoryConfig, memory_layers, retrofit
 from smf_lightning.memory.key_init import (
     collect_query_halves,
     init_keys_kmeans,
-    slot_usage_stats,
     spherical_kmeans,
 )
 from smf_lightning.models.tiny import tiny_qwen2
+from smf_lightning.selection.stats import slot_usage_stats  # selection measures; memory/key_init.py fits
 
 MEM = dict(n_slots=256, heads=2, knn=4, k_dim=16)  # 16 sub-keys per half and head
 

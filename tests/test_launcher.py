@@ -1,4 +1,4 @@
-"""Cluster sweeps (issue 16): ``hydra/launcher=local`` runs a sweep through the submitit code path
+"""Cluster sweeps (docs/usage.md "Scaling out"): ``hydra/launcher=local`` runs a sweep through the submitit code path
 of ``hydra/launcher=slurm`` (every point a separate job process) and writes the sweep_summary.csv
 that Hydra's basic launcher writes; a job that runs again after being stopped (what a SLURM
 requeue does: the same call in the same job directory) resumes from its last task checkpoint.

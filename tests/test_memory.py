@@ -165,7 +165,7 @@ def test_model_without_mlp_fails_clearly():
         retrofit(net, MemoryConfig(layers=[0], **SMALL))
 
 
-# ---- precision (issue 16): the addressing and the value table stay float32 ----------------
+# ---- precision (docs/design.md §2): the addressing and the value table stay float32 ----------------
 
 def test_addressing_under_bf16_autocast_is_the_fp32_addressing():
     """Sub-key scores, top-knn and softmax run with autocast off: under bf16 autocast a token reads

@@ -1,4 +1,4 @@
-"""Sparse-slot optimizers (design.md §5): exact invariants, lazy Adam, clipping, accumulation, resume."""
+"""Sparse-slot optimizers (docs/design.md §5): exact invariants, lazy Adam, clipping, accumulation, resume."""
 
 import copy
 import io
@@ -74,7 +74,7 @@ def test_unselected_rows_and_their_state_are_bit_identical(make_opt, sparse):
 
 
 def test_dense_adamw_with_masked_gradients_is_not_sparse():
-    """Why these optimizers exist (design.md §5): masked dense AdamW keeps moving old rows."""
+    """Why these optimizers exist (docs/design.md §5): masked dense AdamW keeps moving old rows."""
     p = _param()
     opt = torch.optim.AdamW([p], lr=0.1, weight_decay=0.0)
     p.grad = torch.zeros(N, V)
@@ -315,7 +315,7 @@ def test_lightning_drives_the_optimizer_via_on_before_optimizer_step(tmp_path):
     assert not torch.equal(model.bag.weight.detach()[ever], w0[ever])
 
 
-# ---- precision (issue 16) ---------------------------------------------------------------
+# ---- precision (docs/usage.md "Scaling out") ---------------------------------------------------------------
 
 @pytest.mark.parametrize("make_opt", [lambda p: SlotAdam(p, lr=1e-3), lambda p: SlotSGD(p, lr=0.5)], ids=["adam", "sgd"])
 def test_bf16_table_is_updated_in_fp32_and_rounded_once(make_opt):

@@ -1,4 +1,4 @@
-"""The read gate (memory/layer.py, issue 13): write keys, which reads pass, what SMF writes into
+"""The read gate (memory/layer.py, docs/design.md §2): write keys, which reads pass, what SMF writes into
 the keys, checkpoints and fingerprints. Tiny model, exact invariants, seconds."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Selectors and slot statistics against hand-computed small examples (design.md §4, §7)."""
+"""Selectors and slot statistics against hand-computed small examples (docs/design.md §4, §7)."""
 
 import math
 

@@ -1,7 +1,7 @@
-"""Studies as Hydra experiment configs (issue 17, item 2): every row of the headline study
+"""Studies as Hydra experiment configs: every row of the headline study
 (conf/experiment/headline/) and of the SMF recipe study (conf/experiment/recipe/) composes to the
-config the old bespoke runners (experiments/headline.py, experiments/smf_recipe.py before issue
-17) ran for that row: ``experiment=<row file>`` against the runner's base experiment plus its
+config the old bespoke runners (experiments/headline.py, experiments/smf_recipe.py before the
+studies became configs) ran for that row: ``experiment=<row file>`` against the runner's base experiment plus its
 override list, both resolved, with the run directory as the only difference allowed."""
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def test_every_study_row_passes_the_config_check(row):
     study.check_rows(["-m", f"experiment={row}", *deletions])
 
 
-# ---- issue 18: the second headline study (conf/experiment/headline_v2/) ----
+# ---- the second headline study (conf/experiment/headline_v2/) ----
 
 import headline_v2  # noqa: E402
 

@@ -1,5 +1,5 @@
 """The training front door on the tiny model: the real CLI end to end (single run and a
-2-job multirun), the output contract of design.md §8, resume after a kill, bad overrides,
+2-job multirun), the output contract of docs/design.md §8, resume after a kill, bad overrides,
 and SMF's core invariant (only selected memory rows move)."""
 
 from __future__ import annotations

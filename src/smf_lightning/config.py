@@ -13,8 +13,6 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .errors import ConfigError  # noqa: F401  (raised here; importers take it from here or errors.py)
 
-METHODS = ("smf", "full_ft", "lora")
-SMF_OPTIMIZERS = ("adam", "sgd")
 SOURCES = ("auto", "hub", "offline", "tiny")
 MEMORY_MODES = ("additive", "replace")
 SUITES_AT = ("every_task", "first_last")  # callbacks.suites_at: when the held-out suites run
@@ -26,37 +24,11 @@ def _need(cond: bool, key: str, value, allowed: str) -> None:
 
 
 def validate_config(cfg: DictConfig) -> None:
-    from .selection.selectors import SELECTORS
+    from .methods import method_class
 
-    m = cfg.method
-    _need(m.name in METHODS, "method.name", m.name, " | ".join(METHODS) + " (choose with method=NAME)")
-    _need(float(m.lr) > 0, "method.lr", m.lr, "a positive number")
-    _need(int(m.get("accumulate", 1)) >= 1, "method.accumulate", m.get("accumulate"), "an integer >= 1")
-    clip = m.get("grad_clip")
-    _need(clip is None or float(clip) > 0, "method.grad_clip", clip, "null or a positive number")
-    if m.name == "smf":
-        _need(m.selector in SELECTORS, "method.selector", m.selector, " | ".join(SELECTORS))
-        if m.selector != "all":
-            _need(m.top_t is not None and int(m.top_t) >= 1, "method.top_t", m.top_t, "an integer >= 1 (the slot budget per layer and step)")
-        _need(m.optimizer in SMF_OPTIMIZERS, "method.optimizer", m.optimizer, " | ".join(SMF_OPTIMIZERS))
-        _need(bool(m.retrofit), "method.retrofit", m.retrofit, "true for smf (SMF trains memory slots)")
-        cache = m.get("prefix_cache", 0)
-        _need(isinstance(cache, int) and not isinstance(cache, bool) and cache >= 0, "method.prefix_cache", cache,
-              "an integer >= 0 (batches whose frozen-prefix states are kept; 0 = off)")
-        from .methods.smf import COUNT_BY, OPTIMIZER_STATE, SELECT_PER
-
-        _need(m.get("count_by", "reads") in COUNT_BY, "method.count_by", m.get("count_by"), " | ".join(COUNT_BY))
-        _need(m.get("select_per", "step") in SELECT_PER, "method.select_per", m.get("select_per"), " | ".join(SELECT_PER))
-        _need(m.get("optimizer_state", "carry") in OPTIMIZER_STATE, "method.optimizer_state", m.get("optimizer_state"),
-              " | ".join(OPTIMIZER_STATE))
-        hubs = m.get("exclude_hubs", 0.0) or 0.0
-        _need(0.0 <= float(hubs) < 1.0, "method.exclude_hubs", hubs, "a share of slots in [0, 1)")
-        _need(not (float(hubs) > 0 and m.selector not in ("kl", "tfidf")), "method.exclude_hubs", hubs,
-              "0 unless method.selector is kl or tfidf (hubs are defined by the background statistics)")
-        _need(not (m.get("select_per", "step") == "fact" and m.selector == "all"), "method.select_per", "fact",
-              "step when method.selector=all (no budget to spend per fact)")
-    if m.name == "lora":
-        _need(int(m.r) >= 1, "method.r", m.r, "an integer >= 1")
+    # the method checks its own keys (its typed Config) and what it needs of the rest (check_run_config)
+    method = method_class(cfg.method)
+    method_cfg = method.Config.from_mapping(cfg.method)
 
     callbacks = cfg.get("callbacks", {})
     suites_at = callbacks.get("suites_at", "every_task")
@@ -69,7 +41,7 @@ def validate_config(cfg: DictConfig) -> None:
 
     model = cfg.model
     _need(model.source in SOURCES, "model.source", model.source, " | ".join(SOURCES))
-    if m.get("retrofit"):
+    if method.retrofits(method_cfg):
         mem = model.memory
         root = math.isqrt(int(mem.n_slots)) if int(mem.n_slots) > 0 else 0
         _need(root * root == int(mem.n_slots) and root > 0, "model.memory.n_slots", mem.n_slots, "a perfect square, e.g. 16384 (=128^2)")
@@ -87,10 +59,7 @@ def validate_config(cfg: DictConfig) -> None:
             MemoryConfig(**OmegaConf.to_container(mem, resolve=True)).validate(n_layers=decoder_layer_count(model))
         except (TypeError, ValueError) as e:
             raise ConfigError(f"bad config: model.{e} Fix it on the command line, e.g. `model.memory.KEY=...`.") from None
-        if m.name == "smf" and m.selector != "all":
-            _need(int(m.top_t) <= int(mem.n_slots), "method.top_t", m.top_t, f"<= model.memory.n_slots={mem.n_slots}")
-            if cfg.get("stage", "continual") == "continual":  # healing trains no stream
-                _check_capacity(m, mem, cfg.data)
+    method.check_run_config(cfg, method_cfg)
 
     _validate_data(cfg.data)
     _validate_trainer(cfg.trainer)
@@ -123,34 +92,6 @@ def validate_config(cfg: DictConfig) -> None:
     w = (cfg.get("logger") or {}).get("wandb") or {}  # logger.wandb=null, or a logger group without wandb
     _need(w.get("mode", "offline") in ("offline", "online", "disabled"), "logger.wandb.mode", w.get("mode"),
           "offline | online | disabled")
-
-
-def _check_capacity(m: DictConfig, mem: DictConfig, d: DictConfig) -> None:
-    """A stream that cannot fit the memory is refused before anything loads. With
-    method.exclude_owned a slot selected for one task is never selected again, and with
-    method.select_per=fact every fact takes up to top_t slots of each memory layer; hub slots are
-    never selected. So the stream needs up to n_tasks x facts_per_task x top_t slots per layer out
-    of n_slots - ceil(exclude_hubs x n_slots). (The methods' `capacity` in summary.json counts
-    what a run really used: facts of one task may share slots, so this is an upper bound.)"""
-    if not (m.get("exclude_owned") and m.get("select_per", "step") == "fact"):
-        return
-    if "n_tasks" not in d or "facts_per_task" not in d:
-        return
-    from .selection.selectors import hub_count
-
-    n_slots, top_t = int(mem.n_slots), int(m.top_t)
-    hubs = hub_count(float(m.get("exclude_hubs", 0.0) or 0.0), n_slots)
-    facts = int(d.n_tasks) * int(d.facts_per_task)
-    needed, free = facts * top_t, n_slots - hubs
-    if needed > free:
-        fit = free // top_t
-        raise ConfigError(
-            f"bad config: the stream cannot fit the memory: {d.n_tasks} tasks x {d.facts_per_task} facts x "
-            f"method.top_t={top_t} slots = {needed:,} slots per memory layer, but only {free:,} can be selected "
-            f"(model.memory.n_slots={n_slots:,} minus {hubs:,} hub slots, method.exclude_hubs={m.get('exclude_hubs')}), "
-            f"and method.exclude_owned=true never selects a slot twice. At this budget {fit:,} facts fit; lower "
-            f"method.top_t (to {free // facts:,} for this stream), raise model.memory.n_slots, shorten the stream, or let "
-            f"later facts reuse slots with method.exclude_owned=false.")
 
 
 def decoder_layer_count(model_cfg: DictConfig) -> int | None:
@@ -233,8 +174,8 @@ def _validate_data(d: DictConfig) -> None:
         _need(name in BACKGROUND_SOURCES, f"data.background.{name}", name, "sources " + " | ".join(BACKGROUND_SOURCES))
 
 
-# Strategies that run SMF data-parallel with one slot selection for all ranks (issue 16,
-# selection/distributed.py). ddp_spawn starts its processes itself; ddp re-runs the command line
+# Strategies that run SMF data-parallel with one slot selection for all ranks
+# (docs/usage.md "Scaling out", selection/distributed.py). ddp_spawn starts its processes itself; ddp re-runs the command line
 # in every rank, so it suits a single run (or processes a cluster started, e.g. SLURM tasks).
 DATA_PARALLEL = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
 
@@ -264,7 +205,7 @@ def _validate_trainer(t: DictConfig) -> None:
     if strategy == "ddp" and _in_basic_multirun():
         _need(False, "trainer.strategy", strategy,
               "ddp_spawn inside a --multirun sweep (Lightning's ddp re-runs sys.argv, i.e. the whole sweep, in "
-              "every rank), or hydra/launcher=slurm with one job per sweep point (README: scaling out)")
+              "every rank), or hydra/launcher=slurm with one job per sweep point (docs/usage.md, section Scaling out)")
 
 
 def _in_basic_multirun() -> bool:

@@ -165,8 +165,9 @@ def _wandb_kwargs(cfg: DictConfig, kwargs: dict) -> dict:
     if kwargs.get("group") is None:
         kwargs["group"] = cfg.task_name
     if kwargs.get("name") is None:
-        m = cfg.method
-        kwargs["name"] = f"{m.name}" + (f"-{m.selector}-t{m.top_t}" if m.name == "smf" else "")
+        from .methods import method_class, method_config
+
+        kwargs["name"] = method_class(cfg.method).run_label(method_config(cfg.method))
     return {k: v for k, v in kwargs.items() if k != "config"}
 
 

@@ -4,7 +4,7 @@ The command line only: Hydra composes the config (conf/), :func:`run` checks it 
 anything heavy loads and hands it to the stage it names (``stage:``), one recipe module each
 under stages/ (continual.py: the fact stream; heal.py: healing replace-mode memory). Data
 flows one way: config → model + data → Lightning loop → evaluation → files and loggers
-(design.md §8). SIGTERM / SIGINT stop a run within seconds, completed results kept (interrupt.py).
+(docs/design.md §8). SIGTERM / SIGINT stop a run within seconds, completed results kept (interrupt.py).
 
 Where each decision is made, one place each:
 - the settings: conf/ (defaults and their comments); bad values: config.py, and each stage's

@@ -4,7 +4,7 @@ callback that summarises a multirun sweep (sweep.py).
 The project's own callbacks — where their ideas live:
 - evaluation.py (``callbacks.evaluation``): fact recall and held-out suites before training
   and after every task, and every output file of a run (summary.json, accuracy matrices,
-  heldout.csv, items/, plots) — design.md §8;
+  heldout.csv, items/, plots) — docs/design.md §8;
 - slot_stats.py (``callbacks.slot_stats``): SMF's per-step slot statistics (slot_stats.csv);
 - checkpoint.py (``callbacks.checkpoint``): ``checkpoints/last.ckpt`` after every task (resume);
 - lm_eval.py (``callbacks.lm_eval``, optional): lm-evaluation-harness tasks at the first and
@@ -35,7 +35,7 @@ from .slot_stats import SlotStatsLogger
 
 # keys of conf/callbacks/ that configure the entries instead of being callbacks themselves
 SETTINGS = ("suites_at", "plots", "eval_prefix_cache", "cache_before_eval", "intervals")
-SMF_ONLY = (SlotStatsLogger,)  # they read SMF's slot selection: left out of other methods' runs
+MEMORY_ONLY = (SlotStatsLogger,)  # they read a memory method's slot selection: left out of other methods' runs
 
 
 def _is_off(entry) -> bool:
@@ -105,11 +105,14 @@ def build_callbacks(cfg: DictConfig, dm, tokenizer, run_info: dict, before_cache
     every other entry is built from its config alone."""
     from hydra.utils import get_class, instantiate
 
+    from ..methods import method_class
+
     check_callbacks_config(cfg)
+    memory_only = method_class(cfg.method).memory_only
     first, middle, last = [], [], []
     for name, entry in callback_entries(cfg).items():
         cls = get_class(entry._target_)
-        if issubclass(cls, SMF_ONLY) and cfg.method.name != "smf":
+        if issubclass(cls, MEMORY_ONLY) and not memory_only:
             continue
         if issubclass(cls, LmEvalHarness) and not entry.tasks:  # tasks: [] is off
             continue
@@ -134,7 +137,9 @@ def _eval_prefix_states(cfg: DictConfig):
     prefix_cache = cfg.callbacks.get("eval_prefix_cache", True)
     if not isinstance(prefix_cache, bool):
         raise ValueError(f"callbacks.eval_prefix_cache={prefix_cache!r}: use true or false")
-    if not (prefix_cache and cfg.method.name == "smf"):  # only SMF leaves everything below its memory frozen
+    from ..methods import method_class
+
+    if not (prefix_cache and method_class(cfg.method).memory_only):  # everything below the memory must stay frozen
         return None
     from ..eval.prefix_states import EvalPrefixStates
 

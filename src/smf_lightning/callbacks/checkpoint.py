@@ -13,7 +13,7 @@ checkpoint is durable: the deterministic kill point of the resume tests (interru
 
 Data parallel (DDP): Lightning's ``save_checkpoint`` writes the file on rank 0 only (every rank
 holds the same state) and ends with a barrier; the rename and fsync are rank 0's too (two
-ranks renaming one temp file crashed the second, issue 16), followed by a barrier so no rank
+ranks renaming one temp file crashed the second), followed by a barrier so no rank
 starts the next task before the checkpoint is durable."""
 
 from __future__ import annotations

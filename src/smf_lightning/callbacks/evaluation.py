@@ -1,6 +1,6 @@
 """Continual evaluation: before training and after every task, measure fact recall on every
 seen task (training templates and the held-out template) and every held-out capability
-suite; keep the accuracy matrices R, write the run output contract (design.md §8) after
+suite; keep the accuracy matrices R, write the run output contract (docs/design.md §8) after
 each evaluation point so a crash never loses completed results, and the final
 ``summary.json`` and plots when the last task is done.
 

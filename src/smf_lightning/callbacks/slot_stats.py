@@ -1,4 +1,4 @@
-"""Log SMF's slot statistics every optimizer step and memory layer (design.md §7):
+"""Log SMF's slot statistics every optimizer step and memory layer (docs/design.md §7):
 accessed and selected slots, KL(p_batch ‖ p_bg), overlap with earlier tasks' slots and hub
 concentration — to the loggers, to ``slot_stats.csv`` and as ``slot_stats.png``.
 
@@ -25,8 +25,8 @@ class SlotStatsLogger(L.Callback):
         self._seen_steps = -1
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if getattr(module, "method_name", None) != "smf" or module._micro != 0:
-            return  # not SMF, or in the middle of an accumulation window
+        if not getattr(module, "memory_only", False) or module._micro != 0:
+            return  # not a memory method, or in the middle of an accumulation window
         step = len(module.updated_params_history)
         if step == self._seen_steps:
             return

@@ -91,7 +91,7 @@ def summarize_sweep(sweep_dir: Path) -> list[dict]:
             "forgetting_pct": r["heldout_degradation_pct"],
             "fact_recall_ci95": interval(r, "fact_recall"),
             "forgetting_pct_ci95": interval(r, "heldout_degradation_pct"),
-            "label": f"{r['method']}" + (f" {r['selector']} t={r['top_t']}" if r["method"] == "smf" else "") + f" lr={r['lr']}",
+            "label": f"{r['method']}" + (f" {r['selector']} t={r['top_t']}" if r.get("selector") else "") + f" lr={r['lr']}",
         }
         for r in rows
         if r["fact_recall"] is not None and r["heldout_degradation_pct"] is not None

@@ -649,7 +649,7 @@ class FactStreamDataModule(L.LightningDataModule):
         """The task's batches, in training order, each repeated repeats_per_batch times in a row.
 
         schedule=sequential: consecutive chunks of train_batch_size examples in stream order
-        (one fact after another, as in design.md §9); epochs_per_task passes over them.
+        (one fact after another, as in docs/design.md §9); epochs_per_task passes over them.
         schedule=interleaved: the task's examples are shuffled once (seeded per task) into
         batches that mix facts, and each of the epochs_per_task passes visits all of those
         batches in a new seeded order, so every fact comes back once per pass (DOTS: batch 16,
@@ -773,7 +773,7 @@ class FactStreamDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ background
 
     def background_examples(self) -> list[TrainingExample]:
-        """The background corpus (design.md §3, §9): QA text in the stream's *training*
+        """The background corpus (docs/design.md §3, §9): QA text in the stream's *training*
         templates but about other questions (so template tokens look ordinary, not
         fact-specific), plus LAMBADA passages, in a seeded shuffled order. loss_mask follows
         loss_on for QA text and covers every passage token for LAMBADA; sequences are

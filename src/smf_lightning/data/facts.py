@@ -1,6 +1,6 @@
 """Fact-injection stream: facts the base model does not know, split into tasks.
 
-design.md §6: a continual-learning stream is a sequence of tasks, each a few facts the
+docs/design.md §6: a continual-learning stream is a sequence of tasks, each a few facts the
 base model gets wrong (probe it first, keep only misses). Every fact becomes several
 training sequences from paraphrase templates; at least one template is held out of
 training and only used to measure whether the learned fact generalises beyond the
@@ -135,7 +135,7 @@ def recall_scores(generated: str, suffix: str, aliases: Sequence[str]) -> tuple[
 
     Exact match (the primary recall metric) compares the extracted answer — or the whole
     first line — with each alias after SQuAD normalisation: "Niger Niger Niger" is not
-    "Niger" (design.md §9). Containment is the lenient variant and does count such repeats.
+    "Niger" (docs/design.md §9). Containment is the lenient variant and does count such repeats.
     """
     line = generated.split("\n", 1)[0]
     em = max(exact_match(extract_answer(generated, suffix), aliases), exact_match(line, aliases))

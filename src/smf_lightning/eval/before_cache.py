@@ -25,7 +25,9 @@ def starts_from_base(cfg) -> bool:
     """Whether the run's model before training computes exactly the base model's function."""
     if cfg.model.get("init_checkpoint"):
         return False
-    if cfg.method.name == "smf" or cfg.method.get("retrofit"):
+    from ..methods import method_class, method_config
+
+    if method_class(cfg.method).retrofits(method_config(cfg.method)):
         return cfg.model.memory.mode == "additive"
     return True
 

@@ -34,7 +34,7 @@ def exact_match(prediction: str, golds: Sequence[str]) -> float:
     """1.0 if the normalised prediction equals any normalised gold answer, else 0.0.
 
     Strict on purpose: a degenerate repeat such as "Niger Niger Niger" does not match
-    "Niger" (design.md §9: substring matching counted such repeats as correct).
+    "Niger" (docs/design.md §9: substring matching counted such repeats as correct).
     """
     pred = normalize_answer(prediction)
     return float(any(pred == normalize_answer(g) for g in golds))
@@ -100,7 +100,7 @@ def normalized_choice_accuracy(
 
 
 def continual_learning_metrics(after_task: Sequence[Sequence[float]]) -> dict[str, float]:
-    """ACC, BWT and forgetting from an accuracy matrix (design.md §7).
+    """ACC, BWT and forgetting from an accuracy matrix (docs/design.md §7).
 
     `after_task[i][j]` is the recall on task j measured after training on task i
     (0-based, square T x T). Only the lower triangle (j <= i) is used; entries above

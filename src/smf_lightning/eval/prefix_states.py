@@ -1,4 +1,4 @@
-"""Frozen-prefix states of the evaluation items, kept for the whole run (issue 14, item 3a).
+"""Frozen-prefix states of the evaluation items, kept for the whole run (docs/design.md §9).
 
 SMF trains memory values only, so the embedding and the decoder layers below the lowest
 memory layer L compute the same function at every evaluation point, and every point scores

@@ -3,11 +3,11 @@
 Random sub-keys (uniform, Lample et al. 2019) ignore where the queries of a pretrained
 model actually lie. Hidden states of real LMs are anisotropic — a few directions carry
 much of the variance — so for most tokens the same few sub-keys score highest and a few
-*hub* slots take a large share of all reads (design.md §9 measured ~10% of background
+*hub* slots take a large share of all reads (docs/design.md §9 measured ~10% of background
 reads on the top 1% of slots). Hubs matter for SMF: updates for unrelated facts collide
 there, and the background statistics call those slots "common" and never pick them.
 
-The remedy (issue 7; cf. the k-means key initialisation discussed by Lample et al. 2019,
+The remedy (cf. the k-means key initialisation discussed by Lample et al. 2019,
 §4.4, and the seed paper's data-driven retrofit): run the model over background text,
 collect each memory layer's query halves (after ``query_norm``, per head), and put each
 head's two sub-key tables at k-means centroids of its halves, ``sqrt(N)`` per table, so
@@ -23,13 +23,13 @@ sharpness of the layer's softmax) where the random initialisation put it.
 Layers are initialised from the lowest up: in ``replace`` mode a lower memory layer's
 output (and thus its keys) changes the hidden states a higher one sees.
 
-``slot_usage_stats`` measures the effect (touched share, hub share) with the background
-statistics code of ``smf_lightning.selection``.
+``smf_lightning.selection.stats.slot_usage_stats`` measures the effect (touched share, hub
+share) with the background statistics code; it lives in ``selection``, which imports
+``memory`` (never the reverse), and its callers (stages/heal.py) call it themselves.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -233,37 +233,3 @@ def hash_seed(*parts: int) -> int:
         for byte in int(p).to_bytes(8, "little", signed=True):
             h = ((h ^ byte) * 1099511628211) % (1 << 64)
     return h >> 1
-
-
-def slot_usage_stats(
-    model: nn.Module,
-    batches: Iterable[Mapping[str, torch.Tensor]],
-    *,
-    top_frac: float = 0.01,
-    progress: bool = False,
-) -> dict[int, dict[str, float]]:
-    """How evenly each memory layer's slots are read over ``batches`` (padding excluded).
-
-    Per layer: ``touched_share`` (share of the N slots read at least once),
-    ``hub_share_top1pct`` (share of reads taken by the top ``top_frac`` slots; 1% by
-    default — the design's hub measure), ``effective_slots_share`` (exp(entropy of the read
-    distribution) / N: 1.0 = perfectly even use), ``accesses`` and ``n_batches``.
-    """
-    from ..selection.background import compute_background_stats
-    from ..selection.stats import background_summary
-
-    stats = compute_background_stats(model, batches, loss_tokens_only=False, progress=progress)
-    out = {}
-    for layer_idx, bg in stats.items():
-        summary = background_summary(bg, top_frac)
-        counts = bg.bg_count.double()
-        p = counts[counts > 0] / counts.sum() if counts.sum() > 0 else counts[:0]
-        entropy = float(-(p * p.log()).sum()) if p.numel() else 0.0
-        out[layer_idx] = {
-            "touched_share": summary["touched_share"],
-            "hub_share_top1pct": summary["hub_share_bg"],
-            "effective_slots_share": math.exp(entropy) / bg.n_slots if p.numel() else 0.0,
-            "accesses": summary["accesses"],
-            "n_batches": summary["n_bg"],
-        }
-    return out

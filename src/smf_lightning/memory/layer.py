@@ -3,7 +3,7 @@
 Lample et al. 2019 ("Large Memory Layers with Product Keys") and Berges et al. 2024
 ("Memory Layers at Scale") define the layer; Lin et al. 2025 ("Continual Learning via
 Sparse Memory Finetuning") and the seed paper ("Improving Sparse Memory Finetuning")
-finetune only its value rows. design.md §2 is the spec this file implements:
+finetune only its value rows. docs/design.md §2 is the spec this file implements:
 
     q = norm(W_q x)                           per head, k_dim
     q1, q2 = halves of q                      k_dim / 2 each
@@ -25,7 +25,7 @@ reads — what slot statistics, background counts and selection are keyed on —
 the precision; the cost is small (sqrt(N) sub-keys per head, heads·knn rows per token). The
 value table itself is kept in float32 by the retrofit (memory/retrofit.py).
 
-Read gate (``read_gate=tau``, issue 13; the deferral radius of GRACE, Hartvigsen et al. 2023):
+Read gate (``read_gate=tau``, experiments/RECIPE.md "The read gate"; the deferral radius of GRACE, Hartvigsen et al. 2023):
 product keys pick a token's slots from two half-query projections only, so the queries of
 *different* questions that land on one slot are nearly orthogonal in the full query space
 (cosine median 0.08 at the answer positions of known TriviaQA facts vs 0.99 for the positions
@@ -252,7 +252,7 @@ class ProductKeyMemory(nn.Module):
             b = 1 / math.sqrt(lin.in_features)  # nn.Linear's default scale, but seeded
             lin.weight.copy_(torch.rand(lin.weight.shape, generator=g) * 2 * b - b)
         if self.cfg.mode == "additive":
-            # Zero values: the retrofitted model is the base model at step 0 (design.md §2).
+            # Zero values: the retrofitted model is the base model at step 0 (docs/design.md §2).
             self.values.weight.zero_()
         else:
             # sampled on the CPU generator, then copied: works whatever device the table is on

@@ -19,7 +19,7 @@ differ, so a fact's answer positions under different templates read nearly disjo
 (each template needs its own rows; a new template reads rows nobody wrote). It whitens with
 ``W + alpha C`` instead of ``C``, ``W`` the pooled covariance of background questions'
 deviations from their own mean over the training templates (the within-class covariance of
-LDA; ``alpha``: ``within_alpha``), which damps the template directions (issue 13,
+LDA; ``alpha``: ``within_alpha``), which damps the template directions (experiments/RECIPE.md,
 ``experiments/diag_addressing.py``: same-fact read overlap 0.11 -> 0.33, held-out template's
 reads on rows a training template read 0.40 -> 0.65, at alpha 0.003).
 
@@ -40,6 +40,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .fingerprint import fingerprint_model
+from .positions import loss_position_mask
 from .retrofit import memory_layers
 
 STD_FLOOR = 1e-6  # a dimension constant over the corpus is centred, not divided by ~0
@@ -101,8 +103,6 @@ def fit_input_whitening(model: nn.Module, batches: Iterable[Mapping[str, torch.T
     one question under different templates) and fit mean, std, the total and the
     within-question covariance on the group-aligned positions. Returns per layer the token
     count and the largest std / median std ratio (how strong the outliers were)."""
-    from ..selection.selectors import loss_position_mask
-
     from tqdm.auto import tqdm
 
     batches = list(batches)
@@ -180,8 +180,6 @@ def load_or_fit_input_whitening(model: nn.Module, batches_fn: Callable[[], Itera
     """:func:`fit_input_whitening`, cached under ``cache_dir`` by the model fingerprint (taken
     before fitting) and the corpus ``key``. A no-op for layers with ``input_norm="none"``."""
     from safetensors.torch import load_file, save_file
-
-    from ..selection.background import fingerprint_model
 
     mems = memory_layers(model)
     if all(m.cfg.input_norm == "none" for m in mems.values()):

@@ -12,10 +12,106 @@ the same path so gradient accumulation and clipping mean the same for all method
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
 from torch import nn
+
+from ..errors import ConfigError
+
+
+def _need(cond: bool, key: str, value, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"bad config: {key}={value!r}; allowed: {allowed}. Fix it on the command line, e.g. `{key}=...`.")
+
+
+_CONFIG_CLASSES: list[type] = []  # every MethodConfig subclass defined (their keys are no typo)
+log = logging.getLogger(__name__)
+
+
+def _coerce(value, annotation: str):
+    """A number given as text ("3e-4": YAML 1.1 reads an exponent without a dot as a string) or an
+    int where a float is declared, as the declared type; anything else unchanged (validate() judges)."""
+    if value is None or isinstance(value, bool):
+        return value
+    try:
+        if annotation.startswith("float") and isinstance(value, (int, str)):
+            return float(value)
+        if annotation.startswith("int") and isinstance(value, str):
+            return int(value)
+    except ValueError:
+        pass
+    return value
+
+
+@dataclass
+class MethodConfig:
+    """The keys every method reads from ``conf/method/<name>.yaml``, typed and checked.
+
+    A method subclasses this with its own keys (their defaults are the plain method; the YAML
+    holds the project's recipe). ``from_mapping`` refuses a key the method does not know, so a
+    typo (``method.top_k=...``) stops the run instead of being ignored."""
+
+    name: str
+    lr: float
+    _target_: str | None = None  # the method's class (conf/method/*.yaml); None: the built-in of this name
+    optimizer: str | None = None
+    selector: str | None = None  # kept by every method, so summary.json has the same columns for all
+    top_t: int | None = None
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    accumulate: int = 1
+    retrofit: bool = False  # whether the run's model gets memory layers
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _CONFIG_CLASSES.append(cls)
+
+    @classmethod
+    def keys(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_mapping(cls, mapping: Any) -> MethodConfig:
+        """The typed config of a ``cfg.method`` (a dict or DictConfig), validated."""
+        from omegaconf import DictConfig, OmegaConf
+
+        data = OmegaConf.to_container(mapping, resolve=True) if isinstance(mapping, DictConfig) else dict(mapping)
+        known = {f.name for f in dataclasses.fields(cls)}
+        # another method's keys (an experiment written for SMF run with method=lora keeps SMF's
+        # settings in cfg.method) are not this method's to read: dropped, and said so
+        foreign = sorted(k for k in set(data) - known if any(k in c.keys() for c in _CONFIG_CLASSES))
+        if foreign:
+            log.info("method %r ignores other methods' keys: %s", data.get("name"), ", ".join(foreign))
+            data = {k: v for k, v in data.items() if k not in foreign}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"bad config: method.{unknown[0]} is not a key of method {data.get('name')!r} "
+                              f"({cls.__name__}); its keys: {', '.join(sorted(known - {'_target_'}))}.")
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data]
+        if missing:
+            raise ConfigError(f"bad config: method.{missing[0]} is missing (method {data.get('name')!r} needs it).")
+        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        config = cls(**{k: _coerce(v, types[k]) for k, v in data.items()})
+        if isinstance(config.betas, list):
+            config.betas = tuple(config.betas)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        _need(isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and self.lr > 0, "method.lr",
+              self.lr, "a positive number")
+        _need(isinstance(self.accumulate, int) and self.accumulate >= 1, "method.accumulate", self.accumulate,
+              "an integer >= 1")
+        _need(self.grad_clip is None or float(self.grad_clip) > 0, "method.grad_clip", self.grad_clip,
+              "null or a positive number")
 
 
 def next_token_nll(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
@@ -42,19 +138,49 @@ def next_token_nll(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
 
 
 class ContinualLM(L.LightningModule):
-    method_name = "base"
+    """A method: which parameters train and how a step is taken. What the rest of the program
+    needs to know about a method is declared here, never inferred from its name:
 
-    def __init__(self, model: nn.Module, method_cfg: dict):
+    - ``Config``: its typed config (``MethodConfig`` subclass);
+    - ``needs_background``: it scores slots against background statistics (computed before it is built);
+    - ``memory_only``: only memory value rows train, so everything below the lowest memory layer stays
+      frozen (the evaluation may keep those layers' states between points) and the run writes slot
+      statistics;
+    - ``check_run_config(cfg)``: checks of the whole composed config that only this method needs;
+    - ``run_label(config)``: the run's short name in loggers and sweep plots.
+    """
+
+    method_name = "base"
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    needs_background: ClassVar[bool] = False
+    memory_only: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module, method_cfg: dict, background: dict | None = None, seed: int = 0):
         super().__init__()
         self.model = model
         self.mcfg = dict(method_cfg)
+        self.mcfg.setdefault("name", self.method_name)  # a config built in code may leave the class to name itself
+        self.config = self.Config.from_mapping(self.mcfg)
         self.automatic_optimization = False
         # Checkpoints hold only trainable weights (2.5 GB of frozen base per task is waste);
         # the frozen rest is rebuilt from the same config on resume, hence non-strict loading.
         self.strict_loading = False
-        self.accumulate = int(self.mcfg.get("accumulate", 1) or 1)
+        self.accumulate = self.config.accumulate
         self.updated_params_history: list[int] = []
         self._micro = 0
+
+    @classmethod
+    def check_run_config(cls, cfg, config: MethodConfig) -> None:
+        """Checks of the composed run config (model, data) this method needs; none by default."""
+
+    @classmethod
+    def run_label(cls, config: MethodConfig) -> str:
+        return config.name
+
+    @classmethod
+    def retrofits(cls, config: MethodConfig) -> bool:
+        """Whether the run's model gets memory layers before this method trains it."""
+        return bool(config.retrofit)
 
     # ---- parameters -------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -107,7 +233,7 @@ class ContinualLM(L.LightningModule):
 
     def take_optimizer_step(self, opt) -> int:
         """Clip, step; return how many parameters this step may have changed."""
-        clip = self.mcfg.get("grad_clip")
+        clip = self.config.grad_clip
         if clip:
             torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), float(clip))
         opt.step()

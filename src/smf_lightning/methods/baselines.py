@@ -3,15 +3,17 @@ full finetuning (every weight, AdamW) and LoRA (peft adapters, AdamW)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
-from .base import ContinualLM
+from .base import ContinualLM, MethodConfig, _need
 
 
 class FullFinetune(ContinualLM):
     method_name = "full_ft"
 
-    def __init__(self, model, method_cfg: dict):
+    def __init__(self, model, method_cfg: dict, background: dict | None = None, seed: int = 0):
         for p in model.parameters():
             p.requires_grad_(True)
         super().__init__(model, method_cfg)
@@ -19,26 +21,44 @@ class FullFinetune(ContinualLM):
     def configure_optimizers(self):
         return torch.optim.AdamW(
             self.trainable_parameters(),
-            lr=float(self.mcfg["lr"]),
-            betas=tuple(self.mcfg.get("betas", (0.9, 0.999))),
-            eps=float(self.mcfg.get("eps", 1e-8)),
-            weight_decay=float(self.mcfg.get("weight_decay", 0.0)),
+            lr=self.config.lr,
+            betas=tuple(self.config.betas),
+            eps=self.config.eps,
+            weight_decay=self.config.weight_decay,
         )
+
+
+@dataclass
+class LoRAConfig(MethodConfig):
+    r: int = 16  # adapter rank
+    alpha: float = 32.0  # scaling = alpha / r
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def validate(self) -> None:
+        super().validate()
+        _need(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1, "method.r", self.r,
+              "an integer >= 1")
+        _need(0.0 <= self.dropout < 1.0, "method.dropout", self.dropout, "a probability in [0, 1)")
+        _need(len(self.target_modules) >= 1, "method.target_modules", self.target_modules,
+              "a non-empty list of module names (e.g. [q_proj, v_proj])")
 
 
 class LoRAFinetune(FullFinetune):
     """Low-rank adapters via ``peft`` (Hu et al. 2021); base weights frozen by peft."""
 
     method_name = "lora"
+    Config = LoRAConfig
 
-    def __init__(self, model, method_cfg: dict):
+    def __init__(self, model, method_cfg: dict, background: dict | None = None, seed: int = 0):
         from peft import LoraConfig, get_peft_model
 
+        config = LoRAConfig.from_mapping({"name": self.method_name, **method_cfg})
         cfg = LoraConfig(
-            r=int(method_cfg["r"]),
-            lora_alpha=float(method_cfg["alpha"]),
-            lora_dropout=float(method_cfg.get("dropout", 0.0)),
-            target_modules=list(method_cfg["target_modules"]),
+            r=config.r,
+            lora_alpha=config.alpha,
+            lora_dropout=config.dropout,
+            target_modules=list(config.target_modules),
             task_type="CAUSAL_LM",
         )
         wrapped = get_peft_model(model, cfg)

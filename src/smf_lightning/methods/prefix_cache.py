@@ -4,7 +4,7 @@ SMF trains memory values only, so the decoder layers below the lowest memory lay
 the same function at every step, and a training batch is repeated over consecutive steps
 (``data.repeats_per_batch``). The hidden states entering the lowest memory layer are kept
 for the last few batches; when one of them comes again, the layers below are skipped and
-the kept states are fed in (design.md §9). With the memory at layer 12 of 24 this removes
+the kept states are fed in (docs/design.md §9). With the memory at layer 12 of 24 this removes
 half of the transformer's forward; backward never reached those layers (nothing there
 requires grad).
 

@@ -6,7 +6,7 @@ statistics with the configured selector, keep the top-t per layer, and let the s
 optimizer move exactly those value rows. Every other weight is frozen, so the model's
 non-memory parameters stay bit-identical (tested).
 
-The recipe levers of DOTS (issue 13), each a key of conf/method/smf.yaml:
+The recipe levers of DOTS (experiments/RECIPE.md), each a key of conf/method/smf.yaml:
 - ``exclude_hubs``: the share of slots the background reads most never get selected;
 - ``exclude_owned``: slots selected while training an earlier task are not selected again,
   so a later fact cannot overwrite an earlier one's rows;
@@ -22,10 +22,10 @@ The recipe levers of DOTS (issue 13), each a key of conf/method/smf.yaml:
   rows by unrelated questions (other queries) do not count;
 - ``count_by``: ``reads`` counts every read of a slot as 1 (Lin et al.); ``weight`` counts its
   softmax weight (read mass), so the budget goes to the slots that carry a position's output
-  rather than to the 32nd-best match it barely reads (issue 13: with a sharp softmax a fact's
+  rather than to the 32nd-best match it barely reads (experiments/RECIPE.md: with a sharp softmax a fact's
   few best slots carry most of each answer position's output).
 
-Data parallel (DDP, issue 16): every rank selects the same rows and applies the same update.
+Data parallel (DDP; docs/usage.md "Scaling out"): every rank selects the same rows and applies the same update.
 The step's slot counts are summed over ranks before selection, rank 0's selection is
 broadcast, DDP's all-reduce of the (sparse) value gradient is blocked and the optimizer
 averages only the selected rows' gradients over ranks (selection/distributed.py). The
@@ -35,17 +35,20 @@ random selector's generator is seeded with the run's seed, the same on every ran
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
 from ..memory import freeze_all_but_values, memory_layers
 from ..optim import SlotAdam, SlotSGD
 from ..selection import distributed
-from ..selection.selectors import hub_slots, loss_position_mask, select_slots, slot_counts
-from .base import ContinualLM
+from ..selection.selectors import hub_count, hub_slots, loss_position_mask, select_slots, selector_class, slot_counts
+from .base import ContinualLM, MethodConfig, _need
 from .prefix_cache import FrozenPrefixCache
 
 SELECT_PER = ("step", "fact")
+OPTIMIZERS = ("adam", "sgd")
 # trainer.precision values SMF supports. bf16-mixed: the base model's matmuls in bf16 under
 # autocast, while the memory addressing, the softmax over slot scores and the value gather run in
 # fp32 (memory/layer.py) and the value table, its gradient and SlotAdam's moments stay fp32.
@@ -64,8 +67,91 @@ COUNT_BY = ("reads", "weight")
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class SMFConfig(MethodConfig):
+    """SMF's keys (conf/method/smf.yaml says what each does). The defaults here are plain SMF
+    (Lin et al.: top-t per step over loss positions, read counts, no exclusions), which is also how
+    a config saved before a key existed behaved; the YAML holds the project's recipe."""
+
+    retrofit: bool = True
+    loss_tokens_only: bool = True
+    select_per: str = "step"
+    exclude_hubs: float = 0.0
+    exclude_owned: bool = False
+    optimizer_state: str = "carry"
+    count_by: str = "reads"
+    prefix_cache: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        try:
+            selector = selector_class(self.selector)
+        except ValueError as e:
+            raise ConfigError(f"bad config: method.selector: {e} Fix it on the command line, e.g. `method.selector=kl`.") from None
+        if selector.has_budget:
+            _need(isinstance(self.top_t, int) and not isinstance(self.top_t, bool) and self.top_t >= 1, "method.top_t",
+                  self.top_t, "an integer >= 1 (the slot budget per layer and step)")
+        _need(self.optimizer in OPTIMIZERS, "method.optimizer", self.optimizer, " | ".join(OPTIMIZERS))
+        _need(self.retrofit is True, "method.retrofit", self.retrofit, "true for smf (SMF trains memory slots)")
+        _need(isinstance(self.prefix_cache, int) and not isinstance(self.prefix_cache, bool) and self.prefix_cache >= 0,
+              "method.prefix_cache", self.prefix_cache, "an integer >= 0 (batches whose frozen-prefix states are kept; 0 = off)")
+        _need(self.count_by in COUNT_BY, "method.count_by", self.count_by, " | ".join(COUNT_BY))
+        _need(self.select_per in SELECT_PER, "method.select_per", self.select_per, " | ".join(SELECT_PER))
+        _need(self.optimizer_state in OPTIMIZER_STATE, "method.optimizer_state", self.optimizer_state,
+              " | ".join(OPTIMIZER_STATE))
+        self.exclude_hubs = float(self.exclude_hubs or 0.0)
+        _need(0.0 <= self.exclude_hubs < 1.0, "method.exclude_hubs", self.exclude_hubs, "a share of slots in [0, 1)")
+        _need(not (self.exclude_hubs > 0 and not selector.needs_background), "method.exclude_hubs",
+              self.exclude_hubs, "0 unless method.selector reads the background statistics, e.g. kl or tfidf (hubs are "
+              "defined by them)")
+        _need(not (self.select_per == "fact" and not selector.has_budget), "method.select_per", "fact",
+              f"step when method.selector={self.selector} (no budget to spend per fact)")
+
+
+def check_capacity(config: SMFConfig, n_slots: int, n_tasks: int, facts_per_task: int) -> None:
+    """A stream that cannot fit the memory is refused before anything loads. With
+    method.exclude_owned a slot selected for one task is never selected again, and with
+    method.select_per=fact every fact takes up to top_t slots of each memory layer; hub slots are
+    never selected. So the stream needs up to n_tasks x facts_per_task x top_t slots per layer out
+    of n_slots - ceil(exclude_hubs x n_slots). (The methods' `capacity` in summary.json counts
+    what a run really used: facts of one task may share slots, so this is an upper bound.)"""
+    if not (config.exclude_owned and config.select_per == "fact") or config.top_t is None:
+        return
+    top_t = config.top_t
+    hubs = hub_count(config.exclude_hubs, n_slots)
+    facts = n_tasks * facts_per_task
+    needed, free = facts * top_t, n_slots - hubs
+    if needed > free:
+        fit = free // top_t
+        raise ConfigError(
+            f"bad config: the stream cannot fit the memory: {n_tasks} tasks x {facts_per_task} facts x "
+            f"method.top_t={top_t} slots = {needed:,} slots per memory layer, but only {free:,} can be selected "
+            f"(model.memory.n_slots={n_slots:,} minus {hubs:,} hub slots, method.exclude_hubs={config.exclude_hubs}), "
+            f"and method.exclude_owned=true never selects a slot twice. At this budget {fit:,} facts fit; lower "
+            f"method.top_t (to {free // facts:,} for this stream), raise model.memory.n_slots, shorten the stream, or let "
+            f"later facts reuse slots with method.exclude_owned=false.")
+
+
 class SparseMemoryFinetune(ContinualLM):
     method_name = "smf"
+    Config = SMFConfig
+    memory_only = True
+    needs_background = True
+
+    @classmethod
+    def run_label(cls, config: SMFConfig) -> str:
+        return f"{config.name}-{config.selector}-t{config.top_t}"
+
+    @classmethod
+    def check_run_config(cls, cfg, config: SMFConfig) -> None:
+        """The slot budget against the memory's size, and (continual stage) the stream against its capacity."""
+        n_slots = int(cfg.model.memory.n_slots)
+        if not selector_class(config.selector).has_budget:
+            return
+        _need(config.top_t <= n_slots, "method.top_t", config.top_t, f"<= model.memory.n_slots={n_slots}")
+        d = cfg.data
+        if cfg.get("stage", "continual") == "continual" and "n_tasks" in d and "facts_per_task" in d:  # healing trains no stream
+            check_capacity(config, n_slots, int(d.n_tasks), int(d.facts_per_task))
 
     def __init__(self, model, method_cfg: dict, background: dict | None = None, seed: int = 0):
         freeze_all_but_values(model)
@@ -74,22 +160,15 @@ class SparseMemoryFinetune(ContinualLM):
         if not self.memories:
             raise ValueError("SMF needs a retrofitted model (memory layers); set method.retrofit=true.")
         self.background = background or {}
-        self.selector = self.mcfg["selector"]
-        self.top_t = None if self.selector == "all" else int(self.mcfg["top_t"])
-        # conf/method/smf.yaml sets it (false: recipe v4); a config saved before the option existed
-        # (an older run's checkpoint) behaved as true
-        self.loss_tokens_only = bool(self.mcfg.get("loss_tokens_only", True))
-        self.select_per = self.mcfg.get("select_per", "step")
-        self.exclude_owned = bool(self.mcfg.get("exclude_owned", False))
-        self.optimizer_state = self.mcfg.get("optimizer_state", "carry")
-        if self.select_per not in SELECT_PER:
-            raise ValueError(f"method.select_per={self.select_per!r}; allowed: {', '.join(SELECT_PER)}")
-        self.count_by = self.mcfg.get("count_by", "reads")
-        if self.count_by not in COUNT_BY:
-            raise ValueError(f"method.count_by={self.count_by!r}; allowed: {', '.join(COUNT_BY)}")
-        if self.optimizer_state not in OPTIMIZER_STATE:
-            raise ValueError(f"method.optimizer_state={self.optimizer_state!r}; allowed: {', '.join(OPTIMIZER_STATE)}")
-        hubs = float(self.mcfg.get("exclude_hubs", 0.0) or 0.0)
+        c = self.config
+        self.selector = c.selector
+        self.top_t = c.top_t if selector_class(self.selector).has_budget else None
+        self.loss_tokens_only = c.loss_tokens_only
+        self.select_per = c.select_per
+        self.exclude_owned = c.exclude_owned
+        self.optimizer_state = c.optimizer_state
+        self.count_by = c.count_by
+        hubs = c.exclude_hubs
         self.hub_mask = {}
         for i, mem in self.memories.items():
             bg = self.background.get(i)
@@ -107,7 +186,7 @@ class SparseMemoryFinetune(ContinualLM):
         self._batch_facts: list[str] = []
         self.last_selection: dict[int, torch.Tensor] = {}
         self.last_counts: dict[int, torch.Tensor] = {}
-        self.prefix_cache = FrozenPrefixCache(model, capacity=int(self.mcfg.get("prefix_cache", 0) or 0))
+        self.prefix_cache = FrozenPrefixCache(model, capacity=c.prefix_cache)
         # memory layers with a read gate (memory/layer.py): the loss positions' reads of the step's
         # micro-batches, written into the updated rows' write keys at the step
         self.gated = [i for i, m in self.memories.items() if m.cfg.read_gate is not None]
@@ -153,16 +232,17 @@ class SparseMemoryFinetune(ContinualLM):
 
     def _build_optimizer(self):
         values = [m.values.weight for m in self.memories.values()]
-        clip = self.mcfg.get("grad_clip")
+        c = self.config
+        clip = c.grad_clip
         clip = float(clip) if clip else None
-        if self.mcfg["optimizer"] == "sgd":
-            return SlotSGD(values, lr=float(self.mcfg["lr"]), weight_decay=float(self.mcfg.get("weight_decay", 0.0)), max_grad_norm=clip)
+        if c.optimizer == "sgd":
+            return SlotSGD(values, lr=c.lr, weight_decay=c.weight_decay, max_grad_norm=clip)
         return SlotAdam(
             values,
-            lr=float(self.mcfg["lr"]),
-            betas=tuple(self.mcfg.get("betas", (0.9, 0.999))),
-            eps=float(self.mcfg.get("eps", 1e-8)),
-            weight_decay=float(self.mcfg.get("weight_decay", 0.0)),
+            lr=c.lr,
+            betas=tuple(c.betas),
+            eps=c.eps,
+            weight_decay=c.weight_decay,
             max_grad_norm=clip,
         )
 

@@ -117,7 +117,8 @@ def prepare_memory(cfg: DictConfig, model, info: dict, dm) -> None:
 
 
 def background_stats(cfg: DictConfig, model, dm) -> dict:
-    """Per-layer background slot statistics (design.md §3), cached under $SMF_CACHE/background."""
+    """Per-layer background slot statistics (docs/design.md §3), cached under $SMF_CACHE/background."""
+    from ..methods import method_config
     from ..selection.background import load_or_compute_background_stats
 
     key = {"corpus": dm.background_key(), "batch_size": dm.background_batch_size, "data_source": dm.source,
@@ -127,6 +128,6 @@ def background_stats(cfg: DictConfig, model, dm) -> dict:
         lambda: dm.background_batches(sort_by_length=True),
         Path(cfg.paths.cache_dir) / "background",
         key,
-        loss_tokens_only=bool(cfg.method.get("loss_tokens_only", True)),  # absent: a config older than the option (see SparseMemoryFinetune)
+        loss_tokens_only=getattr(method_config(cfg.method), "loss_tokens_only", True),
         progress=bool(cfg.trainer.enable_progress_bar),
     )

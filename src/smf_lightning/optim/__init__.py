@@ -1,4 +1,4 @@
-"""Sparse-slot optimizers: only the selected memory value rows change (design.md §5)."""
+"""Sparse-slot optimizers: only the selected memory value rows change (docs/design.md §5)."""
 
 from .sparse import SlotAdam, SlotSGD
 

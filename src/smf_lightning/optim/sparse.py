@@ -1,6 +1,6 @@
 """Sparse-slot optimizers: only the selected rows of a memory value table change.
 
-design.md §5. Dense Adam/AdamW with masked gradients is **not** sparse: momentum and
+docs/design.md §5. Dense Adam/AdamW with masked gradients is **not** sparse: momentum and
 weight decay keep moving rows that were selected at earlier steps. These optimizers touch
 only the rows selected for the current step, so for every step and every optimizer:
 
@@ -259,12 +259,12 @@ class _SlotOptimizer(Optimizer):
 
 
 class SlotSGD(_SlotOptimizer):
-    """SGD without momentum on selected rows only (design.md §5; Lin et al. 2025).
+    """SGD without momentum on selected rows only (docs/design.md §5; Lin et al. 2025).
 
     Args:
         params: the value-table weights ([N, v_dim]) or param groups.
         lr: learning rate (no default: its scale depends on the value init and the memory's
-            output projection, design.md §9 — set it in conf/).
+            output projection, docs/design.md §9 — set it in conf/).
         weight_decay: L2 penalty added to the gradient of the selected rows only.
         max_grad_norm: clip the global norm of the selected rows' gradients (None = off).
     """
@@ -286,7 +286,7 @@ class SlotSGD(_SlotOptimizer):
 
 
 class SlotAdam(_SlotOptimizer):
-    """Adam with lazy per-row state on selected rows only (design.md §5).
+    """Adam with lazy per-row state on selected rows only (docs/design.md §5).
 
     A row's ``exp_avg``, ``exp_avg_sq`` and step count advance only at steps where it is
     selected; bias correction uses the row's own step count. With ``weight_decay > 0`` the

@@ -1,6 +1,6 @@
 """Slot selection for sparse memory finetuning: background statistics, selectors, statistics.
 
-design.md §3 (background statistics), §4 (selectors), §7 (slot statistics).
+docs/design.md §3 (background statistics), §4 (selectors), §7 (slot statistics).
 """
 
 from .background import (
@@ -16,18 +16,29 @@ from .selectors import (
     BACKGROUND_SELECTORS,
     SCORED_SELECTORS,
     SELECTORS,
+    Selector,
     loss_position_mask,
+    register_selector,
     score_slots,
     select_slots,
+    selector_class,
     slot_counts,
 )
-from .stats import SlotHistory, background_summary, hub_share, kl_batch_background, slot_step_stats
+from .stats import (
+    SlotHistory,
+    background_summary,
+    hub_share,
+    kl_batch_background,
+    slot_step_stats,
+    slot_usage_stats,
+)
 
 __all__ = [
     "BACKGROUND_SELECTORS",
     "BackgroundStats",
     "SCORED_SELECTORS",
     "SELECTORS",
+    "Selector",
     "SlotHistory",
     "background_cache_key",
     "background_summary",
@@ -38,9 +49,12 @@ __all__ = [
     "load_background_stats",
     "load_or_compute_background_stats",
     "loss_position_mask",
+    "register_selector",
     "save_background_stats",
     "score_slots",
     "select_slots",
+    "selector_class",
     "slot_counts",
     "slot_step_stats",
+    "slot_usage_stats",
 ]

@@ -1,4 +1,4 @@
-"""One slot selection for all ranks of a data-parallel (DDP) run (issue 16).
+"""One slot selection for all ranks of a data-parallel (DDP) run (docs/usage.md "Scaling out").
 
 Each rank sees its own shard of the step's batch, so its slot counts are only part of the
 step's counts. If every rank selected from its own counts, ranks would update different

@@ -1,6 +1,6 @@
 """Which memory slots a batch may update: slot counts, scores and top-t selection.
 
-design.md §4. For one memory layer and one optimizer step let ``c`` be the batch's slot
+docs/design.md §4. For one memory layer and one optimizer step let ``c`` be the batch's slot
 access counts (non-padding tokens, optionally only the tokens that carry loss). Only slots
 with ``c > 0`` are candidates; the ``top_t`` best by score are selected:
 
@@ -24,16 +24,145 @@ Everything here is a pure function of tensors; nothing reads a model.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
+
+from ..memory.positions import loss_position_mask  # noqa: F401  (moved to memory/positions.py; re-exported)
 
 if TYPE_CHECKING:  # imported only for annotations: background.py imports this module's names
     from .background import BackgroundStats
 
-SELECTORS = ("kl", "tfidf", "tf", "random", "all")
-SCORED_SELECTORS = ("kl", "tfidf", "tf")  # selectors that rank slots by a per-slot score
-BACKGROUND_SELECTORS = ("kl", "tfidf")  # selectors that need background statistics
+class Selector:
+    """A slot selector (docs/extending.md "A selector"): given one step's slot counts, which of the
+    accessed slots may be updated. Subclass it, set ``name`` and implement ``score`` (higher wins;
+    the top ``top_t`` are kept, ties to the lower slot id) or override ``pick`` for a rule that is
+    not a ranking; then ``register_selector`` it, or name its class by dotted path in
+    ``method.selector``. What it declares:
+
+    - ``needs_background``: it reads the background statistics (the run computes them first;
+      ``method.exclude_hubs`` needs such a selector);
+    - ``has_budget``: it keeps at most ``top_t`` slots (``method.top_t``); ``all`` has none.
+    """
+
+    name: ClassVar[str] = ""
+    needs_background: ClassVar[bool] = False
+    has_budget: ClassVar[bool] = True
+
+    @classmethod
+    def scored(cls) -> bool:
+        """Whether it ranks slots by a per-slot score (``score`` implemented)."""
+        return cls.score is not Selector.score
+
+    def score(self, counts: torch.Tensor, candidates: torch.Tensor, bg: BackgroundStats | None) -> torch.Tensor:
+        """float64 scores of ``candidates`` (ascending accessed slot ids) from ``counts`` [N]."""
+        raise NotImplementedError
+
+    def pick(self, counts: torch.Tensor, candidates: torch.Tensor, top_t: int, bg: BackgroundStats | None,
+             generator: torch.Generator | None) -> torch.Tensor:
+        """The kept slots (sorted ids) when there are more candidates than ``top_t``."""
+        scores = self.score(counts, candidates, bg)
+        # Stable descending sort over ascending ids: equal scores keep the lower slot id first.
+        order = torch.sort(scores, descending=True, stable=True).indices[:top_t]
+        return candidates[order].sort().values
+
+
+def _batch_share(counts: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    return counts[candidates].to(torch.float64) / counts.sum().to(torch.float64)
+
+
+class KLSelector(Selector):
+    """The seed paper: slot i's term of KL(p || p_bg), p_bg add-one smoothed so that slots never
+    seen in the background have finite (large) scores."""
+
+    name = "kl"
+    needs_background = True
+
+    def score(self, counts, candidates, bg):
+        p = _batch_share(counts, candidates)
+        bg_count = bg.bg_count.to(counts.device)
+        bg_total = bg_count.sum().to(torch.float64) + bg_count.numel()  # Σ (bg_count + 1)
+        p_bg = (bg_count[candidates].to(torch.float64) + 1.0) / bg_total
+        return p * torch.log(p / p_bg)
+
+
+class TFIDFSelector(Selector):
+    """Lin et al. 2025: idf = log((n_bg + 1) / (df + 1)); a slot no background batch touched gets
+    the largest idf, log(n_bg + 1)."""
+
+    name = "tfidf"
+    needs_background = True
+
+    def score(self, counts, candidates, bg):
+        df = bg.df.to(counts.device)[candidates].to(torch.float64)
+        return _batch_share(counts, candidates) * torch.log((bg.n_bg + 1.0) / (df + 1.0))
+
+
+class TFSelector(Selector):
+    """The batch's share of reads alone (no background; ablation)."""
+
+    name = "tf"
+
+    def score(self, counts, candidates, bg):
+        return _batch_share(counts, candidates)
+
+
+class RandomSelector(Selector):
+    """``top_t`` accessed slots drawn uniformly (same budget; ablation)."""
+
+    name = "random"
+
+    def pick(self, counts, candidates, top_t, bg, generator):
+        chosen = torch.randperm(candidates.numel(), generator=generator, device="cpu")[:top_t]
+        return candidates[chosen.to(candidates.device)].sort().values
+
+
+class AllSelector(Selector):
+    """Every accessed slot, no budget (ablation: dense-within-batch updates)."""
+
+    name = "all"
+    has_budget = False
+
+    def pick(self, counts, candidates, top_t, bg, generator):
+        return candidates
+
+
+SELECTORS: dict[str, type[Selector]] = {}
+
+
+def register_selector(cls: type[Selector]) -> type[Selector]:
+    """Make ``cls`` selectable as ``method.selector=<cls.name>`` (usable as a class decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, Selector) and cls.name):
+        raise ValueError(f"{cls!r} is not a Selector subclass with a name")
+    SELECTORS[cls.name] = cls
+    return cls
+
+
+for _builtin in (KLSelector, TFIDFSelector, TFSelector, RandomSelector, AllSelector):
+    register_selector(_builtin)
+SCORED_SELECTORS = tuple(n for n, c in SELECTORS.items() if c.scored())  # the built-ins that rank by a score
+BACKGROUND_SELECTORS = tuple(n for n, c in SELECTORS.items() if c.needs_background)  # ... that need background statistics
+
+
+def selector_class(selector: str | type[Selector]) -> type[Selector]:
+    """The selector a name stands for: a registered name, or the dotted path of a Selector class."""
+    if isinstance(selector, type) and issubclass(selector, Selector):
+        return selector
+    if selector in SELECTORS:
+        return SELECTORS[selector]
+    if isinstance(selector, str) and "." in selector:
+        import importlib
+
+        module, _, attr = selector.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"slot selector {selector!r} cannot be imported: {e}") from None
+        if isinstance(cls, type) and issubclass(cls, Selector):
+            return cls
+        raise ValueError(f"slot selector {selector!r} is not a smf_lightning.selection.Selector subclass.")
+    raise ValueError(f"unknown slot selector {selector!r}; allowed: {', '.join(SELECTORS)}, or the dotted path of a "
+                     f"Selector class of your own.")
 
 
 def slot_counts(slot_ids: torch.Tensor, n_slots: int, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -55,29 +184,8 @@ def slot_counts(slot_ids: torch.Tensor, n_slots: int, weights: torch.Tensor | No
     return torch.bincount(ids.long(), minlength=n_slots)
 
 
-def loss_position_mask(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """[B, T] bool: positions whose hidden state is scored by the causal-LM loss.
-
-    Hugging Face shifts inside the loss: the output at position ``i`` predicts
-    ``labels[:, i+1]``. So the memory reads at position ``i`` carry loss iff
-    ``labels[:, i+1] != ignore_index``; the last position never does. Pass the result as the
-    ``mask`` of ``SlotAccess.slot_ids`` to count only loss-carrying tokens (design.md §9: slots
-    hit by template tokens like "Question:" otherwise look fact-specific).
-    """
-    if labels.dim() != 2:
-        raise ValueError(f"labels must be [batch, seq] token ids, got shape {tuple(labels.shape)}.")
-    mask = torch.zeros_like(labels, dtype=torch.bool)
-    mask[:, :-1] = labels[:, 1:] != ignore_index
-    return mask
-
-
-def _check_selector(selector: str) -> None:
-    if selector not in SELECTORS:
-        raise ValueError(f"unknown slot selector {selector!r}; allowed: {', '.join(SELECTORS)}.")
-
-
 def _check_background(selector: str, counts: torch.Tensor, bg: BackgroundStats | None) -> None:
-    if selector not in BACKGROUND_SELECTORS:
+    if not selector_class(selector).needs_background:
         return
     if bg is None:
         raise ValueError(
@@ -101,40 +209,19 @@ def score_slots(counts: torch.Tensor, selector: str, bg: BackgroundStats | None 
     summed over all slots are KL(p_batch ‖ p_bg) with the add-one smoothed background.
     ``random`` and ``all`` have no score and raise.
     """
-    _check_selector(selector)
-    if selector not in SCORED_SELECTORS:
+    cls = selector_class(selector)
+    if not cls.scored():
         raise ValueError(
             f"selector {selector!r} does not rank slots by a score; scored selectors: "
-            f"{', '.join(SCORED_SELECTORS)}."
+            f"{', '.join(n for n, c in SELECTORS.items() if c.scored())}."
         )
     if counts.dim() != 1:
         raise ValueError(f"counts must be a 1-D tensor [n_slots], got shape {tuple(counts.shape)}.")
     _check_background(selector, counts, bg)
     candidates = torch.nonzero(counts > 0).squeeze(1)
     scores = torch.zeros(counts.shape, dtype=torch.float64, device=counts.device)
-    scores[candidates] = _candidate_scores(counts, candidates, selector, bg)
+    scores[candidates] = cls().score(counts, candidates, bg)
     return scores
-
-
-def _candidate_scores(
-    counts: torch.Tensor, candidates: torch.Tensor, selector: str, bg: BackgroundStats | None
-) -> torch.Tensor:
-    """Scores of the accessed slots only: O(#accessed) float work plus O(N) integer sums."""
-    c = counts[candidates].to(torch.float64)
-    p = c / counts.sum().to(torch.float64)
-    if selector == "tf":
-        return p
-    if selector == "tfidf":
-        # Lin et al. 2025: idf = log((n_bg + 1) / (df + 1)); a slot no background batch
-        # touched gets the largest idf, log(n_bg + 1).
-        df = bg.df.to(counts.device)[candidates].to(torch.float64)
-        return p * torch.log((bg.n_bg + 1.0) / (df + 1.0))
-    # kl (seed paper): slot i's term of KL(p || p_bg), p_bg add-one smoothed so that slots
-    # never seen in the background have finite (large) scores.
-    bg_count = bg.bg_count.to(counts.device)
-    bg_total = bg_count.sum().to(torch.float64) + bg_count.numel()  # Σ (bg_count + 1)
-    p_bg = (bg_count[candidates].to(torch.float64) + 1.0) / bg_total
-    return p * torch.log(p / p_bg)
 
 
 def select_slots(
@@ -145,12 +232,13 @@ def select_slots(
     generator: torch.Generator | None = None,
     exclude: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The slots this step may update: sorted LongTensor of slot ids (design.md §4).
+    """The slots this step may update: sorted LongTensor of slot ids (docs/design.md §4).
 
     Args:
         counts: LongTensor[N], the batch's access counts (see :func:`slot_counts`); under
             gradient accumulation pass the sum over the accumulated micro-batches.
-        selector: one of ``kl``, ``tfidf``, ``tf``, ``random``, ``all``.
+        selector: a registered name (``kl``, ``tfidf``, ``tf``, ``random``, ``all``, or one added
+            with :func:`register_selector`), a Selector class's dotted path, or the class.
         top_t: the slot budget (int >= 1). Ignored by ``all`` (may be None there). A budget
             larger than the number of accessed slots selects every accessed slot.
         bg: this layer's :class:`BackgroundStats`; required by ``kl`` and ``tfidf``.
@@ -160,10 +248,10 @@ def select_slots(
 
     Only accessed slots (``c > 0``) are ever selected. Ties in score go to the lower slot id.
     """
-    _check_selector(selector)
+    cls = selector_class(selector)
     if counts.dim() != 1:
         raise ValueError(f"counts must be a 1-D tensor [n_slots], got shape {tuple(counts.shape)}.")
-    if selector != "all":
+    if cls.has_budget:
         if top_t is None or isinstance(top_t, bool) or int(top_t) != top_t or top_t < 1:
             raise ValueError(
                 f"slot budget top_t={top_t!r} is invalid for selector {selector!r}; give an integer "
@@ -176,15 +264,9 @@ def select_slots(
     if exclude is not None:
         allowed &= ~exclude.to(allowed.device)
     candidates = torch.nonzero(allowed).squeeze(1)  # ascending slot ids
-    if selector == "all" or candidates.numel() <= top_t:
+    if cls.has_budget and candidates.numel() <= top_t:
         return candidates
-    if selector == "random":
-        pick = torch.randperm(candidates.numel(), generator=generator, device="cpu")[:top_t]
-        return candidates[pick.to(candidates.device)].sort().values
-    scores = _candidate_scores(counts, candidates, selector, bg)
-    # Stable descending sort over ascending ids: equal scores keep the lower slot id first.
-    order = torch.sort(scores, descending=True, stable=True).indices[:top_t]
-    return candidates[order].sort().values
+    return cls().pick(counts, candidates, top_t, bg, generator)
 
 
 def hub_count(fraction: float, n_slots: int) -> int:

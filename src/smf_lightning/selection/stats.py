@@ -1,20 +1,25 @@
 """Slot statistics per optimizer step and memory layer, as plain floats for loggers.
 
-design.md §7 ("slot statistics per step and layer"): accessed slots, selected slots,
+docs/design.md §7 ("slot statistics per step and layer"): accessed slots, selected slots,
 KL(p_batch ‖ p_bg), overlap of this step's selection with the slots selected for earlier
 tasks, and hub concentration (share of accesses taken by the top 1% of slots). The
 design's probe found ~10% of background accesses on the top 1% of slots (§9): hub slots
 are where updates for unrelated facts collide.
+
+:func:`slot_usage_stats` describes how evenly a model's slots are read on some text (the
+effect of k-means keys, memory/key_init.py, and of healing, stages/heal.py).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 
 import torch
+from torch import nn
 
-from .background import BackgroundStats
-from .selectors import _candidate_scores, _check_background
+from .background import BackgroundStats, compute_background_stats
+from .selectors import KLSelector, _check_background
 
 
 def hub_share(counts: torch.Tensor, top_frac: float = 0.01) -> float:
@@ -34,7 +39,7 @@ def kl_batch_background(counts: torch.Tensor, bg: BackgroundStats) -> float:
     candidates = torch.nonzero(counts > 0).squeeze(1)
     if candidates.numel() == 0:
         return 0.0
-    return float(_candidate_scores(counts, candidates, "kl", bg).sum())
+    return float(KLSelector().score(counts, candidates, bg).sum())
 
 
 class SlotHistory:
@@ -111,7 +116,7 @@ def slot_step_stats(
     layer: int | None = None,
     top_frac: float = 0.01,
 ) -> dict[str, float]:
-    """One step's statistics for one memory layer (design.md §7); plain floats.
+    """One step's statistics for one memory layer (docs/design.md §7); plain floats.
 
     Keys: ``accessed_slots``, ``selected_slots``, ``accesses`` (token×head×knn reads),
     ``hub_share_batch``; with ``bg``: ``kl_batch_bg``, ``hub_share_bg``; with ``history``
@@ -143,3 +148,35 @@ def background_summary(bg: BackgroundStats, top_frac: float = 0.01) -> dict[str,
         "touched_share": float(int((bg.bg_count > 0).sum())) / bg.n_slots,
         "hub_share_bg": hub_share(bg.bg_count, top_frac),
     }
+
+
+def slot_usage_stats(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    top_frac: float = 0.01,
+    progress: bool = False,
+) -> dict[int, dict[str, float]]:
+    """How evenly each memory layer's slots are read over ``batches`` (padding excluded).
+
+    Per layer: ``touched_share`` (share of the N slots read at least once),
+    ``hub_share_top1pct`` (share of reads taken by the top ``top_frac`` slots; 1% by
+    default — the design's hub measure), ``effective_slots_share`` (exp(entropy of the read
+    distribution) / N: 1.0 = perfectly even use), ``accesses`` and ``n_batches``.
+    (Formerly ``smf_lightning.memory.key_init.slot_usage_stats``: memory does not import selection.)
+    """
+    stats = compute_background_stats(model, batches, loss_tokens_only=False, progress=progress)
+    out = {}
+    for layer_idx, bg in stats.items():
+        summary = background_summary(bg, top_frac)
+        counts = bg.bg_count.double()
+        p = counts[counts > 0] / counts.sum() if counts.sum() > 0 else counts[:0]
+        entropy = float(-(p * p.log()).sum()) if p.numel() else 0.0
+        out[layer_idx] = {
+            "touched_share": summary["touched_share"],
+            "hub_share_top1pct": summary["hub_share_bg"],
+            "effective_slots_share": math.exp(entropy) / bg.n_slots if p.numel() else 0.0,
+            "accesses": summary["accesses"],
+            "n_batches": summary["n_bg"],
+        }
+    return out

@@ -25,6 +25,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import ConfigError
+from ..methods import method_class
 from ..models.build import background_stats, load_model, maybe_retrofit, prepare_memory
 from . import start_run
 
@@ -145,7 +146,7 @@ class ContinualRecipe:
         model = maybe_retrofit(cfg, model, model_info)
         log.info("parameters: %s", model_info["param_counts"])
         prepare_memory(cfg, model, model_info, dm)
-        background = background_stats(cfg, model, dm) if cfg.method.name == "smf" else None
+        background = background_stats(cfg, model, dm) if method_class(cfg.method).needs_background else None
         self.module = build_method(cfg, model, background=background)
         self.dm = dm
         self.loggers = build_loggers(cfg)

@@ -416,7 +416,7 @@ class HealRecipe:
         from omegaconf import OmegaConf
 
         from ..eval.scoring import pad_token_id
-        from ..memory.key_init import slot_usage_stats
+        from ..selection.stats import slot_usage_stats
 
         cfg = self.cfg
         check_config(cfg)
@@ -447,7 +447,7 @@ class HealRecipe:
 
     def run(self) -> None:
         """Dense AdamW over the memory parameters until the target perplexity or the step budget."""
-        from ..memory.key_init import slot_usage_stats
+        from ..selection.stats import slot_usage_stats
 
         cfg, h = self.cfg, self.cfg.heal
         self.target = None if h.target_ppl_ratio is None else float(h.target_ppl_ratio) * self.base_ppl
