@@ -21,6 +21,8 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import headline  # noqa: E402  (the thin wrappers that print and launch the multiruns)
 import smf_recipe  # noqa: E402
 
+pytestmark = pytest.mark.study  # the studies under experiments/, not the package
+
 HEAL_DIR = ROOT / "experiments" / "runs" / "heal_replace"
 
 # ---- the old runners' rows, verbatim (experiments/headline.py and smf_recipe.py at ace9a87) ----
