@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 from diag_learning import build, probe_arguments  # noqa: E402
 
-from smf_lightning.data.datamodule import encode_example  # noqa: E402
+from smf_lightning.data.facts import encode_example  # noqa: E402
 from smf_lightning.memory import memory_layers  # noqa: E402
 from smf_lightning.selection.selectors import loss_position_mask  # noqa: E402
 

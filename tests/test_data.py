@@ -9,18 +9,18 @@ import pytest
 import torch
 
 from smf_lightning.data import sources
-from smf_lightning.data.datamodule import FactStreamDataModule
 from smf_lightning.data.facts import (
     FactTemplate,
     collate_examples,
     encode_example,
-    probe_model,
     split_into_tasks,
     split_templates,
     make_templates,
     synthetic_facts,
 )
 from smf_lightning.data.sources import ChoiceItem, MathItem, PassageItem, QAItem, load_source
+from smf_lightning.eval.probe import probe_model
+from smf_lightning.streams.datamodule import FactStreamDataModule
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "data"
 

@@ -12,7 +12,6 @@ import pytest
 from test_data import _data_cfg
 from test_train import TINY, cli
 
-from smf_lightning.data.datamodule import FactStreamDataModule
 from smf_lightning.data.documents import (
     DocumentError,
     DocumentSpec,
@@ -24,6 +23,7 @@ from smf_lightning.data.documents import (
     stream_shortfall,
     write_jsonl as write_documents,
 )
+from smf_lightning.streams.datamodule import FactStreamDataModule
 
 DOCS = [
     {"id": "zorb", "text": "Zorbania is a small country in the north. Its capital is Vellmoor, a city on the river Oss.",

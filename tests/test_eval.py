@@ -5,15 +5,17 @@ import math
 import pytest
 import torch
 
-from smf_lightning.data.facts import FactTemplate, extract_answer, recall_scores
+from smf_lightning.data.facts import FactTemplate
 from smf_lightning.data.sources import ChoiceItem, MathItem, PassageItem, QAItem
 from smf_lightning.eval.metrics import (
     contains_answer,
     continual_learning_metrics,
     exact_match,
+    extract_answer,
     normalize_answer,
     normalized_choice,
     normalized_choice_accuracy,
+    recall_scores,
     relative_change,
     token_f1,
 )

@@ -12,8 +12,8 @@ import pytest
 from test_data import _data_cfg
 from test_train import TINY, cli
 
-from smf_lightning.data.datamodule import FactStreamDataModule
 from smf_lightning.data.fact_file import FactFileError, FactFileSpec, read_fact_file, stream_shortfall
+from smf_lightning.streams.datamodule import FactStreamDataModule
 
 FACTS = [
     {"id": "zorb", "question": "What is the capital of Zorbania?", "answers": ["Vellmoor", "Vellmoor City"],

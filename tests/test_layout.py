@@ -88,11 +88,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 # Package-level import cycles that remain for now, each as the set of packages that import one
 # another (one strongly connected component of the package graph). Nothing else may form one, and
 # an entry whose packages no longer form exactly that cycle fails the test, so the list cannot go stale.
-KNOWN_PACKAGE_CYCLES: set[frozenset[str]] = {
-    # data <-> eval: data builds and scores its question sets with eval (metrics, scoring, suites),
-    # and eval's suites read data's sources and facts. To be removed when the data layer is split.
-    frozenset({"data", "eval"}),
-}
+KNOWN_PACKAGE_CYCLES: set[frozenset[str]] = set()
 
 
 def package_of(module: str) -> str:

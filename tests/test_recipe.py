@@ -362,7 +362,7 @@ def test_fresh_optimizer_state_per_task(tiny_tok):
 def test_interleaved_schedule_mixes_facts_and_repeats_each_example_once_per_pass(tiny_tok):
     from test_data import _data_cfg
 
-    from smf_lightning.data.datamodule import FactStreamDataModule
+    from smf_lightning.streams.datamodule import FactStreamDataModule
 
     cfg = _data_cfg(n_tasks=2, facts_per_task=4, suites={}, background={"synthetic": 4}, train_batch_size=4,
                     repeats_per_batch=1, schedule="interleaved", epochs_per_task=3)
@@ -387,7 +387,7 @@ def test_interleaved_schedule_mixes_facts_and_repeats_each_example_once_per_pass
 def test_order_seed_reorders_batches_and_keeps_the_stream(tiny_tok):
     from test_data import _data_cfg
 
-    from smf_lightning.data.datamodule import FactStreamDataModule
+    from smf_lightning.streams.datamodule import FactStreamDataModule
 
     cfg = _data_cfg(n_tasks=2, facts_per_task=4, suites={}, background={"synthetic": 4}, train_batch_size=4,
                     repeats_per_batch=1, schedule="interleaved", epochs_per_task=2)
@@ -407,9 +407,9 @@ def test_order_seed_reorders_batches_and_keeps_the_stream(tiny_tok):
 def test_known_facts_suite_is_disjoint_known_everywhere_and_scores_one_before(tmp_path, tiny_tok, monkeypatch):
     from test_data import _trivia_cfg, _write_fake_root
 
-    from smf_lightning.data.datamodule import FactStreamDataModule
     from smf_lightning.eval import scoring
     from smf_lightning.eval import suites as suites_mod
+    from smf_lightning.streams.datamodule import FactStreamDataModule
 
     # The "model" answers the even-numbered questions; the multiples of 4 with a longer phrase
     # (contains the alias, not an exact answer): only the former may enter the known-facts suite.

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from test_fact_file import FACTS, file_cfg, read, run_cli, write_jsonl
 
-from smf_lightning.data.datamodule import FactStreamDataModule
 from smf_lightning.data.fact_file import FactFileError
 from smf_lightning.data.facts import Fact
 from smf_lightning.data.rephrasings import BUILTIN_FILE, RephrasingError, builtin_stream_ids, read_rephrasings
 from smf_lightning.eval import intervals as ci
+from smf_lightning.streams.datamodule import FactStreamDataModule
 
 SENTINEL = "Quartzine pelmonic sentinel asks: which city rules Zorbania?"
 REPHRASED = [

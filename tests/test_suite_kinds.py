@@ -335,8 +335,8 @@ def test_custom_suites_hit_the_prefix_cache_with_the_same_numbers(tmp_path, tiny
 def test_before_cache_key_follows_the_suite_file(tmp_path, tiny_tok):
     from omegaconf import OmegaConf
 
-    from smf_lightning.data.datamodule import FactStreamDataModule
     from smf_lightning.eval.before_cache import before_eval_key
+    from smf_lightning.streams.datamodule import FactStreamDataModule
     from tests.test_data import SMALL, _data_cfg
 
     records, fields, _ = _records("qa")

@@ -55,8 +55,9 @@ def validate_config(cfg: DictConfig) -> None:
         # depth) is checked by the memory config itself, the same check the retrofit runs.
         from .memory.layer import MemoryConfig
 
+        n_layers = decoder_layer_count(model)  # reads config.json, never weights; refuses an unsupported model
         try:
-            MemoryConfig(**OmegaConf.to_container(mem, resolve=True)).validate(n_layers=decoder_layer_count(model))
+            MemoryConfig(**OmegaConf.to_container(mem, resolve=True)).validate(n_layers=n_layers)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"bad config: model.{e} Fix it on the command line, e.g. `model.memory.KEY=...`.") from None
     method.check_run_config(cfg, method_cfg)
@@ -95,14 +96,17 @@ def validate_config(cfg: DictConfig) -> None:
 
 
 def decoder_layer_count(model_cfg: DictConfig) -> int | None:
-    """The number of decoder layers of the model a config will load, read without loading it:
-    from the offline catalogue (hub ids with a packaged equivalent share its architecture), a
-    local directory's or init checkpoint's config.json, or the hub cache. None if unknown
-    (the retrofit checks again once the model is loaded)."""
+    """The number of decoder layers of the model a config will load, read without loading its
+    weights: from the offline catalogue (hub ids with a packaged equivalent share its
+    architecture), an init checkpoint's config.json, or the config.json of a local directory or
+    of a hub id in the local HF cache (the architecture built on the meta device, so a model the
+    retrofit cannot take is refused here). None if unknown (the retrofit checks again once the
+    model is loaded). ConfigError for a config.json that cannot be read or an architecture the
+    retrofit does not support."""
     from .assets import ASSETS
 
-    if model_cfg.get("init_checkpoint"):
-        return _config_json_layers(Path(model_cfg.init_checkpoint))
+    if model_cfg.get("init_checkpoint"):  # retrofitted already: its own config.json says how deep
+        return _config_json_layers(Path(model_cfg.init_checkpoint), "model.init_checkpoint")
     if model_cfg.source == "tiny":
         from .models.tiny import TINY_LAYERS
 
@@ -114,30 +118,89 @@ def decoder_layer_count(model_cfg: DictConfig) -> int | None:
         return asset.n_layers
     path = Path(name).expanduser()
     if path.is_dir():
-        return _config_json_layers(path)
+        return _architecture_layers(path, name)
     try:  # a hub id whose config is in the local HF cache (no network)
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(name, "config.json")
     except Exception:  # not a valid repo id, or no hub library
         return None
-    return _config_json_layers(Path(cached).parent) if isinstance(cached, str) else None
+    return _architecture_layers(Path(cached).parent, name) if isinstance(cached, str) else None
 
 
-def _config_json_layers(folder: Path) -> int | None:
+def _read_config_json(folder: Path, key: str, value: str) -> dict | None:
+    """``folder``/config.json as a dict; None if there is none (the loader says so); ConfigError
+    naming ``key`` if it cannot be read or is not a JSON object."""
     import json
 
     f = folder / "config.json"
     if not f.is_file():
         return None
-    n = json.loads(f.read_text()).get("num_hidden_layers")
+    try:
+        config = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"bad config: {key}={value!r}: {f} cannot be read ({e.__class__.__name__}: {e}); "
+                          "a model directory needs the config.json and *.safetensors that save_pretrained "
+                          "writes.") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"bad config: {key}={value!r}: {f} is not a JSON object, so not a model config.")
+    return config
+
+
+def _config_json_layers(folder: Path, key: str = "model.name") -> int | None:
+    config = _read_config_json(folder, key, str(folder))
+    n = (config or {}).get("num_hidden_layers")
     return int(n) if n is not None else None
+
+
+def _architecture_layers(folder: Path, name: str) -> int | None:
+    """The decoder-layer count of the causal LM ``folder``/config.json describes, from the same
+    layer list the retrofit uses (memory/retrofit.py decoder_layers) on a model built on the meta
+    device: no weights are read or allocated."""
+    import logging
+
+    import torch
+
+    from .memory.retrofit import SUPPORTED, decoder_layers
+
+    config = _read_config_json(folder, "model.name", name)
+    if config is None:
+        return None
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    what = f"{config.get('model_type')!r} ({', '.join(config.get('architectures') or []) or 'no architectures'})"
+
+    def unsupported(e: Exception) -> ConfigError:
+        return ConfigError(
+            f"bad config: model.name={name!r}: {folder / 'config.json'} describes model_type {what}, which "
+            f"transformers cannot build as a causal LM here ({e.__class__.__name__}: {str(e).splitlines()[0]}). "
+            f"Supported: {SUPPORTED}."
+        )
+
+    try:
+        hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # unknown model_type, remote code only, bad fields
+        raise unsupported(e) from None
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=False)
+    except ValueError as e:  # no causal-LM class for this config (an encoder, a vision model, ...)
+        raise unsupported(e) from None
+    except Exception as e:  # a constructor that cannot run on the meta device: the retrofit checks after loading
+        logging.getLogger(__name__).debug("could not build %s on the meta device: %r", name, e)
+        n = getattr(hf_config, "num_hidden_layers", None)
+        return int(n) if n is not None else None
+    try:
+        return len(decoder_layers(model))
+    except ValueError as e:
+        raise ConfigError(f"bad config: model.name={name!r} is unsupported: {e}") from None
 
 
 def _validate_data(d: DictConfig) -> None:
     """The fact stream's options that need no data or model to check."""
-    from .data.datamodule import BACKGROUND_SOURCES, FACT_SOURCES
     from .data.facts import LOSS_ON
+    from .streams.background import BACKGROUND_SOURCES
+    from .streams.datamodule import FACT_SOURCES
 
     if "facts" in d:
         _need(d.facts in FACT_SOURCES, "data.facts", d.facts, " | ".join(FACT_SOURCES))
@@ -150,7 +213,7 @@ def _validate_data(d: DictConfig) -> None:
 
             validate_documents_config(d)
     if "schedule" in d:
-        from .data.datamodule import SCHEDULES
+        from .streams.datamodule import SCHEDULES
 
         _need(d.schedule in SCHEDULES, "data.schedule", d.schedule, " | ".join(SCHEDULES))
     if "epochs_per_task" in d:

@@ -1,1 +1,3 @@
-"""Continual-learning data: benchmark sources, fact-injection streams, the Lightning DataModule."""
+"""Continual-learning data: benchmark sources, facts and templates, facts files, documents,
+rephrasings and rewording filters. Runs and scores no model and imports nothing from eval/ (which
+reads data); the LightningDataModule that composes both is streams/datamodule.py."""

@@ -9,26 +9,22 @@ surface forms it was trained on.
 Facts come from TriviaQA (real questions, probed on the actual model), from a seeded
 generator of fictional facts (invented entities: unknown to any model by construction), or
 from a user's file or dataset (data/fact_file.py; probed or not).
+
+Nothing here runs or scores a model: probing the base model is eval/probe.py, scoring a
+fact's recall eval/metrics.py (recall_scores) and eval/suites.py (FactRecallSuite); the
+stream itself is assembled by streams/datamodule.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-import os
 import random
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
 from smf_lightning.data.sources import QAItem
-from smf_lightning.eval.metrics import contains_answer, exact_match
-
-log = logging.getLogger(__name__)
 
 LOSS_ON = ("answer", "answer_and_suffix", "full")
 
@@ -113,36 +109,6 @@ def split_templates(templates: Mapping[str, FactTemplate], heldout: Sequence[str
 
 
 # -----------------------------------------------------------------------------
-# Answer extraction and recall
-
-
-def extract_answer(generated: str, suffix: str) -> str:
-    """The answer part of a greedy continuation: first line, cut before the template's suffix
-    (its first non-space character followed by whitespace or the end, e.g. ". " for a
-    suffix "."). An answer that itself contains that character ("St. Louis") is cut too;
-    fact_recall therefore also accepts an exact match of the whole first line."""
-    line = generated.split("\n", 1)[0].strip()
-    marker = suffix.strip()[:1]
-    if marker:
-        cut = re.search(re.escape(marker) + r"(\s|$)", line)
-        if cut:
-            line = line[: cut.start()]
-    return line.strip()
-
-
-def recall_scores(generated: str, suffix: str, aliases: Sequence[str]) -> tuple[float, float]:
-    """(exact match, containment) of one greedy continuation against the aliases.
-
-    Exact match (the primary recall metric) compares the extracted answer — or the whole
-    first line — with each alias after SQuAD normalisation: "Niger Niger Niger" is not
-    "Niger" (docs/design.md §9). Containment is the lenient variant and does count such repeats.
-    """
-    line = generated.split("\n", 1)[0]
-    em = max(exact_match(extract_answer(generated, suffix), aliases), exact_match(line, aliases))
-    return em, contains_answer(line, aliases)
-
-
-# -----------------------------------------------------------------------------
 # Training sequences
 
 
@@ -206,119 +172,6 @@ def collate_examples(examples: Sequence[TrainingExample], pad_id: int) -> dict:
         "fact_ids": [e.fact_id for e in examples],
         "templates": [e.template for e in examples],
     }
-
-
-# -----------------------------------------------------------------------------
-# Probing the base model
-
-
-DEFAULT_PROBE_PROMPT = (
-    "Question: What is the capital of France?\nAnswer: Paris\n\n"
-    "Question: Who wrote the play Romeo and Juliet?\nAnswer: William Shakespeare\n\n"
-    "Question: {question}\nAnswer:"
-)
-
-
-@dataclass(frozen=True)
-class ProbeRecord:
-    prediction: str
-    exact_match: float
-    contains: float
-
-    @property
-    def known(self) -> bool:
-        """Lenient on purpose: any alias anywhere in the answer counts as known, so the kept
-        "misses" are facts the model really does not produce."""
-        return self.exact_match > 0 or self.contains > 0
-
-
-def model_fingerprint(model) -> str:
-    """A content hash of a model: class, config, and a strided sample (<= 65,536 values) of
-    every parameter tensor. Cheap (well under a second for 0.5B parameters) yet changes
-    whenever the weights do. Probe the *base* model: retrofitted memory parameters are part
-    of the hash."""
-    digest = hashlib.sha256(type(model).__name__.encode())
-    config = getattr(model, "config", None)
-    if config is not None:
-        cfg = config.to_dict()
-        for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
-            cfg.pop(volatile, None)
-        digest.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            flat = tensor.detach().reshape(-1)
-            stride = max(1, flat.numel() // 65536)
-            sample = flat[::stride].to(torch.float32).cpu().contiguous()
-            digest.update(name.encode())
-            digest.update(str(tuple(tensor.shape)).encode())
-            digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()
-
-
-def probe_model(
-    model,
-    tokenizer,
-    items: Sequence[QAItem],
-    *,
-    prompt: str = DEFAULT_PROBE_PROMPT,
-    max_new_tokens: int = 12,
-    batch_size: int = 32,
-    cache_file: str | Path | None = None,
-    fingerprint: str | None = None,
-) -> dict[str, ProbeRecord]:
-    """Greedy answers of `model` to `items` (batched), scored against their aliases.
-
-    With `cache_file`, results are read from and merged into a JSON file that belongs to
-    one (model fingerprint, prompt, max_new_tokens); only items not yet in it are probed.
-    """
-    from smf_lightning.eval.scoring import generate_greedy
-
-    if "{question}" not in prompt:
-        raise ValueError(f"The probe prompt must contain {{question}}; got {prompt!r}")
-    header = {"model_fingerprint": fingerprint, "prompt": prompt, "max_new_tokens": max_new_tokens}
-    records: dict[str, ProbeRecord] = {}
-    path = Path(cache_file) if cache_file is not None else None
-    if path is not None and path.exists():
-        stored = json.loads(path.read_text())
-        if stored.get("header") == header:
-            records = {k: ProbeRecord(**v) for k, v in stored["records"].items()}
-    todo = [it for it in items if it.id not in records]
-    if todo and model is None:
-        raise ValueError(
-            f"{len(todo)} of {len(items)} questions are not in the probe cache ({path}); pass the base model to probe them."
-        )
-    if todo:
-        log.info("Probing the model on %d questions (%d cached)", len(todo), len(items) - len(todo))
-        prompts = [prompt.replace("{question}", it.question) for it in todo]
-        answers = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size)
-        for it, pred in zip(todo, answers):
-            records[it.id] = ProbeRecord(pred.strip(), exact_match(pred, it.answers), contains_answer(pred, it.answers))
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if path.exists():  # merge what another run added meanwhile (runs of a sweep share the cache)
-                stored = json.loads(path.read_text())
-                if stored.get("header") == header:
-                    for k, v in stored["records"].items():
-                        records.setdefault(k, ProbeRecord(**v))
-            tmp = path.with_name(path.name + f".tmp{os.getpid()}")  # one temp file per process
-            tmp.write_text(json.dumps({"header": header, "records": {k: asdict(v) for k, v in records.items()}}))
-            tmp.replace(path)  # atomic: a killed run never leaves half a cache
-    return {it.id: records[it.id] for it in items}
-
-
-def probe_cache_file(cache_dir: str | Path, fingerprint: str, prompt: str, max_new_tokens: int, dataset: str) -> Path:
-    key = hashlib.sha256(json.dumps([prompt, max_new_tokens, dataset]).encode()).hexdigest()[:16]
-    return Path(cache_dir).expanduser() / f"probe-{dataset}-{fingerprint[:16]}-{key}.json"
-
-
-def default_cache_dir() -> Path:
-    """<project cache>/probes (the assets module's cache root: $SMF_CACHE or ~/.cache/smf_lightning)."""
-    try:
-        from smf_lightning.assets import cache_root
-
-        return cache_root() / "probes"
-    except ImportError:  # pragma: no cover
-        return Path.home() / ".cache" / "smf_lightning" / "probes"
 
 
 # -----------------------------------------------------------------------------

@@ -28,11 +28,11 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from smf_lightning.data.facts import Fact
-from smf_lightning.eval.metrics import contains_answer, normalize_answer
+from smf_lightning.text import contains_answer, normalize_answer
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,11 @@ def style_key(name: str) -> str:
 
 
 def generate_rewordings(model, tokenizer, questions: Sequence[str], n_styles: int, max_new_tokens: int,
-                        batch_size: int, cache_file: Path | None) -> dict[str, list[str]]:
-    """question -> its raw rewordings, one per style of the first `n_styles` (cached)."""
-    from smf_lightning.eval.scoring import generate_greedy
-
+                        batch_size: int, cache_file: Path | None, *, generate: Callable) -> dict[str, list[str]]:
+    """question -> its raw rewordings, one per style of the first `n_styles` (cached).
+    ``generate(model, tokenizer, prompts, max_new_tokens, batch_size)`` decodes the prompts greedily,
+    one string each (eval/scoring.generate_greedy, which the datamodule passes: the data layer runs
+    no model itself)."""
     styles = [style_key(name) for name in list(STYLES)[:n_styles]]
     prompts = {style_key(name): text for name, text in STYLES.items()}
     stored: dict[str, dict[str, str]] = {}
@@ -106,8 +107,8 @@ def generate_rewordings(model, tokenizer, questions: Sequence[str], n_styles: in
             raise ValueError(f"{len(todo)} rewordings are not cached ({cache_file}); the generator model is needed.")
         log.info("Rewording %d questions x %d styles with the generator model (%d to generate)",
                  len(set(questions)), len(styles), len(todo))
-        outputs = generate_greedy(model, tokenizer, [prompts[s].replace("{question}", q) for q, s in todo],
-                                  max_new_tokens, batch_size)
+        outputs = generate(model, tokenizer, [prompts[s].replace("{question}", q) for q, s in todo],
+                           max_new_tokens, batch_size)
         for (q, s), text in zip(todo, outputs):
             stored.setdefault(q, {})[s] = text.strip()
         if cache_file is not None:

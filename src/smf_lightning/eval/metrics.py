@@ -6,50 +6,22 @@ checked against hand-computed cases (tests/test_eval.py).
 Answer matching follows the SQuAD v1.1 evaluation script (Rajpurkar et al. 2016), which
 TriviaQA and NaturalQuestions-open evaluation reuse: lower-case, drop punctuation, drop
 the articles a/an/the, collapse whitespace; exact match and token-level F1 take the best
-score over the gold aliases.
+score over the gold aliases (normalize_answer, exact_match and contains_answer come from
+smf_lightning/text.py). Fact recall cuts the answer out of a greedy continuation first
+(extract_answer, recall_scores).
 """
 
 from __future__ import annotations
 
 import math
 import re
-import string
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-_PUNCTUATION = set(string.punctuation)
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD-style normalisation: lower case, no punctuation, no articles, single spaces."""
-    text = text.lower()
-    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
-
-
-def exact_match(prediction: str, golds: Sequence[str]) -> float:
-    """1.0 if the normalised prediction equals any normalised gold answer, else 0.0.
-
-    Strict on purpose: a degenerate repeat such as "Niger Niger Niger" does not match
-    "Niger" (docs/design.md §9: substring matching counted such repeats as correct).
-    """
-    pred = normalize_answer(prediction)
-    return float(any(pred == normalize_answer(g) for g in golds))
-
-
-def contains_answer(prediction: str, golds: Sequence[str]) -> float:
-    """1.0 if any normalised gold answer occurs as a whole-word span inside the normalised
-    prediction. Lenient (counts "Niger Niger Niger" for "Niger"): report it next to
-    exact_match, never instead of it. An empty gold never matches."""
-    pred = f" {normalize_answer(prediction)} "
-    for gold in golds:
-        norm = normalize_answer(gold)
-        if norm and f" {norm} " in pred:
-            return 1.0
-    return 0.0
+# normalisation, exact match and containment live in the leaf module text.py (the data layer
+# filters questions with them too); they are part of this module's interface as before
+from smf_lightning.text import contains_answer, exact_match, normalize_answer  # noqa: F401
 
 
 def token_f1(prediction: str, golds: Sequence[str]) -> float:
@@ -69,6 +41,32 @@ def token_f1(prediction: str, golds: Sequence[str]) -> float:
         recall = common / len(gold_tokens)
         best = max(best, 2 * precision * recall / (precision + recall))
     return best
+
+
+def extract_answer(generated: str, suffix: str) -> str:
+    """The answer part of a greedy continuation: first line, cut before the template's suffix
+    (its first non-space character followed by whitespace or the end, e.g. ". " for a
+    suffix "."). An answer that itself contains that character ("St. Louis") is cut too;
+    fact_recall therefore also accepts an exact match of the whole first line."""
+    line = generated.split("\n", 1)[0].strip()
+    marker = suffix.strip()[:1]
+    if marker:
+        cut = re.search(re.escape(marker) + r"(\s|$)", line)
+        if cut:
+            line = line[: cut.start()]
+    return line.strip()
+
+
+def recall_scores(generated: str, suffix: str, aliases: Sequence[str]) -> tuple[float, float]:
+    """(exact match, containment) of one greedy continuation against the aliases.
+
+    Exact match (the primary recall metric) compares the extracted answer — or the whole
+    first line — with each alias after SQuAD normalisation: "Niger Niger Niger" is not
+    "Niger" (docs/design.md §9). Containment is the lenient variant and does count such repeats.
+    """
+    line = generated.split("\n", 1)[0]
+    em = max(exact_match(extract_answer(generated, suffix), aliases), exact_match(line, aliases))
+    return em, contains_answer(line, aliases)
 
 
 def normalized_choice(logprob_sums: Sequence[float], lengths: Sequence[float]) -> int:

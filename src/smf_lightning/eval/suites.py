@@ -32,9 +32,9 @@ import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from smf_lightning.data.facts import Fact, FactTemplate, recall_scores, seeded_order
+from smf_lightning.data.facts import Fact, FactTemplate, seeded_order
 from smf_lightning.data.sources import ChoiceItem, MathItem, PassageItem, QAItem, load_source
-from smf_lightning.eval.metrics import Aggregate, aggregate, exact_match, normalized_choice, token_f1
+from smf_lightning.eval.metrics import Aggregate, aggregate, exact_match, normalized_choice, recall_scores, token_f1
 from smf_lightning.eval.scoring import (
     encode_context_continuation,
     generate_greedy,

@@ -42,15 +42,23 @@ class MemoryMLP(nn.Module):
         return out if self.mlp is None else self.mlp(x) + out
 
 
+# The architectures tests/test_architectures.py retrofits and trains an SMF step on (tiny random
+# models of each: models/tiny.py TINY_ARCHITECTURES); the errors below name them.
+TESTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM",
+                        "Gemma2ForCausalLM", "Phi3ForCausalLM", "GPT2LMHeadModel")
+SUPPORTED = ("Hugging Face causal LMs whose decoder layers each have an `mlp` submodule (tested: "
+             + ", ".join(TESTED_ARCHITECTURES) + "; SmolLM2 is a Llama)")
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layer list of an HF causal LM (Qwen2, Llama, Mistral, ... all use ``.mlp``)."""
+    """The decoder layer list of an HF causal LM: the first non-empty ``nn.ModuleList`` whose
+    modules all have an ``.mlp`` (Qwen2, Llama, Mistral, Qwen3, Gemma2, Phi3, GPT-2, ...)."""
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and len(module) and all(hasattr(m, "mlp") for m in module):
             return module
     raise ValueError(
         f"{type(model).__name__} has no list of decoder layers with an `mlp` submodule, so memory "
-        f"layers cannot be retrofitted. Supported: HF causal LMs whose decoder layers have `.mlp` "
-        f"(Qwen2, Llama/SmolLM2, Mistral, ...)."
+        f"layers cannot be retrofitted. Supported: {SUPPORTED}."
     )
 
 

@@ -11,7 +11,7 @@ One recipe, three steps (cf. torchtune's recipes):
    Trainer (conf/trainer/);
 2. run: ``trainer.fit`` over the stream; the method decides what each step trains (methods/smf.py:
    the slot selector of selection/ and the sparse optimizer of optim/), the data module the
-   schedule of tasks and batches (data/datamodule.py);
+   schedule of tasks and batches (streams/datamodule.py);
 3. save: the evaluation callback has written every output file after each point
    (callbacks/evaluation.py) and the checkpoint callback ``last.ckpt`` after each task, so a
    stopped run keeps its completed tasks; here the loggers close and the summary comes back.
@@ -68,13 +68,22 @@ def check_config(cfg: DictConfig) -> None:
     check_callbacks_config(cfg)
 
 
+# data._target_ of configs saved before the data module moved out of data/ (a run's .hydra/config.yaml,
+# e.g. one experiments/diag_rephrased.py rebuilds): the same class at its place now
+MOVED_DATA_TARGETS = {
+    "smf_lightning.data.datamodule.FactStreamDataModule": "smf_lightning.streams.datamodule.FactStreamDataModule",
+}
+
+
 def build_datamodule(cfg: DictConfig, model, tokenizer):
     """The fact stream; probing for unknown facts runs on the starting model (before retrofit)."""
     from hydra.utils import instantiate
 
-    from ..data.datamodule import FactStreamDataModule
+    from ..streams.datamodule import FactStreamDataModule
 
-    dm = instantiate(cfg.data, tokenizer=tokenizer, probe_model=model, _convert_="all")
+    moved = MOVED_DATA_TARGETS.get(str(cfg.data.get("_target_")))
+    dm = instantiate(cfg.data, tokenizer=tokenizer, probe_model=model, _convert_="all",
+                     **({"_target_": moved} if moved else {}))
     if not isinstance(dm, FactStreamDataModule):
         raise ConfigError(f"data._target_ must be a FactStreamDataModule, got {type(dm).__name__}")
     dm.setup()
@@ -164,7 +173,7 @@ class ContinualRecipe:
 
         if not starts_from_base(cfg):
             return None
-        from ..data.facts import model_fingerprint
+        from ..eval.probe import model_fingerprint
 
         base_fp = dm.model_fingerprint or model_fingerprint(model)  # of the base model, before any retrofit
         return BeforeEvalCache(Path(cfg.paths.cache_dir) / "before_eval", before_eval_key(cfg, dm, base_fp))

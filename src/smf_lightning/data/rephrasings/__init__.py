@@ -25,7 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from smf_lightning.errors import ConfigError
-from smf_lightning.eval.metrics import normalize_answer
+from smf_lightning.text import normalize_answer
 
 BUILTIN = "builtin"
 BUILTIN_FILE = Path(__file__).with_name("triviaqa.jsonl")

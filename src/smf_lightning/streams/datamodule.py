@@ -13,6 +13,12 @@ to probe, which the training script passes in.
         dm.set_task(i)
         trainer.fit(module, train_dataloaders=dm.train_dataloader())
         for j in dm.seen_tasks: dm.recall_suites(j)["qa"].evaluate(model, tok, dm.eval_batch_size)
+
+It composes the two layers below it (streams/__init__.py): the data layer's units (data/:
+sources, facts and templates, facts files, documents, rephrasings, rewording filters) and the
+evaluation layer's (eval/: the probe of what the base model knows, greedy generation for
+rewordings, the held-out and recall suites); the background corpus's items come from
+streams/background.py.
 """
 
 from __future__ import annotations
@@ -29,19 +35,14 @@ from torch.utils.data import DataLoader
 from smf_lightning.data import documents
 from smf_lightning.data.fact_file import FactFile, FactFileError, FactFileSpec, read_fact_file, stream_shortfall
 from smf_lightning.data.facts import (
-    DEFAULT_PROBE_PROMPT,
     LOSS_ON,
     Fact,
     FactTemplate,
     TrainingExample,
     collate_examples,
     check_stream_size,
-    default_cache_dir,
     encode_example,
     make_templates,
-    model_fingerprint,
-    probe_cache_file,
-    probe_model,
     qa_item_to_fact,
     seeded_order,
     split_into_tasks,
@@ -52,10 +53,19 @@ from smf_lightning.data.rewording import STYLES as REWORDING_STYLES
 from smf_lightning.data.rewording import generate_rewordings, keep_rewordings, reword_cache_file
 from smf_lightning.data.rephrasings import builtin_stream_ids, check_rephrasings, read_rephrasings
 from smf_lightning.data.sources import PassageItem, QAItem, load_source
-from smf_lightning.eval.metrics import normalize_answer
-from smf_lightning.eval.scoring import pad_token_id
+from smf_lightning.eval import scoring
 from smf_lightning.eval.custom_suites import build_custom_suite, check_suite_config, is_custom
-from smf_lightning.eval.suites import REPHRASED, FactRecallSuite, build_suite, evaluate_task_recall, suite_subset_order
+from smf_lightning.eval.probe import (
+    DEFAULT_PROBE_PROMPT,
+    default_cache_dir,
+    model_fingerprint,
+    probe_cache_file,
+    probe_model,
+)
+from smf_lightning.eval.scoring import pad_token_id
+from smf_lightning.eval.suites import REPHRASED, FactRecallSuite, build_suite, evaluate_task_recall
+from smf_lightning.streams.background import BACKGROUND_SOURCES, background_items
+from smf_lightning.text import normalize_answer
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +73,6 @@ FACT_SOURCES = ("triviaqa", "synthetic", "file", "documents")
 SCHEDULES = ("sequential", "interleaved")
 KNOWN_SUITE = "triviaqa_known"
 FILE_KNOWN_SUITE = "file_known"  # facts=file with known_items > 0: the file's records the model answers
-BACKGROUND_SOURCES = ("lambada", "triviaqa", "nq_open", "synthetic")
 
 
 class FactStreamDataModule(L.LightningDataModule):
@@ -519,46 +528,17 @@ class FactStreamDataModule(L.LightningDataModule):
         return [qa_item_to_fact(it) for it in known[:n_items]]
 
     def _build_background(self) -> None:
-        self._background_passages, self._background_facts = [], []
-        n_synthetic = self.background_sizes.get("synthetic", 0)
-        if n_synthetic:
-            # The generator is sequential: facts after the stream's first n_tasks*facts_per_task
-            # are new inventions, never stream facts (whatever the fact source).
-            needed = self.n_tasks * self.facts_per_task
-            self._background_facts += synthetic_facts(needed + n_synthetic, self.seed)[needed:]
-        n_trivia = self.background_sizes.get("triviaqa", 0)
-        if n_trivia:
-            # The end of the probe pool's seeded order: never probed, never stream facts.
-            data = load_source("triviaqa", source=self.source, data_root=self.data_root)
-            order = seeded_order(len(data), self.seed, "triviaqa/pool")
-            self._background_facts += [qa_item_to_fact(data.items[p]) for p in reversed(order[len(data) - n_trivia:])]
-        n_lambada = self.background_sizes.get("lambada", 0)
-        if n_lambada:
-            data = load_source("lambada", source=self.source, data_root=self.data_root)
-            order = self._background_order("lambada", len(data), n_lambada)
-            self._background_passages = [data.items[i] for i in order]
-        n_nq = self.background_sizes.get("nq_open", 0)
-        if n_nq:
-            data = load_source("nq_open", source=self.source, data_root=self.data_root)
-            order = self._background_order("nq_open", len(data), n_nq)
-            self._background_facts += [qa_item_to_fact(data.items[i]) for i in order]
-
-    def _background_order(self, name: str, n_total: int, n_background: int) -> list[int]:
-        """The last items of the suite's seeded permutation: disjoint from the suite's first items."""
-        opts = self.suite_options.get(name, {})
-        n_suite = 0 if is_custom(opts) else int(opts.get("n_items", 0))  # a suite of one's own reads other data
-        if n_suite + n_background > n_total:
-            raise ValueError(
-                f"{name}: suite n_items ({n_suite}) + background ({n_background}) exceed the {n_total} items; lower one."
-            )
-        order = suite_subset_order(name, n_total, self.seed)
-        return list(reversed(order[n_total - n_background:]))
+        """The background corpus's items (streams/background.py)."""
+        self._background_facts, self._background_passages = background_items(
+            self.background_sizes, stream_size=self.n_tasks * self.facts_per_task, seed=self.seed,
+            suite_options=self.suite_options, source=self.source, data_root=self.data_root)
 
     def _kept_rewordings(self, facts: Sequence[Fact], n_styles: int) -> tuple[dict[str, tuple[str, ...]], Counter]:
         """(fact id -> its usable rewordings, counts by reason): each question rewritten in the first
         ``n_styles`` prompt styles by the generator (cached), then filtered (data/rewording.py)."""
         raw = generate_rewordings(self.probe_model, self.tokenizer, [f.question for f in facts], n_styles,
-                                  self.rewording_max_new_tokens, self.generation_batch_size, self._rewording_cache())
+                                  self.rewording_max_new_tokens, self.generation_batch_size, self._rewording_cache(),
+                                  generate=scoring.generate_greedy)  # looked up per call
         counts: Counter = Counter()
         kept = {}
         for f in facts:
