@@ -35,7 +35,7 @@ RUNS = runs_dir("rephrase")
 RESULTS = HERE / "results" / "rephrase"
 MARKERS = ("<!-- rephrase-table:start -->", "<!-- rephrase-table:end -->")
 
-ROWS = ("dev_recipe", "dev_rewordings3", "dev_rewordings3_gate0.3")
+ROWS = ("dev_recipe", "dev_rewordings3", "dev_rewordings3_gate0.3", "dev_rewordings6_within")
 SUITES = ("nq_open", "hellaswag", "gsm8k", "lambada")
 
 
