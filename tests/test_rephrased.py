@@ -257,6 +257,14 @@ def test_rewording_groups_for_whitening_hold_a_background_question_and_its_rewor
     stream = {f.question for f in dm.task_facts(0)}
     assert not any(s in t for s in stream for t in texts) and not any("Quartzine" in t for t in texts)
     assert dm.rewording_cache_name().startswith("rewordings-")
+    # the whitening's cache key holds what it is fitted on: fewer styles, other groups, another key
+    from smf_lightning.models.build import batches_digest
+
+    dm.rewordings = 2
+    fewer = dm.rewording_group_batches(4, questions_per_batch=3)
+    assert [b["groups"].tolist() for b in fewer][0] == [0] * 3 + [1] * 3 + [2] * 3
+    assert batches_digest(fewer) != batches_digest(batches)
+    assert batches_digest(dm.rewording_group_batches(4, questions_per_batch=3)) == batches_digest(fewer)
     from smf_lightning.memory import MemoryConfig
 
     with pytest.raises(ValueError, match="within_groups='wordings'; allowed: 'templates', 'rewordings'"):

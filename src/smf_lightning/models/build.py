@@ -82,7 +82,9 @@ def input_whitening(cfg: DictConfig, model, dm) -> dict:
         if cfg.model.memory.get("within_groups", "templates") == "rewordings":
             # one question and its model-written rewordings per group (data/rewording.py)
             groups = dm.rewording_group_batches(n)
-            key["rewording_groups"] = {"questions": n, "generator": dm.rewording_cache_name()}
+            # the groups' token ids themselves: the kept rewordings depend on the styles, filters and generator
+            key["rewording_groups"] = {"questions": n, "generator": dm.rewording_cache_name(),
+                                       "content": batches_digest(groups)}
             batches = lambda: groups  # noqa: E731
         else:
             # one question under every training template per group: the within-question covariance
@@ -93,6 +95,19 @@ def input_whitening(cfg: DictConfig, model, dm) -> dict:
         loss_tokens_only=cfg.model.memory.get("whiten_on", "all") == "loss",
         progress=bool(cfg.trainer.enable_progress_bar),
     )
+
+
+def batches_digest(batches: list[dict]) -> str:
+    """A digest of collated batches' token ids, attention masks and groups (what a fit reads)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=12)
+    for batch in batches:
+        for name in ("input_ids", "attention_mask", "groups"):
+            if name in batch:
+                h.update(name.encode())
+                h.update(batch[name].cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def init_keys(cfg: DictConfig, model, batches) -> dict | None:
