@@ -55,21 +55,7 @@ def tiny_tokenizer():
 
 
 def tiny_qwen2_config(num_layers: int = TINY_LAYERS, hidden: int = 64, tie: bool = False):
-    from transformers import Qwen2Config
-
-    return Qwen2Config(
-        vocab_size=TINY_VOCAB,
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=tie,
-        eos_token_id=0,
-        pad_token_id=1,
-        bos_token_id=0,
-    )
+    return tiny_config("qwen2", num_layers, hidden, tie)
 
 
 def tiny_qwen2(seed: int = 0, num_layers: int = TINY_LAYERS, hidden: int = 64, tie: bool = False):
