@@ -305,3 +305,47 @@ def test_unsupported_hub_id_in_the_cache_is_refused_before_loading(hub_cache, no
     (snapshot / "config.json").write_text(json.dumps({**cfg, "model_type": "t5", "architectures": ["T5Model"]}))
     with pytest.raises(ConfigError, match=rf"model.name='{REPO_ID}'.*'t5' \(T5Model\).*Supported: "):
         decoder_layer_count(model_cfg(REPO_ID).model)
+
+
+# ---- memory settings relative to the model: layers as fractions of the depth ----
+
+def test_a_fraction_of_the_depth_resolves_per_model_and_the_model_records_the_index():
+    from smf_lightning.memory.layer import resolve_layers
+
+    assert resolve_layers([0.625], 24) == [15] and resolve_layers([0.625], 30) == [18]  # Qwen2.5-0.5B, SmolLM2-135M
+    assert resolve_layers([0.25, 0.5, 0.75], 24) == [6, 12, 18] and resolve_layers([3, 0.5], 8) == [3, 4]
+    assert resolve_layers([0.29], 100) == [29]  # 0.29 * 100 is 28.999... in floating point
+    for model_type, n in (("qwen2", 4), ("llama", 6)):
+        model = retrofit(tiny_causal_lm(model_type, num_layers=n), MemoryConfig(**{**MEMORY, "layers": [0.5]}))
+        assert list(memory_layers(model)) == [n // 2] and model.memory_config.layers == [n // 2]
+        assert model.memory_config.to_dict()["layers"] == [n // 2]  # what summary.json's model.memory holds
+
+
+@pytest.mark.parametrize("layers, message", [
+    ([1.0], "neither a decoder layer index"), ([-1], r"index \[-1\] out of range"), ([True], "neither"),
+    ([0.5, 2], "names a layer twice on a model of 4 decoder layers"), ([0.99, 4], r"index \[4\] out of range"),
+])
+def test_bad_layer_settings_are_refused_with_the_resolved_layers(layers, message):
+    with pytest.raises(ValueError, match=message):
+        MemoryConfig(**{**MEMORY, "layers": layers}).validate(n_layers=4)
+
+
+def test_memory_presets_place_the_memory_by_depth_on_each_model(tmp_path, no_weight_loading):
+    """conf/memory/: the recipe's one layer at 5/8 of the depth and the seed paper's three at 1/4, 1/2,
+    3/4, whatever the model; the config check resolves them against the model it will load."""
+    from smf_lightning.config import validate_config
+
+    folder = tmp_path / "my-llama"
+    save_tiny(folder)  # 3 decoder layers
+    over = ["model.source=hub", f"model.name={folder}", "model.memory.n_slots=256", "model.memory.knn=4",
+            "method.top_t=4"]
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from smf_lightning.train import conf_dir
+
+    for preset, layers in (("recipe", [0.625]), ("seed_paper", [0.25, 0.5, 0.75])):
+        with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+            cfg = hydra_compose("train", overrides=["model=smollm2-135m", f"memory={preset}", *over])
+        assert list(cfg.model.memory.layers) == layers
+        validate_config(cfg)  # 3 layers: recipe -> [1], seed paper -> [0, 1, 2]

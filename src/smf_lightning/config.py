@@ -50,7 +50,8 @@ def validate_config(cfg: DictConfig) -> None:
         _need(mem.get("key_init", "random") in ("random", "kmeans"), "model.memory.key_init", mem.get("key_init"), "random | kmeans")
         _need(not (mem.get("output") == "direct" and mem.get("v_dim") is not None), "model.memory.v_dim", mem.get("v_dim"),
               "null with model.memory.output=direct (value rows live in the residual stream)")
-        _need(len(mem.layers) >= 1 and all(int(i) >= 0 for i in mem.layers), "model.memory.layers", OmegaConf.to_container(mem.layers), "a non-empty list of decoder layer indices >= 0")
+        _need(len(mem.layers) >= 1, "model.memory.layers", OmegaConf.to_container(mem.layers),
+              "a non-empty list of decoder layer indices >= 0 or fractions of the depth in (0, 1)")
         # Everything else (output, input_norm, whiten_on, score_scale, layers against the model's
         # depth) is checked by the memory config itself, the same check the retrofit runs.
         from .memory.layer import MemoryConfig

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -54,9 +54,10 @@ INPUT_NORMS = ("none", "whiten", "center", "zca", "zca_within")
 
 @dataclass
 class MemoryConfig:
-    """Shape and placement of the memory layers. Defaults live in conf/model/*.yaml."""
+    """Shape and placement of the memory layers. Defaults live in conf/memory/*.yaml (model.memory)."""
 
-    layers: list[int] = field(default_factory=lambda: [12])  # decoder layer indices that get a memory
+    # decoder layers that get a memory: indices, or fractions of the depth in (0, 1) (resolve_layers)
+    layers: list[int | float] = field(default_factory=lambda: [12])
     n_slots: int = 16384  # N, a perfect square: sqrt(N) sub-keys per half
     heads: int = 4  # query heads; all share the value table
     knn: int = 16  # slots read per head and token (also the sub-key top-k)
@@ -147,20 +148,47 @@ class MemoryConfig:
             raise ValueError(f"memory.mode={self.mode!r}; allowed: 'additive', 'replace'.")
         if not self.layers:
             raise ValueError("memory.layers is empty; give at least one decoder layer index, e.g. [12].")
-        if len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"memory.layers={list(self.layers)} has duplicates.")
+        negative = [i for i in self.layers if _is_index(i) and i < 0]
+        if negative:
+            raise ValueError(f"memory.layers={list(self.layers)}: index {negative} out of range; a decoder layer index "
+                             "is >= 0 (or give a fraction of the depth in (0, 1)).")
+        bad = [f for f in self.layers if not _is_index(f) and not (isinstance(f, float) and 0.0 < f < 1.0)]
+        if bad:
+            raise ValueError(f"memory.layers={list(self.layers)}: {bad[0]!r} is neither a decoder layer index (an "
+                             "integer >= 0) nor a fraction of the model's depth (a number strictly between 0 and 1).")
         if n_layers is not None:
-            bad = [i for i in self.layers if not 0 <= i < n_layers]
+            resolved = resolve_layers(self.layers, n_layers)
+            if len(set(resolved)) != len(resolved):
+                raise ValueError(f"memory.layers={list(self.layers)} names a layer twice on a model of {n_layers} "
+                                 f"decoder layers ({resolved}).")
+            bad = [i for i in resolved if not 0 <= i < n_layers]
             if bad:
                 raise ValueError(
                     f"memory.layers={list(self.layers)}: index {bad} out of range; this model has "
                     f"{n_layers} decoder layers (valid: 0..{n_layers - 1})."
                 )
+        elif len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"memory.layers={list(self.layers)} has duplicates.")
+
+    def resolved(self, n_layers: int) -> MemoryConfig:
+        """This config with ``layers`` as decoder layer indices of a model of ``n_layers`` layers."""
+        return replace(self, layers=resolve_layers(self.layers, n_layers))
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["layers"] = list(d["layers"])
         return d
+
+
+def _is_index(layer) -> bool:
+    return isinstance(layer, int) and not isinstance(layer, bool)
+
+
+def resolve_layers(layers, n_layers: int) -> list[int]:
+    """Decoder layer indices of ``memory.layers``: an integer is an index; a number strictly between 0 and
+    1 is a fraction of the model's depth, the layer ``floor(f * n_layers)`` (0.625 of Qwen2.5-0.5B's 24
+    layers: 15; of SmolLM2-135M's 30: 18), so one setting places the memory on any model."""
+    return [layer if _is_index(layer) else math.floor(layer * n_layers + 1e-9) for layer in layers]
 
 
 @dataclass

@@ -66,6 +66,7 @@ def retrofit(model: nn.Module, cfg: MemoryConfig) -> nn.Module:
     """Add memory layers to ``model`` in place (and return it). Base weights are untouched."""
     layers = decoder_layers(model)
     cfg.validate(n_layers=len(layers))
+    cfg = cfg.resolved(len(layers))  # fractions of the depth as layer indices: what the model records
     if memory_layers(model):
         raise ValueError("model is already retrofitted with memory layers; retrofit a fresh base model.")
     hidden = model.config.hidden_size
