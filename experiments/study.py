@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # make train), every row on every machine also trains on the same stream and pairs with the same
 # before point. Files are keyed as in the project cache (model fingerprint, prompts, suites, items,
 # EVAL_FORMAT), so a changed setup computes anew.
-CACHE_SEED = ROOT / "experiments" / "study_cache"
+CACHE_SEED = ROOT / "src" / "smf_lightning" / "seed_cache"  # the package's seed (smf_lightning.assets.SEED_CACHE)
 
 
 def _cache_root() -> Path:

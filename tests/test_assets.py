@@ -354,3 +354,13 @@ def test_real_ensure_asset_is_fast_when_ready(monkeypatch):
     _forbid_slow_paths(monkeypatch)
     path = ensure_asset("qwen2.5-0.5b-offline")
     assert (path / "model.safetensors").stat().st_size > 2_000_000_000
+
+
+def test_the_package_ships_its_seed_cache_and_seeds_from_it_by_default(tmp_path):
+    """make train seeds from the package's own seed (not from a study's folder): the offline model's
+    probe and the built-in streams' 'before' points, copied into an empty cache, never over a file."""
+    for kind in assets.SEEDED_CACHES:
+        assert sorted((assets.SEED_CACHE / kind).glob("*.json")), kind
+    copied = assets.seed_cache(root=tmp_path)
+    assert {p.parent.name for p in copied} == set(assets.SEEDED_CACHES)
+    assert assets.seed_cache(root=tmp_path) == []

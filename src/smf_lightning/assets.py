@@ -632,19 +632,23 @@ def _lock(name: str):
 # Caches the runs compute from the base model and keep under cache_root()/<kind>/ as JSON, keyed by
 # everything that changes them (model fingerprint, prompts, suites, items, format version): which
 # TriviaQA facts the model knows (probes) and the evaluation before training (before_eval). A seed
-# folder of such files (experiments/study_cache/) spares a fresh machine recomputing them: ~20 of
+# folder of such files spares a fresh machine recomputing them: ~20 of
 # make train's first 37 minutes on a 2-core CPU. A file whose key matches nothing is never read,
 # so a changed model or setup computes anew.
 SEEDED_CACHES = ("probes", "before_eval")
+# The package's seed (an asset of its own, not a study's): the offline model's probes and the 'before'
+# evaluations of the built-in streams. Study drivers may add their points to it.
+SEED_CACHE = Path(__file__).with_name("seed_cache")
 
 
-def seed_cache(seed: Path, root: Path | None = None) -> list[Path]:
-    """Copy the seed folder's cache files (``seed/<kind>/*.json``, kinds SEEDED_CACHES) into the
-    project cache where it has no file of that name; never overwrites. Returns the files copied."""
+def seed_cache(seed: Path = SEED_CACHE, root: Path | None = None) -> list[Path]:
+    """Copy the seed folder's cache files (``seed/<kind>/*.json``, kinds SEEDED_CACHES; by default the
+    package's SEED_CACHE) into the project cache where it has no file of that name; never overwrites.
+    Returns the files copied."""
     seed = Path(seed)
     if not seed.is_dir():
         raise AssetError(f"cache seed folder {seed} does not exist; give the folder that holds probes/ and before_eval/ "
-                         f"(experiments/study_cache in the repository).")
+                         f"(the package's own: {SEED_CACHE}).")
     root = root or cache_root()
     copied = []
     for kind in SEEDED_CACHES:
@@ -684,7 +688,8 @@ def main(argv: list[str] | None = None) -> int:
     p_path.add_argument("name")
     p_seed = sub.add_parser("seed", help="copy computed cache files (probes, before evaluations) from a seed folder "
                                          "where the cache has none of that name")
-    p_seed.add_argument("folder", type=Path, help="the seed folder, e.g. experiments/study_cache")
+    p_seed.add_argument("folder", type=Path, nargs="?", default=SEED_CACHE,
+                        help=f"the seed folder (default: the package's, {SEED_CACHE})")
     args = parser.parse_args(argv)
 
     try:
