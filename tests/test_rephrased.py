@@ -269,3 +269,31 @@ def test_rewording_groups_for_whitening_hold_a_background_question_and_its_rewor
 
     with pytest.raises(ValueError, match="within_groups='wordings'; allowed: 'templates', 'rewordings'"):
         MemoryConfig(layers=[1], input_norm="zca_within", whiten_on="loss", within_groups="wordings").validate()
+
+
+def test_an_interrupted_rewording_generation_keeps_the_chunks_it_finished(tmp_path):
+    """Rewordings are saved chunk by chunk: a generation stopped midway (Ctrl-C, a killed job)
+    resumes from what it wrote and generates only the rest."""
+    from smf_lightning.data.rewording import CHUNK_BATCHES, generate_rewordings
+
+    questions = [f"Which river flows through city number {i}?" for i in range(10)]
+    cache = tmp_path / "rewordings.json"
+    calls = []
+
+    def generate(model, tokenizer, prompts, max_new_tokens, batch_size):
+        calls.append(len(prompts))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return [f"reworded {len(calls)}.{i}" for i in range(len(prompts))]
+
+    with pytest.raises(KeyboardInterrupt):
+        generate_rewordings(object(), None, questions, 2, 8, batch_size=2, cache_file=cache, generate=generate)
+    chunk = 2 * CHUNK_BATCHES
+    saved = json.loads(cache.read_text())
+    assert sum(len(v) for v in saved.values()) == chunk  # the first chunk, nothing of the interrupted one
+    calls.clear()
+    out = generate_rewordings(object(), None, questions, 2, 8, batch_size=2, cache_file=cache,
+                              generate=lambda m, t, p, n, b: [f"again {i}" for i in range(len(p))])
+    assert len(out) == 10 and all(len(v) == 2 for v in out.values())
+    firsts = [r for v in out.values() for r in v if r.startswith("reworded 1.")]
+    assert len(firsts) == chunk  # kept, not generated again
