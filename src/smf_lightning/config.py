@@ -12,15 +12,11 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .errors import ConfigError  # noqa: F401  (raised here; importers take it from here or errors.py)
+from .errors import need as _need
 
 SOURCES = ("auto", "hub", "offline", "tiny")
 MEMORY_MODES = ("additive", "replace")
 SUITES_AT = ("every_task", "first_last")  # callbacks.suites_at: when the held-out suites run
-
-
-def _need(cond: bool, key: str, value, allowed: str) -> None:
-    if not cond:
-        raise ConfigError(f"bad config: {key}={value!r}; allowed: {allowed}. Fix it on the command line, e.g. `{key}=...`.")
 
 
 def validate_config(cfg: DictConfig) -> None:

@@ -6,6 +6,12 @@ class ConfigError(ValueError):
     """A config value is invalid; the message names the key and the allowed values."""
 
 
+def need(cond: bool, key: str, value, allowed: str) -> None:
+    """ConfigError naming ``key``, its ``value`` and what is ``allowed`` unless ``cond``."""
+    if not cond:
+        raise ConfigError(f"bad config: {key}={value!r}; allowed: {allowed}. Fix it on the command line, e.g. `{key}=...`.")
+
+
 def target_class(key: str, target: str, base: type, prefix: str = "") -> type:
     """The class a config's ``_target_`` names, checked to be a subclass of ``base``; a
     ConfigError naming ``key`` otherwise (it cannot be imported, or is something else)."""

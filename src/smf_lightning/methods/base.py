@@ -22,11 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-
-
-def _need(cond: bool, key: str, value, allowed: str) -> None:
-    if not cond:
-        raise ConfigError(f"bad config: {key}={value!r}; allowed: {allowed}. Fix it on the command line, e.g. `{key}=...`.")
+from ..errors import need as _need
 
 
 _CONFIG_CLASSES: list[type] = []  # every MethodConfig subclass defined (their keys are no typo)
@@ -83,7 +79,7 @@ class MethodConfig:
         from omegaconf import DictConfig, OmegaConf
 
         data = OmegaConf.to_container(mapping, resolve=True) if isinstance(mapping, DictConfig) else dict(mapping)
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = cls.keys()
         # another method's keys (an experiment written for SMF run with method=lora keeps SMF's
         # settings in cfg.method) are not this method's to read: dropped, and said so
         foreign = sorted(k for k in set(data) - known if any(k in c.keys() for c in _CONFIG_CLASSES))
