@@ -188,3 +188,23 @@ def test_register_selector_makes_a_name():
         SELECTORS.pop("test_busiest")
     with pytest.raises(ValueError, match="not a Selector subclass with a name"):
         register_selector(int)
+
+
+def test_lora_trains_only_its_adapters_as_its_yaml_says(tmp_path):
+    """The LoRA baseline from conf/method/lora.yaml: peft adapters on the named modules, rank r, and
+    nothing else trainable; one optimizer step moves adapter weights only."""
+    from smf_lightning.methods import build_method
+    from smf_lightning.models.tiny import tiny_qwen2
+
+    cfg = tiny_cfg(tmp_path, "method=lora", "method.r=4", "method.target_modules=[q_proj,v_proj]")
+    module = build_method(dict(cfg.method), tiny_qwen2())
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n and (".q_proj." in n or ".v_proj." in n) for n in trainable), sorted(trainable)
+    assert {p.shape[0] for n, p in module.named_parameters() if "lora_A" in n} == {4}
+    frozen = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
+    opt = module.configure_optimizers()
+    ids = torch.randint(2, 500, (2, 8))
+    loss = module.lm_loss({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    loss.backward()
+    opt.step()
+    assert all(torch.equal(p, frozen[n]) for n, p in module.named_parameters() if n in frozen)

@@ -6,6 +6,7 @@ inside groups, each error naming the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from .errors import ConfigError  # noqa: F401  (raised here; importers take it from here or errors.py)
 from .errors import need as _need
 
+log = logging.getLogger(__name__)
 SOURCES = ("auto", "hub", "offline", "tiny")
 MEMORY_MODES = ("additive", "replace")
 SUITES_AT = ("every_task", "first_last")  # callbacks.suites_at: when the held-out suites run
@@ -25,6 +27,9 @@ def validate_config(cfg: DictConfig) -> None:
     # the method checks its own keys (its typed Config) and what it needs of the rest (check_run_config)
     method = method_class(cfg.method)
     method_cfg = method.Config.from_mapping(cfg.method)
+    ignored = sorted(k for k in cfg.method if method.Config.is_other_methods_key(k))
+    if ignored:
+        log.info("method %r ignores other methods' keys: %s", method_cfg.name, ", ".join(ignored))
 
     callbacks = cfg.get("callbacks", {})
     suites_at = callbacks.get("suites_at", "every_task")
@@ -46,8 +51,6 @@ def validate_config(cfg: DictConfig) -> None:
         _need(mem.get("key_init", "random") in ("random", "kmeans"), "model.memory.key_init", mem.get("key_init"), "random | kmeans")
         _need(not (mem.get("output") == "direct" and mem.get("v_dim") is not None), "model.memory.v_dim", mem.get("v_dim"),
               "null with model.memory.output=direct (value rows live in the residual stream)")
-        _need(len(mem.layers) >= 1, "model.memory.layers", OmegaConf.to_container(mem.layers),
-              "a non-empty list of decoder layer indices >= 0 or fractions of the depth in (0, 1)")
         # Everything else (output, input_norm, whiten_on, score_scale, layers against the model's
         # depth) is checked by the memory config itself, the same check the retrofit runs.
         from .memory.layer import MemoryConfig
@@ -154,8 +157,6 @@ def _architecture_layers(folder: Path, name: str) -> int | None:
     """The decoder-layer count of the causal LM ``folder``/config.json describes, from the same
     layer list the retrofit uses (memory/retrofit.py decoder_layers) on a model built on the meta
     device: no weights are read or allocated."""
-    import logging
-
     import torch
 
     from .memory.retrofit import SUPPORTED, decoder_layers
@@ -184,7 +185,7 @@ def _architecture_layers(folder: Path, name: str) -> int | None:
     except ValueError as e:  # no causal-LM class for this config (an encoder, a vision model, ...)
         raise unsupported(e) from None
     except Exception as e:  # a constructor that cannot run on the meta device: the retrofit checks after loading
-        logging.getLogger(__name__).debug("could not build %s on the meta device: %r", name, e)
+        log.debug("could not build %s on the meta device: %r", name, e)
         n = getattr(hf_config, "num_hidden_layers", None)
         return int(n) if n is not None else None
     try:

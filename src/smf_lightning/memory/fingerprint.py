@@ -18,7 +18,8 @@ from torch import nn
 from .retrofit import memory_layers
 
 
-def _tensor_digest(h, t: torch.Tensor) -> None:
+def tensor_digest(h, t: torch.Tensor) -> None:
+    """Feed ``t`` (dtype, shape and every byte) into the hashlib object ``h``."""
     t = t.detach().to("cpu").contiguous()
     h.update(f"{t.dtype}{tuple(t.shape)}".encode())
     if t.numel():
@@ -64,13 +65,13 @@ def fingerprint_model(model: nn.Module, base_samples_per_tensor: int = 64) -> st
             if not keyed and name in ("write_keys", "write_mass"):
                 continue
             h.update(name.encode())
-            _tensor_digest(h, p)
+            tensor_digest(h, p)
     named = [(n, t) for n, t in model.named_parameters() if id(t) not in memory_param_ids]
     named += [(n, t) for n, t in model.named_buffers() if id(t) not in memory_param_ids]
     for name, t in named:
         h.update(name.encode())
         flat = t.detach().reshape(-1)
         stride = max(1, flat.numel() // base_samples_per_tensor)
-        _tensor_digest(h, flat[::stride][:base_samples_per_tensor].clone() if flat.numel() else flat)
+        tensor_digest(h, flat[::stride][:base_samples_per_tensor].clone() if flat.numel() else flat)
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
     return h.hexdigest()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -26,7 +25,6 @@ from ..errors import need as _need
 
 
 _CONFIG_CLASSES: list[type] = []  # every MethodConfig subclass defined (their keys are no typo)
-log = logging.getLogger(__name__)
 
 
 def _coerce(value, annotation: str):
@@ -74,6 +72,11 @@ class MethodConfig:
         return {f.name for f in dataclasses.fields(cls)}
 
     @classmethod
+    def is_other_methods_key(cls, key: str) -> bool:
+        """Whether ``key`` is not this method's but some other method config's (no typo)."""
+        return key not in cls.keys() and any(key in c.keys() for c in _CONFIG_CLASSES)
+
+    @classmethod
     def from_mapping(cls, mapping: Any) -> MethodConfig:
         """The typed config of a ``cfg.method`` (a dict or DictConfig), validated."""
         from omegaconf import DictConfig, OmegaConf
@@ -81,11 +84,8 @@ class MethodConfig:
         data = OmegaConf.to_container(mapping, resolve=True) if isinstance(mapping, DictConfig) else dict(mapping)
         known = cls.keys()
         # another method's keys (an experiment written for SMF run with method=lora keeps SMF's
-        # settings in cfg.method) are not this method's to read: dropped, and said so
-        foreign = sorted(k for k in set(data) - known if any(k in c.keys() for c in _CONFIG_CLASSES))
-        if foreign:
-            log.info("method %r ignores other methods' keys: %s", data.get("name"), ", ".join(foreign))
-            data = {k: v for k, v in data.items() if k not in foreign}
+        # settings in cfg.method) are not this method's to read: dropped (config.validate_config says so)
+        data = {k: v for k, v in data.items() if k in known or not cls.is_other_methods_key(k)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"bad config: method.{unknown[0]} is not a key of method {data.get('name')!r} "

@@ -53,13 +53,7 @@ class LoRAFinetune(FullFinetune):
     def __init__(self, model, method_cfg: dict, background: dict | None = None, seed: int = 0):
         from peft import LoraConfig, get_peft_model
 
-        config = LoRAConfig.from_mapping({"name": self.method_name, **method_cfg})
-        cfg = LoraConfig(
-            r=config.r,
-            lora_alpha=config.alpha,
-            lora_dropout=config.dropout,
-            target_modules=list(config.target_modules),
-            task_type="CAUSAL_LM",
-        )
-        wrapped = get_peft_model(model, cfg)
-        ContinualLM.__init__(self, wrapped, method_cfg)  # keep peft's requires_grad flags
+        ContinualLM.__init__(self, model, method_cfg)  # not FullFinetune's: peft sets requires_grad
+        c = self.config
+        self.model = get_peft_model(model, LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout,
+                                                      target_modules=list(c.target_modules), task_type="CAUSAL_LM"))

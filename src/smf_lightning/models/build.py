@@ -101,12 +101,14 @@ def batches_digest(batches: list[dict]) -> str:
     """A digest of collated batches' token ids, attention masks and groups (what a fit reads)."""
     import hashlib
 
+    from ..memory.fingerprint import tensor_digest
+
     h = hashlib.blake2b(digest_size=12)
     for batch in batches:
         for name in ("input_ids", "attention_mask", "groups"):
             if name in batch:
                 h.update(name.encode())
-                h.update(batch[name].cpu().numpy().tobytes())
+                tensor_digest(h, batch[name])
     return h.hexdigest()
 
 

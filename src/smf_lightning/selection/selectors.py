@@ -184,12 +184,12 @@ def slot_counts(slot_ids: torch.Tensor, n_slots: int, weights: torch.Tensor | No
     return torch.bincount(ids.long(), minlength=n_slots)
 
 
-def _check_background(selector: str, counts: torch.Tensor, bg: BackgroundStats | None) -> None:
-    if not selector_class(selector).needs_background:
+def _check_background(selector: type[Selector], counts: torch.Tensor, bg: BackgroundStats | None) -> None:
+    if not selector.needs_background:
         return
     if bg is None:
         raise ValueError(
-            f"selector {selector!r} needs background statistics (bg=...); compute them with "
+            f"selector {selector.name!r} needs background statistics (bg=...); compute them with "
             f"smf_lightning.selection.load_or_compute_background_stats, or use selector 'tf'."
         )
     if bg.bg_count.numel() != counts.numel() or bg.df.numel() != counts.numel():
@@ -217,7 +217,7 @@ def score_slots(counts: torch.Tensor, selector: str, bg: BackgroundStats | None 
         )
     if counts.dim() != 1:
         raise ValueError(f"counts must be a 1-D tensor [n_slots], got shape {tuple(counts.shape)}.")
-    _check_background(selector, counts, bg)
+    _check_background(cls, counts, bg)
     candidates = torch.nonzero(counts > 0).squeeze(1)
     scores = torch.zeros(counts.shape, dtype=torch.float64, device=counts.device)
     scores[candidates] = cls().score(counts, candidates, bg)
@@ -258,7 +258,7 @@ def select_slots(
                 f">= 1 (e.g. method.top_t=500), or use selector 'all' for no budget."
             )
         top_t = int(top_t)
-    _check_background(selector, counts, bg)
+    _check_background(cls, counts, bg)
 
     allowed = counts > 0
     if exclude is not None:

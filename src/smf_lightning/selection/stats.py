@@ -35,7 +35,7 @@ def hub_share(counts: torch.Tensor, top_frac: float = 0.01) -> float:
 
 def kl_batch_background(counts: torch.Tensor, bg: BackgroundStats) -> float:
     """KL(p_batch ‖ p_bg) in nats, with the add-one smoothed background of the ``kl`` selector."""
-    _check_background("kl", counts, bg)
+    _check_background(KLSelector, counts, bg)
     candidates = torch.nonzero(counts > 0).squeeze(1)
     if candidates.numel() == 0:
         return 0.0

@@ -158,7 +158,8 @@ class FactStreamDataModule(L.LightningDataModule):
         for key, value in dict(train_batch_size=train_batch_size, repeats_per_batch=repeats_per_batch,
                                eval_batch_size=eval_batch_size, generation_batch_size=generation_batch_size,
                                background_batch_size=background_batch_size,
-                               probe_batch_size=probe_batch_size, max_seq_len=max_seq_len).items():
+                               probe_batch_size=probe_batch_size, max_seq_len=max_seq_len,
+                               epochs_per_task=epochs_per_task).items():
             if value < 1:
                 raise ValueError(f"{key} must be >= 1, got {value}")
         self.tokenizer = tokenizer
@@ -174,8 +175,6 @@ class FactStreamDataModule(L.LightningDataModule):
         self.loss_on = loss_on
         if schedule not in SCHEDULES:
             raise ValueError(f"Unknown schedule {schedule!r}; use one of: {', '.join(SCHEDULES)}.")
-        if epochs_per_task < 1:
-            raise ValueError(f"epochs_per_task must be >= 1, got {epochs_per_task}")
         self.schedule = schedule
         self.epochs_per_task = epochs_per_task
         self.train_batch_size = train_batch_size
