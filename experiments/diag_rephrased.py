@@ -34,30 +34,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 
 def load_run(run_dir: Path):
+    """The run's config, model (as after its last task), tokenizer, data module and memory layers
+    (smf_lightning.product.open.load_run: what every product command opens a run with)."""
     from smf_lightning.memory import memory_layers
-    from smf_lightning.models import build as M
-    from smf_lightning.stages.continual import build_datamodule
+    from smf_lightning.product.open import load_run as open_run
 
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    model, tok, info = M.load_model(cfg)
-    dm = build_datamodule(cfg, model, tok)
-    model = M.maybe_retrofit(cfg, model, info)
-    M.prepare_memory(cfg, model, info, dm)
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
-    missing = set(state) - set(model.state_dict())
-    if missing:
-        raise SystemExit(f"checkpoint tensors not in the model: {sorted(missing)[:3]}")
-    model.load_state_dict(state, strict=False)
-    mems = memory_layers(model)
-    for i, (rows, keys, mass) in ckpt.get("write_keys", {}).items():
-        mems[int(i)].clear_writes()
-        mems[int(i)].add_writes(rows, keys, mass)
-    return cfg, model.eval(), tok, dm, mems
+    run = open_run(run_dir)
+    return run.config, run.model, run.tokenizer, run.datamodule, memory_layers(run.model)
 
 
 @torch.no_grad()

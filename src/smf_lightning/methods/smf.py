@@ -24,6 +24,10 @@ The recipe levers of DOTS (experiments/RECIPE.md), each a key of conf/method/smf
   softmax weight (read mass), so the budget goes to the slots that carry a position's output
   rather than to the 32nd-best match it barely reads (experiments/RECIPE.md: with a sharp softmax a fact's
   few best slots carry most of each answer position's output).
+- the fact ledger (memory/ledger.py): every step records, before it moves them, the pre-stream
+  content of rows updated for the first time and the facts each row was updated for; it is saved
+  in the checkpoint and read by the product commands (export, forget, ask --explain). A model
+  loaded from an export carries the export's ledger (models/build.py): its rows count as owned.
 
 Data parallel (DDP; docs/usage.md "Scaling out"): every rank selects the same rows and applies the same update.
 The step's slot counts are summed over ranks before selection, rank 0's selection is
@@ -41,6 +45,7 @@ import torch
 
 from ..errors import ConfigError
 from ..memory import freeze_all_but_values, memory_layers
+from ..memory.ledger import FactLedger
 from ..optim import SlotAdam, SlotSGD
 from ..selection import distributed
 from ..selection.selectors import hub_count, hub_slots, loss_position_mask, select_slots, selector_class, slot_counts
@@ -191,6 +196,14 @@ class SparseMemoryFinetune(ContinualLM):
         # micro-batches, written into the updated rows' write keys at the step
         self.gated = [i for i, m in self.memories.items() if m.cfg.read_gate is not None]
         self._gate_reads: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        # which rows each fact wrote and what they held before (memory/ledger.py); a model from an
+        # export brings its ledger, whose rows earlier facts own: never selected again with exclude_owned
+        inherited = getattr(model, "fact_ledger", None)
+        self.ledger = inherited.continued() if inherited is not None else FactLedger()
+        for i in self.ledger.layers:
+            if i not in self.owned:
+                raise ValueError(f"the model's fact ledger names memory layer {i}, which the model does not have")
+            self.owned[i][self.ledger.owned_rows(i)] = True
 
     # ---- pickling (strategy=ddp_spawn sends the module to its processes) ---------------
     def __getstate__(self) -> dict:
@@ -257,8 +270,13 @@ class SparseMemoryFinetune(ContinualLM):
                 opt.state.clear()
         for sel in self._task_selected.values():
             sel.zero_()
+        dm = self.trainer.datamodule
+        if dm is not None:  # the task's facts into the ledger, with their questions and answers
+            facts = {f.id: f for f in dm.task_facts(dm.current_task)}
+            for fid in dict.fromkeys(ex.fact_id for ex in dm.training_examples(dm.current_task)):
+                f = facts.get(fid)  # None for a document's passage: no question of its own
+                self.ledger.describe(fid, self._ledger_task(), *((f.question, f.answer) if f else ()))
         if self.select_per == "fact":
-            dm = self.trainer.datamodule
             self.fact_slots = self.select_fact_slots(dm.training_examples(dm.current_task), dm.collate)
 
     def on_train_epoch_end(self) -> None:
@@ -385,11 +403,18 @@ class SparseMemoryFinetune(ContinualLM):
             self._task_selected[i][sel] = True
             selection[mem.values.weight] = sel.to(mem.values.weight.device)
         self.last_counts = self._counts
+        # before the rows move: their pre-stream content, and the facts they are updated for
+        self.ledger.record_step(self.memories, self.last_selection, self._batch_facts, self._ledger_task(),
+                                self.fact_slots if self.select_per == "fact" else None)
         opt.optimizer.set_selection(selection)
         opt.step()
         for i in self.gated:
             self._write_keys(i, self.memories[i], self.last_selection[i])
         return sum(int(s.numel()) * m.v_dim for s, m in zip(self.last_selection.values(), self.memories.values()))
+
+    def _ledger_task(self) -> int:
+        """The ledger's index of the task in progress (after an inherited ledger's tasks)."""
+        return self.ledger.first_task + (self.trainer.current_epoch if self._trainer is not None else 0)
 
     def _write_keys(self, i: int, mem, sel: torch.Tensor) -> None:
         """The step's loss-position reads of the rows it updated go into those rows' write keys
@@ -419,6 +444,7 @@ class SparseMemoryFinetune(ContinualLM):
         checkpoint["owned_slots"] = {i: torch.nonzero(self.owned[i] | self._task_selected[i]).squeeze(1)
                                      for i in self.owned}
         checkpoint["capacity_history"] = self._capacity_history()
+        checkpoint["fact_ledger"] = self.ledger.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -426,6 +452,8 @@ class SparseMemoryFinetune(ContinualLM):
             self.owned[int(i)].zero_()
             self.owned[int(i)][ids] = True
         self.capacity_history = list(checkpoint.get("capacity_history", []))
+        if "fact_ledger" in checkpoint:
+            self.ledger = FactLedger.from_state_dict(checkpoint["fact_ledger"])
         for i, (rows, keys, mass) in checkpoint.get("write_keys", {}).items():
             mem = self.memories[int(i)]
             mem.clear_writes()

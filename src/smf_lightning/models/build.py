@@ -2,9 +2,10 @@
 (stages/continual.py, stages/heal.py) and the experiment scripts get it from.
 
 In the order a stage calls them:
-1. :func:`load_model` — the starting model: a healed/retrofitted checkpoint
-   (``model.init_checkpoint``), the tiny test model (``model.source=tiny``), or a pretrained
-   base model (models/loading.py: hub, local directory, GGUF, offline catalogue);
+1. :func:`load_model` — the starting model: a healed/retrofitted checkpoint or a full export
+   (``model.init_checkpoint``; an export's fact ledger comes with it), the tiny test model
+   (``model.source=tiny``), or a pretrained base model (models/loading.py: hub, local
+   directory, GGUF, offline catalogue);
 2. :func:`maybe_retrofit` — memory layers added when the method trains them
    (``method.retrofit``; memory/retrofit.py), unless the model has them already;
 3. :func:`prepare_memory` — the memory's data-fitted parts on the background corpus:
@@ -35,10 +36,22 @@ def load_model(cfg: DictConfig):
     if mcfg.get("init_checkpoint"):
         from transformers import AutoTokenizer
 
+        from ..errors import ConfigError
+        from ..memory.ledger import FactLedger
+
         path = Path(mcfg.init_checkpoint)
-        model = load_retrofitted(path, dtype=dtype)
+        try:
+            model = load_retrofitted(path, dtype=dtype)
+        except FileNotFoundError as e:
+            raise ConfigError(f"bad config: model.init_checkpoint={str(path)!r}: {e} A delta export holds only what its "
+                              "run changed: continue from a full export (python -m smf_lightning.export RUN OUT).") from None
         tokenizer = AutoTokenizer.from_pretrained(path)
         info = dict(model.retrofit_meta.get("base", {}), init_checkpoint=str(path))
+        # an export's fact ledger (memory/ledger.py): a continued run keeps its facts and never
+        # overwrites their rows (methods/smf.py)
+        ledger = FactLedger.read(path)
+        if ledger is not None:
+            model.fact_ledger = ledger
     elif mcfg.source == "tiny":
         from .tiny import tiny_qwen2, tiny_tokenizer
 
