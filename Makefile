@@ -40,9 +40,10 @@ test: assets
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not real" $(PYTEST_ARGS)
 
+# The two benchmarks of the memory layer and the sparse optimizers (every tool: python experiments/run.py --list).
 bench: assets
-	$(BIN)/python experiments/bench_memory.py
-	$(BIN)/python experiments/bench_sparse_update.py
+	$(BIN)/python experiments/run.py bench memory
+	$(BIN)/python experiments/run.py bench sparse_update
 
 clean-venv:
 	rm -rf $(VENV)

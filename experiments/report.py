@@ -11,15 +11,15 @@ folder. Every figure comes from those files; nothing is typed in.
 
 Tables (``--table``):
 - ``headline``: learning, forgetting and held-out change per run, then the SMF rows' slot
-  statistics (experiments/REPORT.md, "headline");
+  statistics (experiments/headline/REPORT.md, "headline");
 - ``keys``: absolute held-out numbers before → after (the keys rows: k-means keys, healed replace
   memory); ``--heal heal_summary.json`` puts the healing run's table first;
 - ``tune``: the learning-rate search;
 - ``recipe``: recall, known facts kept and held-out changes with their paired 95% intervals
-  (experiments/results/recipe/recipe_table.md).
+  (experiments/recipe/results/recipe/recipe_table.md).
 - ``headline_v2``: the second headline comparison of methods: each row's settings, recall and known facts
   kept with their 95% intervals, every suite's relative change with its paired 95% interval, costs;
-  then the SMF rows' slot statistics (experiments/results/headline_v2/table.md).
+  then the SMF rows' slot statistics (experiments/headline/results/headline_v2/table.md).
 """
 
 from __future__ import annotations

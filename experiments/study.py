@@ -1,20 +1,33 @@
-"""What the study drivers (smf_recipe.py, headline_v2.py) share: where a study's runs live, the
-multirun command of its rows, the command that reproduces a finished row, and the launch.
+"""What the study drivers (recipe/smf_recipe.py, headline/headline_v2.py, rephrase.py) share: where
+a study's runs live, the multirun command of its rows, the command that reproduces a finished row,
+the archive of its finished rows' files, and the launch.
 
-A study is one Hydra multirun over row configs ``conf/experiment/<study>/<row>.yaml`` into a fixed
-sweep directory, one job folder per row; launched again, it skips the finished rows (summary.json)
-and resumes the stopped ones from their last task checkpoint (callbacks/sweep.py).
+A study lives in its own folder, ``experiments/<study>/``: its page, its driver, its row configs
+``conf/experiment/<sweep>/<row>.yaml`` (put on Hydra's search path by the multirun command, so
+``experiment=<sweep>/<row>`` composes; the product's conf/ knows nothing of them) and its results.
+A study is one Hydra multirun over its rows into a fixed sweep directory, one job folder per row;
+launched again, it skips the finished rows (summary.json) and resumes the stopped ones from their
+last task checkpoint (callbacks/sweep.py).
+
+The small files of every finished row (SMALL_FILES, items/) are committed as one archive per sweep,
+``results/<sweep>/rows.tar.xz``; the driver unpacks it beside itself (``results/<sweep>/<row>/``,
+ignored by git) and packs it again after its report, so the tables can be rebuilt and a fresh
+checkout does not run its committed rows again. Without an archive (rephrase.py) the row folders
+themselves are the committed copies.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
+import re
 import shutil
 import shlex
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import yaml
@@ -79,12 +92,22 @@ def runs_dir(study: str) -> Path:
     return Path(base) / study
 
 
-def multirun(study: str, rows, runs: Path) -> list[str]:
-    """The train CLI's arguments of the study's multirun over ``rows``."""
-    return ["-m", "experiment=" + ",".join(f"{study}/{r}" for r in rows), f"hydra.sweep.dir={runs}"]
+def search_path(conf: Path) -> str:
+    """The override that puts a study's config folder (``experiments/<study>/conf``, holding
+    ``experiment/<sweep>/<row>.yaml``) on Hydra's search path, written from the repository root
+    (the drivers launch from there)."""
+    conf = conf.resolve()
+    return f"hydra.searchpath=[file://{conf.relative_to(ROOT) if conf.is_relative_to(ROOT) else conf}]"
 
 
-# the small files of a finished row that a study's report keeps in experiments/results/<study>/<row>/
+def multirun(study: str, rows, runs: Path, conf: Path | None = None) -> list[str]:
+    """The train CLI's arguments of the study's multirun over ``rows``: the row configs
+    ``<conf>/experiment/<study>/<row>.yaml`` (``conf`` None: the rows are in conf/experiment/)."""
+    return ["-m", "experiment=" + ",".join(f"{study}/{r}" for r in rows), *([search_path(conf)] if conf else []),
+            f"hydra.sweep.dir={runs}"]
+
+
+# the small files of a finished row that a study's report keeps in results/<sweep>/<row>/
 SMALL_FILES = ("summary.json", "accuracy_matrix.csv", "accuracy_matrix_heldout_template.csv",
                "accuracy_matrix_rephrased.csv", "heldout.csv", "slot_stats.csv", "accuracy_matrix.png",
                "forgetting_curves.png", "slot_stats.png")
@@ -113,6 +136,60 @@ def item_points(run: Path) -> list[str]:
     return [p for p in ("before", *after[-1:]) if (run / "items" / p).is_dir()]
 
 
+ROWS_ARCHIVE = "rows.tar.xz"  # results/<sweep>/rows.tar.xz: the row folders beside it, packed
+
+
+def _archived(path: Path) -> bool:
+    """Whether a file of a row folder goes into the archive: the figures are left out (the run
+    draws them again from the CSVs; nothing reads them back)."""
+    return path.is_file() and path.suffix != ".png"
+
+
+def pack_rows(results: Path, archive: Path | None = None) -> Path | None:
+    """Pack every row folder under ``results`` (its files but the figures; the files directly in
+    ``results`` are committed as they are) into ``results/rows.tar.xz``, byte for byte the same
+    archive for the same files (sorted, no times or owners), so that git sees a change only when
+    a row's files changed. Rewritten only when different; None when there is no row folder."""
+    archive = archive or results / ROWS_ARCHIVE
+    files = sorted(p for d in results.iterdir() if d.is_dir() for p in d.rglob("*") if _archived(p)) if results.is_dir() else []
+    if not files:
+        return None
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:xz", preset=9, format=tarfile.PAX_FORMAT) as tar:
+        for p in files:
+            info = tarfile.TarInfo(p.relative_to(results).as_posix())
+            info.size, info.mode = p.stat().st_size, 0o644
+            with p.open("rb") as f:
+                tar.addfile(info, f)
+    if not archive.is_file() or archive.read_bytes() != buf.getvalue():
+        archive.write_bytes(buf.getvalue())
+    return archive
+
+
+def unpack_rows(results: Path, archive: Path | None = None) -> list[Path]:
+    """Unpack ``results/rows.tar.xz`` into ``results`` (or the given ``archive`` into ``results``):
+    a file not there yet, or there but older than the archive and different (an archive pulled
+    since, with a row run again elsewhere); a copy newer than the archive (a row just finished
+    here, packed by the next report) is kept. Returns the files written; none without an archive."""
+    archive = archive or results / ROWS_ARCHIVE
+    if not archive.is_file():
+        return []
+    packed_at = archive.stat().st_mtime
+    written = []
+    with tarfile.open(archive, mode="r:xz") as tar:
+        for member in tar.getmembers():
+            dest = (results / member.name).resolve()
+            if not member.isfile() or not dest.is_relative_to(results.resolve()):
+                continue  # only plain files inside the folder
+            data = tar.extractfile(member).read()
+            if dest.exists() and (dest.stat().st_mtime >= packed_at or dest.read_bytes() == data):
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(data)
+            written.append(dest)
+    return written
+
+
 def finished_rows(rows, runs: Path, results: Path) -> list[tuple[str, Path]]:
     """(row, folder) of each finished row in ``rows``' order: its run folder under ``runs``, or, on
     a machine without it (a fresh checkout), the copy of its small files in ``results``."""
@@ -125,15 +202,20 @@ def finished_rows(rows, runs: Path, results: Path) -> list[tuple[str, Path]]:
     return found
 
 
-def command_of(run: Path) -> str:
+def command_of(run: Path, conf: Path | None = None) -> str:
     """The command that ran the row, from the run's .hydra/overrides.yaml (or the command.txt that
-    copy_small_files kept); logger and ckpt_path overrides left out (they change no result)."""
+    copy_small_files kept); logger and ckpt_path overrides left out (they change no result). With
+    the study's config folder ``conf``, its search path is added (a run records only its own overrides)."""
     f = run / ".hydra" / "overrides.yaml"
     if not f.is_file() and (run / "command.txt").is_file():
-        return (run / "command.txt").read_text().strip()
-    overrides = yaml.safe_load(f.read_text()) if f.is_file() else []
-    kept = [o for o in overrides if not o.lstrip("+~").startswith(("logger.", "ckpt_path="))]
-    return shlex.join(["python", "-m", "smf_lightning.train", *kept])
+        command = (run / "command.txt").read_text().strip()
+    else:
+        overrides = yaml.safe_load(f.read_text()) if f.is_file() else []
+        kept = [o for o in overrides if not o.lstrip("+~").startswith(("logger.", "ckpt_path="))]
+        command = shlex.join(["python", "-m", "smf_lightning.train", *kept])
+    if conf is not None and "hydra.searchpath=" not in command:
+        command += " " + shlex.quote(search_path(conf))
+    return command
 
 
 def check_rows(args: list[str]) -> None:
@@ -148,7 +230,9 @@ def check_rows(args: list[str]) -> None:
     from smf_lightning.train import check, conf_dir
 
     sweep = next(a for a in args if a.startswith("experiment="))
-    fixed = [a for a in args if a not in ("-m", sweep) and not a.startswith("hydra.")]
+    # the study's config folder on the search path, from the repository root whatever the cwd
+    searched = [re.sub(r"file://(?!/)", f"file://{ROOT}/", a) for a in args if a.startswith("hydra.searchpath=")]
+    fixed = [a for a in args if a not in ("-m", sweep) and not a.startswith("hydra.")] + searched
     errors = []
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         for experiment in sweep.split("=", 1)[1].split(","):
@@ -185,6 +269,7 @@ def main(doc: str, rows: tuple[str, ...], multirun_of, report, runs: Path, resul
     unknown = set(args.only or []) - set(rows)
     if unknown:
         raise SystemExit(f"unknown rows {sorted(unknown)}; rows: {', '.join(rows)}")
+    unpack_rows(results)  # the committed rows' files, where the driver reads them
     if args.report:
         report()
         return
@@ -211,3 +296,22 @@ def main(doc: str, rows: tuple[str, ...], multirun_of, report, runs: Path, resul
         kept = keep_cache(prints - {None})
         if kept:
             print(f"kept {len(kept)} probe/before cache files in {CACHE_SEED}: commit them")
+
+
+def archives() -> list[Path]:
+    """Every study's committed rows archive: experiments/<study>/results/<sweep>/rows.tar.xz."""
+    return sorted(Path(__file__).resolve().parent.glob(f"*/results/*/{ROWS_ARCHIVE}"))
+
+
+if __name__ == "__main__":
+    # By hand, for a study without a driver (smollm) or to read the rows of every study at once;
+    # the drivers unpack and pack their own.
+    ap = argparse.ArgumentParser(description="unpack or pack a study's rows archive (results/<sweep>/rows.tar.xz)")
+    ap.add_argument("action", choices=("unpack", "pack"))
+    ap.add_argument("folders", nargs="*", type=Path, help="results/<sweep> folders (default: every study's)")
+    a = ap.parse_args()
+    for folder in a.folders or [p.parent for p in archives()]:
+        if a.action == "unpack":
+            print(f"{folder}: {len(unpack_rows(folder))} files unpacked")
+        else:
+            print(f"{folder}: {pack_rows(folder) or 'no row folder, nothing packed'}")

@@ -1,4 +1,4 @@
-"""experiments/claim.py: the claim of experiments/REPORT.md from the rows' per-item scores (matched recall,
+"""experiments/headline/claim.py: the claim of experiments/headline/REPORT.md from the rows' per-item scores (matched recall,
 paired worsening between rows, KL minus TF-IDF), on small run folders the test writes."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 pytestmark = pytest.mark.study  # the studies under experiments/, not the package
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
+sys.path[:0] = [str(ROOT / "experiments" / "headline"), str(ROOT / "experiments")]
 
 import claim  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""The SMF recipe levers (experiments/RECIPE.md) on the tiny model: direct output, input whitening, hub
+"""The SMF recipe levers (experiments/recipe/RECIPE.md) on the tiny model: direct output, input whitening, hub
 exclusion, slot ownership, per-fact selection, fresh optimizer state, interleaved schedule,
 and the known-facts suite. Exact invariants, seconds."""
 

@@ -1,8 +1,10 @@
 """Studies as Hydra experiment configs: every row of the headline study
-(conf/experiment/headline/) and of the SMF recipe study (conf/experiment/recipe/) composes to the
-config the old bespoke runners (experiments/headline.py, experiments/smf_recipe.py before the
-studies became configs) ran for that row: ``experiment=<row file>`` against the runner's base experiment plus its
-override list, both resolved, with the run directory as the only difference allowed."""
+(experiments/headline/conf/experiment/headline/) and of the SMF recipe study
+(experiments/recipe/conf/experiment/recipe/) composes, with its study's conf/ folder on Hydra's
+search path, to the config the old bespoke runners (experiments/headline.py, experiments/smf_recipe.py
+before the studies became configs) ran for that row: ``experiment=<row file>`` against the runner's
+base experiment plus its override list, both resolved, with the run directory as the only
+difference allowed. The row configs live in their study's folder, not in the product's conf/."""
 
 from __future__ import annotations
 
@@ -16,10 +18,12 @@ from omegaconf import OmegaConf, open_dict
 from smf_lightning.train import conf_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
+EXPERIMENTS = ROOT / "experiments"
+sys.path[:0] = [str(EXPERIMENTS / "headline"), str(EXPERIMENTS / "recipe"), str(EXPERIMENTS)]
 
 import headline  # noqa: E402  (the thin wrappers that print and launch the multiruns)
 import smf_recipe  # noqa: E402
+import study  # noqa: E402
 
 pytestmark = pytest.mark.study  # the studies under experiments/, not the package
 
@@ -112,7 +116,7 @@ def recipe_rows() -> dict[str, list[str]]:
     return out
 
 
-# (row file under conf/experiment, the old runner's overrides of its row, the job folder's name)
+# (row file under <study>/conf/experiment, the old runner's overrides of its row, the job folder's name)
 CASES: list[tuple[str, list[str], str]] = [
     *[(f"headline/{n}", ["experiment=facts_seq_report", *o], n) for n, o in {**ROWS, **KEYS_ROWS}.items()],
     *[(f"headline/tune/{n}", ["experiment=facts_seq_report", *TUNE_BASE, *o], n) for n, o in TUNE.items()],
@@ -121,10 +125,16 @@ CASES: list[tuple[str, list[str], str]] = [
 TUNE_DELETIONS = list(headline.TUNE_DELETIONS)  # on the tune multirun's command line: a file cannot delete
 
 
+# every study's config folder, on the search path of the configs composed here
+STUDY_CONFS = (smf_recipe.CONF, headline.CONF)
+SEARCH_ALL = "hydra.searchpath=[" + ",".join(f"file://{c}" for c in STUDY_CONFS) + "]"
+
+
 def composed(overrides: list[str]) -> tuple[dict, dict]:
-    """(the job's config, resolved, its run directory made a placeholder; hydra.sweep)."""
+    """(the job's config, resolved, its run directory made a placeholder; hydra.sweep), with
+    every study's conf/ folder on the search path."""
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        cfg = compose("train", overrides=[*overrides, SEARCH_ALL], return_hydra_config=True)
     sweep = OmegaConf.to_container(cfg.hydra.sweep)
     with open_dict(cfg):
         del cfg["hydra"]
@@ -137,9 +147,14 @@ def _repo_root_cwd(monkeypatch):
     monkeypatch.setenv("PWD", str(ROOT))  # paths.root_dir: the commands run from the repository root
 
 
+def row_files(conf: Path, sweep: str) -> set[str]:
+    """The row configs of a study's sweep: ``<conf>/experiment/<sweep>/**.yaml`` as ``experiment=`` names."""
+    root = conf / "experiment"
+    return {p.relative_to(root).with_suffix("").as_posix() for p in (root / sweep).rglob("*.yaml")}
+
+
 def test_every_row_file_is_a_case():
-    conf = Path(conf_dir()) / "experiment"
-    files = {str(p.relative_to(conf).with_suffix("")) for d in ("headline", "recipe") for p in (conf / d).rglob("*.yaml")}
+    files = row_files(headline.CONF, "headline") | row_files(smf_recipe.CONF, "recipe")
     assert files == {c for c, _, _ in CASES} | {"headline/heal_replace"}
     # the wrappers' studies are the old runners' rows, in the report's order
     assert (headline.ROWS, headline.KEYS_ROWS, headline.TUNE) == (tuple(ROWS), tuple(KEYS_ROWS), tuple(TUNE))
@@ -149,9 +164,28 @@ def test_every_row_file_is_a_case():
 def test_multirun_commands():
     args = headline.multirun("tune", ["lora_lr1e-3", "smf_adam_lr0.1"], ["trainer.max_time=00:01:00:00"])
     assert args == ["-m", "experiment=headline/tune/lora_lr1e-3,headline/tune/smf_adam_lr0.1", *TUNE_DELETIONS,
-                    "trainer.max_time=00:01:00:00", "hydra.sweep.dir=experiments/runs/headline_tune"]
+                    "trainer.max_time=00:01:00:00", "hydra.searchpath=[file://experiments/headline/conf]",
+                    "hydra.sweep.dir=experiments/runs/headline_tune"]
     assert smf_recipe.multirun(["old_defaults", "+zca"]) == \
-        ["-m", "experiment=recipe/old_defaults,recipe/+zca", f"hydra.sweep.dir={smf_recipe.RUNS}"]
+        ["-m", "experiment=recipe/old_defaults,recipe/+zca", "hydra.searchpath=[file://experiments/recipe/conf]",
+         f"hydra.sweep.dir={smf_recipe.RUNS}"]
+
+
+def test_study_configs_live_in_their_study_folder():
+    """A study's rows (and the base experiments only its rows use) are in ``experiments/<study>/conf``,
+    none in the product's conf/experiment/, and none shadows a product experiment: with the study's
+    folder on the search path, ``experiment=<name>`` must still mean the product's config."""
+    product = {p.relative_to(Path(conf_dir()) / "experiment").with_suffix("").as_posix()
+               for p in (Path(conf_dir()) / "experiment").rglob("*.yaml")}
+    for conf, sweeps, bases in ((smf_recipe.CONF, {"recipe"}, set()),
+                                (headline.CONF, {"headline", "headline_v2"}, {"facts_seq_report"})):
+        root = conf / "experiment"
+        assert conf.parent.parent == EXPERIMENTS, conf  # experiments/<study>/conf
+        assert {p.name for p in root.iterdir() if p.is_dir()} == sweeps, conf
+        assert {p.stem for p in root.glob("*.yaml")} == bases, conf
+        names = {p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml")}
+        assert not names & product, f"{conf} shadows product experiments {sorted(names & product)}"
+        assert not (Path(conf_dir()) / "experiment" / next(iter(sweeps))).exists()  # moved, not copied
 
 
 @pytest.mark.parametrize("row,old,name", CASES, ids=[c for c, _, _ in CASES])
@@ -169,36 +203,37 @@ def test_heal_replace_is_the_old_runners_healing_run():
 
 def test_row_files_open_with_their_command():
     for row, _, _ in CASES:
-        text = (Path(conf_dir()) / "experiment" / f"{row}.yaml").read_text()
+        conf = smf_recipe.CONF if row.startswith("recipe/") else headline.CONF
+        text = (conf / "experiment" / f"{row}.yaml").read_text()
         assert text.startswith("# @package _global_\n# ")
-        assert f"python -m smf_lightning.train -m experiment={row} " in text
+        # the command runs from the repository root: the study's folder on the search path
+        assert f"python -m smf_lightning.train -m experiment={row} '{study.search_path(conf)}' " in text
 
 
-def study_row_files() -> list[str]:
-    conf = Path(conf_dir()) / "experiment"
-    rows = {str(p.relative_to(conf).with_suffix("")) for d in ("headline", "headline_v2", "recipe", "rephrase")
-            for p in (conf / d).rglob("*.yaml")}
-    return ["heal", "facts_seq_test", *sorted(rows)]  # with the healing stage's own experiment and the test stream
+def study_row_files() -> list[tuple[str, Path | None]]:
+    """(experiment name, the study's conf folder to put on the search path; None: in conf/)."""
+    rows = [(r, headline.CONF) for d in ("headline", "headline_v2") for r in sorted(row_files(headline.CONF, d))]
+    rows += [(r, smf_recipe.CONF) for r in sorted(row_files(smf_recipe.CONF, "recipe"))]
+    rows += [(r, None) for r in sorted(row_files(Path(conf_dir()), "rephrase"))]  # the rephrase rows, still in conf/
+    return [("heal", None), ("facts_seq_test", None), *rows]  # with the healing stage's own experiment and the test stream
 
 
-@pytest.mark.parametrize("row", study_row_files())
-def test_every_study_row_passes_the_config_check(row):
+@pytest.mark.parametrize("row,conf", study_row_files(), ids=[r for r, _ in study_row_files()])
+def test_every_study_row_passes_the_config_check(row, conf):
     """The config checks a job makes at its start (study.check_rows, as the study drivers run
     them) accept every row of every study: a row that would stop at its start (smf_random_t300
     and smf_all once asked for hub exclusion, which needs the background statistics of
     kl/tfidf; experiment=heal inherited the recipe's read gate, which replace mode refuses)
     fails here, not in a sweep."""
-    import study
-
     deletions = TUNE_DELETIONS if row.startswith("headline/tune/") else []
-    study.check_rows(["-m", f"experiment={row}", *deletions])
+    study.check_rows(["-m", f"experiment={row}", *deletions, *([study.search_path(conf)] if conf else [])])
 
 
-# ---- the second headline study (conf/experiment/headline_v2/) ----
+# ---- the second headline study (experiments/headline/conf/experiment/headline_v2/) ----
 
 import headline_v2  # noqa: E402
 
-V2_DIR = Path(conf_dir()) / "experiment" / "headline_v2"
+V2_DIR = headline_v2.CONF / "experiment" / "headline_v2"
 
 
 # row -> (method, selector, top_t, lr): what the row's name promises
@@ -226,15 +261,15 @@ def test_headline_v2_rows_are_its_files_and_share_one_stream():
 
 
 def test_headline_v2_multirun_command():
+    assert headline_v2.CONF == headline.CONF  # one study folder, one search path: the page's two editions
     assert headline_v2.multirun(["lora_lr3e-4", "smf_kl_t100"]) == \
-        ["-m", "experiment=headline_v2/lora_lr3e-4,headline_v2/smf_kl_t100", f"hydra.sweep.dir={headline_v2.RUNS}"]
+        ["-m", "experiment=headline_v2/lora_lr3e-4,headline_v2/smf_kl_t100",
+         "hydra.searchpath=[file://experiments/headline/conf]", f"hydra.sweep.dir={headline_v2.RUNS}"]
 
 
 def test_a_fresh_checkout_keeps_committed_rows_and_runs_only_the_rest(tmp_path, monkeypatch, capsys):
     """study.main: a row finished in the runs folder or kept in the results folder (a fresh
     checkout has only the latter) is not launched again; the report reads it from where it is."""
-    import study
-
     runs, results = tmp_path / "runs", tmp_path / "results"
     for folder in (runs / "a", results / "b", results / "a"):
         folder.mkdir(parents=True)
@@ -260,16 +295,68 @@ def test_a_fresh_checkout_keeps_committed_rows_and_runs_only_the_rest(tmp_path, 
     assert capsys.readouterr().out.strip().endswith("smf_lightning.train -m c")
     with pytest.raises(SystemExit, match="unknown rows"):
         run("--only", "d")
+    # a row's command with its study's config folder: the search path the row needs, added once
+    conf = EXPERIMENTS / "recipe" / "conf"
+    assert study.command_of(results / "a", conf) == \
+        "python -m smf_lightning.train experiment=s/a 'hydra.searchpath=[file://experiments/recipe/conf]'"
+    (results / "a" / "command.txt").write_text(study.command_of(results / "a", conf))
+    assert study.command_of(results / "a", conf) == (results / "a" / "command.txt").read_text()
+
+
+def test_rows_archive_round_trip(tmp_path, monkeypatch, capsys):
+    """study.pack_rows packs the row folders (not the figures, not the files beside them) into
+    rows.tar.xz, the same bytes for the same files; study.unpack_rows puts them back, over a copy
+    older than the archive, not over a newer one; a fresh checkout with only the archive runs none
+    of its rows."""
+    import os
+
+    results = tmp_path / "results"
+    for row in ("a", "b"):
+        (results / row / "items" / "before").mkdir(parents=True)
+        (results / row / "summary.json").write_text(f'{{"row": "{row}"}}')
+        (results / row / "items" / "before" / "nq_open.csv").write_text("id,em\n1,1.0\n")
+        (results / row / "accuracy_matrix.png").write_bytes(b"png")
+    (results / "table.md").write_text("| row |\n")
+    archive = study.pack_rows(results)
+    assert archive == results / study.ROWS_ARCHIVE
+    first = archive.read_bytes()
+    (results / "a" / "summary.json").touch()  # a newer time, the same bytes: the same archive
+    assert study.pack_rows(results).read_bytes() == first
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / study.ROWS_ARCHIVE).write_bytes(first)
+    (fresh / "b").mkdir()
+    (fresh / "b" / "summary.json").write_text("newer")
+    written = study.unpack_rows(fresh)
+    assert sorted(p.relative_to(fresh).as_posix() for p in written) == \
+        ["a/items/before/nq_open.csv", "a/summary.json", "b/items/before/nq_open.csv"]
+    assert (fresh / "b" / "summary.json").read_text() == "newer" and not (fresh / "a" / "accuracy_matrix.png").exists()
+    assert not (fresh / "table.md").exists() and study.unpack_rows(fresh) == []
+    stale = fresh / "b" / "summary.json"  # a copy from before the archive was pulled: the archive's wins
+    os.utime(stale, (0, 0))
+    assert study.unpack_rows(fresh) == [stale.resolve()] and stale.read_text() == '{"row": "b"}'
+    assert study.pack_rows(tmp_path / "empty") is None
+
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / study.ROWS_ARCHIVE).write_bytes(first)
+    launched = []
+    monkeypatch.setattr(study, "launch", lambda cmd, where: launched.append(cmd))
+    monkeypatch.setattr(study, "check_rows", lambda cmd: None)
+    monkeypatch.setattr(study, "seed_cache", lambda: [])
+    monkeypatch.setenv("SMF_CACHE", str(tmp_path / "cache"))  # the cache kept after the launch: here, not in ~/.cache
+    monkeypatch.setattr(sys, "argv", ["driver"])
+    study.main("doc", ("a", "b", "c"), lambda rows: ["-m", ",".join(rows)], lambda: None, tmp_path / "runs", checkout)
+    assert launched == [["-m", "c"]]
 
 
 def test_study_checks_every_row_before_launching_any():
     """study.check_rows makes each job's start-of-run checks on every row of a multirun: a bad
     row is named with the reason, before any row runs."""
-    import study
-
     study.check_rows(headline_v2.multirun(["smf_kl_t100", "lora_lr1e-4", "smf_all"]))  # good rows pass
     bad = ["-m", "experiment=headline_v2/lora_lr1e-4,headline_v2/smf_random_t300,headline_v2/smf_nope",
-           "++method.exclude_hubs=0.1", "hydra.sweep.dir=x"]
+           "++method.exclude_hubs=0.1", study.search_path(headline_v2.CONF), "hydra.sweep.dir=x"]
     with pytest.raises(SystemExit, match="nothing launched") as e:
         study.check_rows(bad)
     assert "headline_v2/smf_random_t300: bad config: method.exclude_hubs=0.1" in str(e.value)
@@ -281,8 +368,6 @@ def test_cache_seed_round_trip(tmp_path):
     """study.keep_cache keeps the base model's probe and before files (new or grown), not other
     models'; study.seed_cache puts them into an empty project cache and never overwrites."""
     import json
-
-    import study
 
     root, seed, fp = tmp_path / "cache", tmp_path / "seed", "f" * 64
     files = {"probes/probe-a.json": {"header": {"model_fingerprint": fp}, "records": {"q1": {}}},

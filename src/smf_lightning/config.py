@@ -198,7 +198,7 @@ def _validate_data(d: DictConfig) -> None:
     """The fact stream's options that need no data or model to check."""
     from .data.facts import LOSS_ON
     from .streams.background import BACKGROUND_SOURCES
-    from .streams.datamodule import FACT_SOURCES
+    from .streams.stream import FACT_SOURCES
 
     if "facts" in d:
         _need(d.facts in FACT_SOURCES, "data.facts", d.facts, " | ".join(FACT_SOURCES))
@@ -211,7 +211,7 @@ def _validate_data(d: DictConfig) -> None:
 
             validate_documents_config(d)
     if "schedule" in d:
-        from .streams.datamodule import SCHEDULES
+        from .streams.schedule import SCHEDULES
 
         _need(d.schedule in SCHEDULES, "data.schedule", d.schedule, " | ".join(SCHEDULES))
     if "epochs_per_task" in d:

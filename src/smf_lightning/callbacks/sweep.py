@@ -13,8 +13,8 @@ when that directory holds a task checkpoint and no ``summary.json`` (the job had
 so the run continues after its last completed task with nothing of the completed tasks lost
 (callbacks/checkpoint.py writes the checkpoint atomically after every task).
 
-A study is a multirun into a fixed ``hydra.sweep.dir`` (conf/experiment/headline/,
-conf/experiment/recipe/), launched again until every job is done: :func:`resume_sweep_job`, called
+A study is a multirun into a fixed ``hydra.sweep.dir`` (the row configs of experiments/<study>/conf/,
+e.g. experiments/recipe/), launched again until every job is done: :func:`resume_sweep_job`, called
 by the job itself under any launcher (Hydra's basic one included), skips a job whose folder holds
 a summary.json and resumes one that stopped after a task.
 """

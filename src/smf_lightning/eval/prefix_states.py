@@ -24,7 +24,7 @@ taken from it):
 About (hidden + 2 * kv_heads * head_dim * L) * 4 bytes per greedy prompt token (18.5 KB on
 Qwen2.5-0.5B with the memory at layer 15) and hidden * 4 bytes per scored token (3.5 KB):
 118 MB for the four suites at 24 items (GSM8K 12) plus 24 facts under 5 templates
-(experiments/bench_eval.py), so about 1 GB at 200 items and 200 facts, half of it recall's
+(experiments/tools/bench_eval.py), so about 1 GB at 200 items and 200 facts, half of it recall's
 prompts; a decoding step keeps as much per row as a greedy prompt token. A forward whose batch does not come again is dropped at the end of the next run of its
 scope (fact recall over a grown set of tasks forms new batches).
 

@@ -388,7 +388,7 @@ def _greedy_decode(model, tokenizer, ids, mask, positions, max_new_tokens, eos_i
     head: 0.75 s vs 0.11 s for 20 prompts, one thread). Both change only which rows a matrix
     product sees, so a row's logits can move by float rounding (GEMM kernels depend on the row
     count); only their argmax is used, never a score, so a text changes only where two logits tie
-    within rounding (none did on experiments/bench_eval.py's items; the tests compare texts).
+    within rounding (none did on experiments/tools/bench_eval.py's items; the tests compare texts).
     Cached and uncached evaluation run this same loop, so they agree to the last bit. With kept
     prefix states, a step whose batch produced the same tokens so far at an earlier point skips
     the layers below the memory as the prompt does (eval/prefix_states.py, kv="append").

@@ -25,11 +25,11 @@ reads — what slot statistics, background counts and selection are keyed on —
 the precision; the cost is small (sqrt(N) sub-keys per head, heads·knn rows per token). The
 value table itself is kept in float32 by the retrofit (memory/retrofit.py).
 
-Read gate (``read_gate=tau``, experiments/RECIPE.md "The read gate"; the deferral radius of GRACE, Hartvigsen et al. 2023):
+Read gate (``read_gate=tau``, experiments/recipe/RECIPE.md "The read gate"; the deferral radius of GRACE, Hartvigsen et al. 2023):
 product keys pick a token's slots from two half-query projections only, so the queries of
 *different* questions that land on one slot are nearly orthogonal in the full query space
 (cosine median 0.08 at the answer positions of known TriviaQA facts vs 0.99 for the positions
-that trained the slot, 100 facts; experiments/diag_gate.py). With the gate on, every row keeps
+that trained the slot, 100 facts; experiments/tools/diag_gate.py). With the gate on, every row keeps
 a *write key*, the read-weighted sum of the normalised queries of the loss positions whose
 updates wrote it (``write_delta`` / ``add_writes``, called by SMF at each step for the rows it
 updates), and a read of a row that has a write key counts only if the reading query's cosine

@@ -19,8 +19,8 @@ differ, so a fact's answer positions under different templates read nearly disjo
 (each template needs its own rows; a new template reads rows nobody wrote). It whitens with
 ``W + alpha C`` instead of ``C``, ``W`` the pooled covariance of background questions'
 deviations from their own mean over the training templates (the within-class covariance of
-LDA; ``alpha``: ``within_alpha``), which damps the template directions (experiments/RECIPE.md,
-``experiments/diag_addressing.py``: same-fact read overlap 0.11 -> 0.33, held-out template's
+LDA; ``alpha``: ``within_alpha``), which damps the template directions (experiments/recipe/RECIPE.md,
+``experiments/tools/diag_addressing.py``: same-fact read overlap 0.11 -> 0.33, held-out template's
 reads on rows a training template read 0.40 -> 0.65, at alpha 0.003).
 
 The statistics are fitted once per (model, memory config, corpus) on the real tokens of

@@ -6,7 +6,7 @@ statistics with the configured selector, keep the top-t per layer, and let the s
 optimizer move exactly those value rows. Every other weight is frozen, so the model's
 non-memory parameters stay bit-identical (tested).
 
-The recipe levers of DOTS (experiments/RECIPE.md), each a key of conf/method/smf.yaml:
+The recipe levers of DOTS (experiments/recipe/RECIPE.md), each a key of conf/method/smf.yaml:
 - ``exclude_hubs``: the share of slots the background reads most never get selected;
 - ``exclude_owned``: slots selected while training an earlier task are not selected again,
   so a later fact cannot overwrite an earlier one's rows;
@@ -22,7 +22,7 @@ The recipe levers of DOTS (experiments/RECIPE.md), each a key of conf/method/smf
   rows by unrelated questions (other queries) do not count;
 - ``count_by``: ``reads`` counts every read of a slot as 1 (Lin et al.); ``weight`` counts its
   softmax weight (read mass), so the budget goes to the slots that carry a position's output
-  rather than to the 32nd-best match it barely reads (experiments/RECIPE.md: with a sharp softmax a fact's
+  rather than to the 32nd-best match it barely reads (experiments/recipe/RECIPE.md: with a sharp softmax a fact's
   few best slots carry most of each answer position's output).
 - the fact ledger (memory/ledger.py): every step records, before it moves them, the pre-stream
   content of rows updated for the first time and the facts each row was updated for; it is saved
