@@ -123,6 +123,16 @@ def test_suites_first_last_skips_middle_points(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_a_run_without_held_out_suites_writes_fact_recall_only(tmp_path):
+    """Every suite removed (fact recall only, e.g. continuing a model cheaply): no suite is scored and
+    heldout.csv is a header without rows."""
+    res = cli([*TINY, *(f"~data.suites.{k}" for k in ("nq_open", "hellaswag", "gsm8k", "lambada")), "callbacks.checkpoint.enabled=false", f"hydra.run.dir={tmp_path}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert list(csv.DictReader((tmp_path / "heldout.csv").open())) == []
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["heldout"] == {} and 0 <= s["fact_recall"] <= 1
+
+
 def assert_same_final_results(run_dir: Path, ref_dir: Path) -> None:
     """A resumed run's final files equal the uninterrupted run's."""
     s = check_contract(run_dir)

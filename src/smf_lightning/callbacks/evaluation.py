@@ -460,7 +460,9 @@ class ContinualEvaluation(L.Callback):
                     })
         tmp = self.out_dir / "heldout.csv.tmp"
         with tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            # the header from the first row, or (no held-out suites configured) from a blank one
+            fields = list(rows[0]) if rows else ["eval_point", "label", "after_task", "suite", "metric", "value"]
+            w = csv.DictWriter(f, fieldnames=fields)
             w.writeheader()
             w.writerows(rows)
         os.replace(tmp, self.out_dir / "heldout.csv")
