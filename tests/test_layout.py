@@ -2,7 +2,9 @@
 imports (module-level or inside functions), so the code reads one way, from the entry point
 down. The same holds one level up, between the subpackages (``memory``, ``selection``, ...;
 a top-level module is a package of its own): selection imports memory, so memory never
-imports selection. Only the cycles listed in ``KNOWN_PACKAGE_CYCLES`` remain."""
+imports selection. Only the cycles listed in ``KNOWN_PACKAGE_CYCLES`` remain (none do).
+And no module of the packages that compose a run (``streams``, ``stages``) grows past
+``MODULE_LINE_BUDGET`` lines: one job per module."""
 
 from __future__ import annotations
 
@@ -167,6 +169,24 @@ def test_find_cycle_finds_a_cycle_and_only_a_cycle():
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
 
 
+def test_imports_inside_functions_count_and_type_checking_imports_do_not(tmp_path):
+    path = tmp_path / "lazy.py"
+    path.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n"
+        "    from smf_lightning.selection import stats\n"
+        "def build():\n"
+        "    from ..memory import layer\n"
+        "    import smf_lightning.data.facts\n"
+    )
+    modules = package_modules()
+    found = imports_of("smf_lightning.stages.lazy", path, modules)
+    assert found == {"smf_lightning.memory.layer", "smf_lightning.data.facts"}
+    # in the package itself: the continual stage builds the data module inside a function
+    graph = {name: imports_of(name, p, modules) for name, p in modules.items()}
+    assert "smf_lightning.streams.datamodule" in graph["smf_lightning.stages.continual"]
+
+
 def test_relative_imports_resolve_to_package_modules():
     modules = package_modules()
     graph = {name: imports_of(name, path, modules) for name, path in modules.items()}
@@ -209,6 +229,68 @@ def test_no_import_cycle_between_packages():
     assert not problems, "\n".join(problems)
 
 
+# The packages that compose a run out of the layers below, and the budget of lines any one of
+# their modules may have. Each module does one job (building a stream, probing the model, serving
+# suites, the background corpus, a stage's corpus, loop or files); a module past the budget has
+# taken on another: give that job a module of its own rather than raising the budget.
+BUDGETED_PACKAGES = ("streams", "stages")
+MODULE_LINE_BUDGET = 450
+
+
+def test_composing_modules_stay_within_their_line_budget():
+    sizes = {name: len(path.read_text().splitlines()) for name, path in package_modules().items()
+             if package_of(name) in BUDGETED_PACKAGES}
+    assert {package_of(name) for name in sizes} == set(BUDGETED_PACKAGES)
+    over = {name: n for name, n in sizes.items() if n > MODULE_LINE_BUDGET}
+    assert not over, (f"modules over {MODULE_LINE_BUDGET} lines: {over}; split the extra job into a module of its "
+                      f"own (streams/__init__.py and stages/__init__.py list each module's job)")
+
+
 def test_every_module_imports():
     for name in package_modules():
         importlib.import_module(name)
+
+
+# ---- the product's configs and the studies' ----
+
+# Study row folders still in conf/experiment/, each to move into its study's folder
+# (experiments/<study>/conf/experiment/<study>/); an entry that is gone fails the test, so the list
+# cannot go stale.
+STUDY_ROWS_STILL_IN_CONF = {"rephrase"}
+
+
+def test_conf_experiment_holds_the_products_experiments():
+    """conf/experiment/ holds the product's experiments; a study's row configs (and the base
+    experiments only its rows use) live in the study's folder, experiments/<study>/conf/, which its
+    driver puts on Hydra's search path. Every product experiment, the Makefile's `make train` one
+    among them, composes from conf/ alone: the product needs no study file."""
+    import re
+
+    from hydra import compose, initialize_config_dir
+
+    from smf_lightning.train import conf_dir
+
+    root = Path(conf_dir()) / "experiment"
+    assert {p.name for p in root.iterdir() if p.is_dir()} == STUDY_ROWS_STILL_IN_CONF
+    experiments = sorted(p.stem for p in root.glob("*.yaml"))
+    make_train = re.search(r"^EXPERIMENT\s*\?=\s*(\S+)", (PACKAGE.parents[1] / "Makefile").read_text(), re.M).group(1)
+    assert make_train in experiments
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        for name in experiments:
+            assert compose("train", overrides=[f"experiment={name}"]).task_name, name
+
+
+def test_relative_links_of_the_pages_resolve():
+    """Every relative link of README.md, docs/*.md and the study pages under experiments/ points to
+    a file or folder that exists (the studies move; their pages and the docs must follow)."""
+    import re
+
+    root = PACKAGE.parents[1]
+    pages = [root / "README.md", *sorted((root / "docs").glob("*.md")), *sorted((root / "experiments").rglob("*.md"))]
+    broken = []
+    for page in pages:
+        for link in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            target = link.split("#")[0]
+            if target and not re.match(r"[a-z]+:", target) and not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(root)}: {link}")
+    assert not broken, "broken links:\n" + "\n".join(broken)

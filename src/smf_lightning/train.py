@@ -11,7 +11,7 @@ Where each decision is made, one place each:
   ``check_config`` for what its loop needs (stages/continual.py: trainer, logger, callbacks groups);
 - the model: models/build.py (load, retrofit, whitening, k-means keys, background statistics);
   the memory layer itself: memory/;
-- the schedule (tasks, their order, batches and passes): streams/datamodule.py (``data.*``);
+- the schedule (tasks, their order, batches and passes): streams/schedule.py, built by streams/datamodule.py (``data.*``);
 - the selector (which slots a step may update): selection/selectors.py, applied each step by
   methods/smf.py (``method.selector``, ``method.top_t``);
 - the optimizer (how the selected rows move): optim/sparse.py (SlotAdam, SlotSGD), built by

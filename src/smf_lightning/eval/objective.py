@@ -26,7 +26,7 @@ OBJECTIVE = "objective"  # optimized_metric naming the constrained objective abo
 # tests/test_hparams_search.py checks each is in a real run's summary.json).
 SUMMARY_METRICS = ("fact_recall", "fact_recall_heldout_template", "fact_recall_contains", "fact_recall_rephrased", "acc", "bwt",
                    "forgetting", "heldout", "heldout_degradation_pct", "recall")
-FILE_KNOWN_SUITE = "file_known"  # data=facts_file with known_items > 0 (streams/datamodule.py)
+FILE_KNOWN_SUITE = "file_known"  # data=facts_file with known_items > 0 (streams/known.py)
 
 
 def recall_at_retention(recall: float, retention: float, min_retention: float, penalty: float) -> float:

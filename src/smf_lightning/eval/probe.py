@@ -4,7 +4,7 @@ A fact stream keeps only facts the base model gets wrong (docs/design.md §6), a
 known-facts suites only facts it answers: both ask the model each question greedily under a
 few-shot probe prompt and score the answer against the aliases (probe_model). Results are
 cached per (model fingerprint, prompt, decoding length, dataset), so the runs of a sweep probe
-once. The stream is assembled from the probe's results by streams/datamodule.py.
+once. The stream is assembled from the probe's results by streams/triviaqa_stream.py and streams/file_stream.py.
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ with the same shape (cf. torchtune's recipes): ``setup`` (model, data, what the 
 - continual.py (``stage: continual``, the default): the fact stream through a Lightning
   Trainer, evaluated before training and after every task;
 - heal.py (``stage: heal``, ``experiment=heal``): dense training of replace-mode memory on
-  general text until the model's quality returns.
+  general text until the model's quality returns; its parts: heal_corpus.py (the general
+  text), heal_training.py (the frozen-base training loop, held-out perplexity),
+  heal_outputs.py (heal_metrics.csv, heal_ppl.png).
 
 Both build their model with models/build.py; train.py validates the config and picks the stage.
 """

@@ -1,0 +1,74 @@
+"""How the stream's facts become token sequences, and which facts fit.
+
+Every sequence that is trained on or fitted to (training batches, background statistics,
+whitening, the read gate's keys, key init) is encoded by :meth:`FactEncoder.encode`, so this is
+where evaluation-only rephrasings are refused: they must never feed any of those.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from smf_lightning.data.facts import Fact, FactTemplate, TrainingExample, encode_example, qa_item_to_fact
+from smf_lightning.data.sources import QAItem
+from smf_lightning.text import normalize_answer
+
+
+class FactEncoder:
+    """A fact under a named template -> a TrainingExample (data/facts.encode_example), for the
+    run's tokenizer, templates and loss_on; and whether a fact fits the run's limits
+    (max_answer_words, max_seq_len tokens under every template)."""
+
+    def __init__(self, tokenizer, templates: Mapping[str, FactTemplate], *, loss_on: str, max_seq_len: int,
+                 max_answer_words: int):
+        self.tokenizer = tokenizer
+        self.templates = templates
+        self.loss_on = loss_on
+        self.max_seq_len = max_seq_len
+        self.max_answer_words = max_answer_words
+        self.eval_only: dict[str, str] = {}  # normalised evaluation-only question -> its fact id
+
+    def forbid_rephrasings(self, tasks: Sequence[Sequence[Fact]]) -> None:
+        """From now on, refuse to encode the stream facts' evaluation-only rephrasings."""
+        self.eval_only = {normalize_answer(r): f.id for task in tasks for f in task for r in f.rephrased}
+
+    def encode(self, fact: Fact, template_name: str, loss_on: str | None = None) -> TrainingExample:
+        owner = self.eval_only.get(normalize_answer(fact.question)) if self.eval_only else None
+        if owner is not None:
+            raise ValueError(
+                f"{fact.question!r} (used for {fact.id}) is an evaluation-only rephrasing of fact {owner}: it must never "
+                "be trained on or used for slot selection, whitening, background statistics or the read gate."
+            )
+        return encode_example(
+            self.tokenizer, self.templates[template_name], fact.question, fact.answer, loss_on or self.loss_on, fact.id
+        )
+
+    def training_examples(self, facts: Sequence[Fact], templates: Sequence[str],
+                          reworded: Mapping[str, Sequence[str]]) -> list[TrainingExample]:
+        """Fact by fact, under every one of ``templates``, its question, then each of its
+        paraphrases, then its generated rewordings (``reworded``: fact id -> questions), all with
+        the fact's id and answer."""
+        return [
+            self.encode(Fact(fact.id, question, fact.answer, fact.aliases), name)
+            for fact in facts
+            for question in (*fact.training_questions(), *reworded.get(fact.id, ()))
+            for name in templates
+        ]
+
+    def eligible(self, item: QAItem) -> bool:
+        """Short answers, and every template's sequence fits max_seq_len tokens."""
+        if len(item.answers[0].split()) > self.max_answer_words:
+            return False
+        fact = qa_item_to_fact(item)
+        return all(len(self.encode(fact, name).input_ids) <= self.max_seq_len for name in self.templates)
+
+    def unfit_reason(self, fact: Fact) -> str | None:
+        """Why ``fact`` cannot be trained on ("answer_too_long", "sequence_too_long" under some
+        template for one of its training questions), or None if it fits."""
+        if len(fact.answer.split()) > self.max_answer_words:
+            return "answer_too_long"
+        for question in fact.training_questions():
+            variant = Fact(fact.id, question, fact.answer, fact.aliases)
+            if any(len(self.encode(variant, name).input_ids) > self.max_seq_len for name in self.templates):
+                return "sequence_too_long"
+        return None
