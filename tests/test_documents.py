@@ -184,7 +184,7 @@ def test_too_few_passages_says_how_many_there_are(tmp_path):
 
 def doc_cfg(path: Path | None, **overrides) -> dict:
     base = dict(path=str(path) if path else None, n_tasks=2, passages_per_task=2, facts_per_task=2, suites={},
-                background={"synthetic": 4}, train_batch_size=2, max_seq_len=16, chunk_overlap=4)
+                background={"synthetic": 4}, train_batch_size=2, max_seq_len=16, chunk_overlap=4, probe=False)
     return _data_cfg("documents", **{**base, **overrides})
 
 
@@ -302,7 +302,7 @@ def test_builtin_squad_example_stream_on_the_real_tokenizer(tmp_path):
     assert all(len(f.answer.split()) <= 5 and any(a in p.text for a in f.aliases) for p in df.passages for f in p.qa)
     assert read(write_documents(df, tmp_path / "squad.jsonl")).passages == df.passages
     tok = AutoTokenizer.from_pretrained(ensure_asset("qwen2.5-0.5b-offline", progress=False))
-    dm = FactStreamDataModule(tokenizer=tok, **_data_cfg("documents", suites={}, source="offline"))
+    dm = FactStreamDataModule(tokenizer=tok, **_data_cfg("documents", suites={}, source="offline", probe=False))
     dm.setup()
     assert dm.info["documents"]["records_read"] == 803 and len(dm.tasks) == 3
     texts = {p.id: p.text for p in df.passages}

@@ -210,6 +210,11 @@ def _validate_data(d: DictConfig) -> None:
             from .data.documents import validate_documents_config
 
             validate_documents_config(d)
+            from .data.augment import GENERATED_KINDS
+
+            augment = d.get("augment") or {}
+            if augment.get("generator") is not None and set(augment.get("kinds") or []) & set(GENERATED_KINDS):
+                _locate_generator(str(augment.generator))
     if "schedule" in d:
         from .streams.schedule import SCHEDULES
 
@@ -233,6 +238,17 @@ def _validate_data(d: DictConfig) -> None:
         validate_suites(OmegaConf.to_container(d.suites, resolve=True))
     for name in d.get("background") or {}:
         _need(name in BACKGROUND_SOURCES, f"data.background.{name}", name, "sources " + " | ".join(BACKGROUND_SOURCES))
+
+
+def _locate_generator(name: str) -> None:
+    """data.augment.generator can be loaded (found without reading its weights)."""
+    from .models.loading import ModelLoadError, locate_model
+
+    try:
+        locate_model(name)
+    except ModelLoadError as e:
+        raise ConfigError(f"bad config: data.augment.generator={name!r} cannot be loaded: {e} Use null (the model "
+                          "being trained), a local model directory, a hub id or an offline model name.") from None
 
 
 # Strategies that run SMF data-parallel with one slot selection for all ranks

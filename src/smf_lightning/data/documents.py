@@ -53,7 +53,8 @@ RECORD_FIELDS = ("id", "text", "qa", "task", "question", "answers")
 FORMATS = ("auto", "jsonl", "text", "disk", "hub")
 # FactStreamDataModule keyword arguments that only facts=documents reads (conf/data/documents.yaml).
 DOCUMENT_KEYS = ("path", "format", "split", "fields", "skip_invalid", "passages_per_task", "chunk_overlap",
-                 "require_qa", "example_max_answer_words")
+                 "require_qa", "example_max_answer_words", "probe", "passage_split", "augment")
+PASSAGE_SPLITS = ("dev", "test")  # data.passage_split (null: every passage)
 _SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".txt": "text"}
 
 
@@ -117,6 +118,8 @@ class DocumentFile:
     n_read: int
     skipped: Counter = field(default_factory=Counter)  # reason -> records (passages) skipped
     qa_dropped: Counter = field(default_factory=Counter)  # reason -> questions left out of kept passages
+    passage_split: str | None = None  # dev | test: only the passages of that half (split_passages)
+    outside_split: int = 0  # valid passages of the other half
 
     @property
     def task_labels(self) -> list[str]:
@@ -133,14 +136,16 @@ class DocumentFile:
         return {"path": self.location, "format": self.format, "records_read": self.n_read,
                 "skipped": dict(sorted(self.skipped.items())), "skipped_total": sum(self.skipped.values()),
                 "valid": len(self.passages), "qa_pairs": sum(len(p.qa) for p in self.passages),
-                **({"qa_dropped": dict(sorted(self.qa_dropped.items()))} if self.qa_dropped else {})}
+                **({"qa_dropped": dict(sorted(self.qa_dropped.items()))} if self.qa_dropped else {}),
+                **({"passage_split": self.passage_split, "outside_split": self.outside_split} if self.passage_split else {})}
 
     def describe(self) -> str:
         text = f"{self.n_read} records read"
         if self.skipped:
             why = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
             text += f", {sum(self.skipped.values())} skipped ({why})"
-        return text + f", {len(self.passages)} valid"
+        text += f", {len(self.passages)} valid"
+        return text + (f" in the {self.passage_split} split ({self.outside_split} in the other)" if self.passage_split else "")
 
 
 # -----------------------------------------------------------------------------
@@ -331,6 +336,22 @@ def squad_example(max_answer_words: int = 5, data_root: str | None = None) -> Do
                         len(by_text), +skipped, +Counter({"answer_too_long": n_long}))
 
 
+def passage_split_of(passage_id: str) -> str:
+    """dev | test: a fixed hash of the passage id halves any corpus, whatever the seed or the stream
+    size, so the passages a setting was tuned on (dev) are never the ones it is reported on (test)."""
+    return PASSAGE_SPLITS[hashlib.sha256(f"passage-split/{passage_id}".encode()).digest()[0] % 2]
+
+
+def split_passages(df: DocumentFile, split: str | None) -> DocumentFile:
+    """``df`` with only the passages of ``split`` (None: ``df`` itself)."""
+    if split is None:
+        return df
+    keep = [passage_split_of(p.id) == split for p in df.passages]
+    return DocumentFile(df.location, df.format, [p for p, k in zip(df.passages, keep) if k],
+                        [t for t, k in zip(df.tasks, keep) if k], [w for w, k in zip(df.where, keep) if k], df.n_read,
+                        df.skipped, df.qa_dropped, split, keep.count(False))
+
+
 def write_jsonl(df: DocumentFile, out: str | Path) -> Path:
     """The passages as a documents JSONL file (the format data.path reads)."""
     out = Path(out)
@@ -369,8 +390,14 @@ def validate_documents_config(d) -> None:
     need(is_int(overlap) and 0 <= overlap < int(d.max_seq_len), "chunk_overlap", overlap,
          f"an integer in [0, data.max_seq_len={d.max_seq_len})")
     need(d.get("format", "auto") in FORMATS, "format", d.get("format"), " | ".join(FORMATS))
-    for key in ("skip_invalid", "require_qa"):
+    for key in ("skip_invalid", "require_qa", "probe"):
         need(isinstance(d.get(key), bool), key, d.get(key), "true | false")
+    need(d.get("passage_split") in (None, *PASSAGE_SPLITS), "passage_split", d.get("passage_split"),
+         "null (every passage) | " + " | ".join(PASSAGE_SPLITS))
+    from smf_lightning.data.augment import AugmentSpec
+
+    augment = d.get("augment")
+    AugmentSpec.from_mapping(OmegaConf.to_container(augment, resolve=True) if augment is not None else None)
     if d.get("path") is None:
         return  # the built-in example: known to fill the default stream; the datamodule checks the size
     fields = OmegaConf.to_container(d.fields, resolve=True) if d.get("fields") is not None else None
@@ -378,7 +405,7 @@ def validate_documents_config(d) -> None:
                         bool(d.require_qa))
     if resolve_format(spec) == "hub":
         return  # reading a hub dataset downloads it: the datamodule does that once
-    df = read_documents(spec, log_skips=False)
+    df = split_passages(read_documents(spec, log_skips=False), d.get("passage_split"))
     problem = stream_shortfall(df, int(d.get("n_tasks", 1)), per_task)
     if problem:
         raise DocumentError(problem)

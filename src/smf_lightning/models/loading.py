@@ -20,6 +20,7 @@ is ever unpickled, and `trust_remote_code` is False unless the caller asks for i
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,48 @@ def load_base_model(name_or_path: str, source: str = "auto", dtype="float32", gg
     if path.exists() or name.startswith((".", "/", "~")):
         return _load_local(path, torch_dtype, requested=name, trust_remote_code=trust_remote_code)
     return _load_hub_id(name, source, torch_dtype, trust_remote_code)
+
+
+def locate_model(name_or_path: str, source: str = "auto") -> str:
+    """Where load_base_model(name_or_path, source) would load from, found without reading any
+    weights (a config check before anything heavy loads); ModelLoadError saying why it cannot.
+    A hub id neither in the local cache nor with an offline equivalent costs one short probe of
+    the hub."""
+    if source not in SOURCES:
+        raise ModelLoadError(f"source={source!r} is not one of {SOURCES}")
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if name in ASSETS:
+        if ASSETS[name].kind != "model":
+            raise ModelLoadError(f"{name!r} is a {ASSETS[name].kind} asset, not a model. "
+                                 f"Offline models: {_offline_names()}.")
+        return f"offline model {name}"
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {path} does not exist.")
+        return f"GGUF file {path}"
+    if path.exists() or name.startswith((".", "/", "~")):
+        if not path.is_dir():
+            raise ModelLoadError(f"{name!r}: no such directory. Pass an HF model directory, a .gguf file, a hub id, "
+                                 f"or an offline model name ({_offline_names()}).")
+        if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+            raise ModelLoadError(f"{path} is not a Hugging Face model directory with safetensors weights "
+                                 "(config.json and *.safetensors, as save_pretrained writes).")
+        return f"local directory {path}"
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        raise ModelLoadError(f"{name!r} is neither a local directory, a hub id (owner/name) nor an offline model name "
+                             f"({_offline_names()}).")
+    if source != "hub" and name in OFFLINE_EQUIVALENTS and (source == "offline" or _hub_cache_dir(name) is None):
+        return f"offline model {OFFLINE_EQUIVALENTS[name]} (the packaged equivalent of {name})"
+    if source == "offline":
+        raise ModelLoadError(f"source='offline' but {name!r} has no packaged offline equivalent. "
+                             f"Offline models: {_offline_names()}.")
+    if _hub_cache_dir(name) is not None:
+        return f"{name} from the local Hugging Face cache"
+    reachable, why = _hub_reachable(name)
+    if not reachable:
+        raise ModelLoadError(f"{name!r} is not in the local Hugging Face cache and the hub is not reachable ({why}).")
+    return f"{name} from the Hugging Face hub"
 
 
 # -----------------------------------------------------------------------------

@@ -151,6 +151,7 @@ class ContinualRecipe:
         log.info("loading model %s (source=%s)", cfg.model.name, cfg.model.source)
         model, tokenizer, model_info = load_model(cfg)
         dm = build_datamodule(cfg, model, tokenizer)
+        dm.write_augmented(self.out_dir)  # data.augment: the generated study material, kept and dropped
         before_cache = self._before_cache(model, dm)  # keyed by the base model, before any retrofit
         model = maybe_retrofit(cfg, model, model_info)
         log.info("parameters: %s", model_info["param_counts"])

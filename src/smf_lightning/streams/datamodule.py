@@ -29,11 +29,13 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from smf_lightning.data import documents
+from smf_lightning.data.augment import AugmentSpec, StudyItem
 from smf_lightning.data.fact_file import FactFileSpec
 from smf_lightning.data.facts import Fact, TrainingExample, collate_examples, make_templates, split_templates
 from smf_lightning.eval.probe import DEFAULT_PROBE_PROMPT
 from smf_lightning.eval.scoring import pad_token_id
 from smf_lightning.eval.suites import FactRecallSuite
+from smf_lightning.streams.augmentation import Augmenter, write_augmented
 from smf_lightning.streams.background import background_items, collate_background, collate_template_groups, encode_background
 from smf_lightning.streams.document_stream import document_stream
 from smf_lightning.streams.encoding import FactEncoder
@@ -89,12 +91,14 @@ class FactStreamDataModule(L.LightningDataModule):
         fields: Mapping[str, str] | None = None,
         list_separator: str = "|",
         skip_invalid: bool = False,
-        probe: bool = True,
+        probe: bool | None = None,
         known_items: int = 0,
         passages_per_task: int | None = None,
         chunk_overlap: int = 0,
         require_qa: bool = True,
         example_max_answer_words: int = 5,
+        passage_split: str | None = None,
+        augment: Mapping | None = None,
         rephrased_max_new_tokens: int,
         rephrasings: str | None = None,
         exclude_streams: Sequence[str] = (),
@@ -107,15 +111,17 @@ class FactStreamDataModule(L.LightningDataModule):
             unknown TriviaQA facts; not needed for facts=synthetic or a cached probe with
             `model_fingerprint` given).
         The other arguments are documented in conf/data/facts_triviaqa.yaml; path ... known_items
-        (facts=file only) in conf/data/facts_file.yaml; passages_per_task ... example_max_answer_words
-        (facts=documents only: a task is passages, facts_per_task = passages_per_task) in
-        conf/data/documents.yaml.
+        (facts=file only) in conf/data/facts_file.yaml; passages_per_task ... augment (facts=documents
+        only: a task is passages, facts_per_task = passages_per_task) in conf/data/documents.yaml.
         """
         super().__init__()
+        # null (a run saved before documents were probed): facts=file probes, facts=documents does not
+        probe = facts != "documents" if probe is None else bool(probe)
         check_options(facts=facts, n_tasks=n_tasks, facts_per_task=facts_per_task, passages_per_task=passages_per_task,
                       chunk_overlap=chunk_overlap, max_seq_len=max_seq_len, loss_on=loss_on, suites=suites,
                       background=background, schedule=schedule, rephrased_max_new_tokens=rephrased_max_new_tokens,
                       rewordings=rewordings, path=path, known_items=known_items, probe=probe,
+                      passage_split=passage_split, augment=augment,
                       counts=dict(train_batch_size=train_batch_size, repeats_per_batch=repeats_per_batch,
                                   eval_batch_size=eval_batch_size, generation_batch_size=generation_batch_size,
                                   background_batch_size=background_batch_size, probe_batch_size=probe_batch_size,
@@ -131,6 +137,8 @@ class FactStreamDataModule(L.LightningDataModule):
                                                      bool(require_qa), int(example_max_answer_words))
                               if facts == "documents" else None)
         self.chunk_overlap = int(chunk_overlap)
+        self.passage_split = passage_split
+        self.augment = AugmentSpec.from_mapping(augment)  # off unless facts=documents sets kinds
         self.source, self.data_root, self.cache_dir = source, data_root, cache_dir
         # null drops a template inherited from another data yaml (Hydra merges dicts; a user's
         # yaml with its own templates sets the inherited ones to null)
@@ -164,11 +172,15 @@ class FactStreamDataModule(L.LightningDataModule):
                              batch_size=probe_batch_size, cache_dir=cache_dir, fingerprint=model_fingerprint)
         self.rewriter = Rewriter(self.prober, self.encoder, max_new_tokens=int(rewording_max_new_tokens),
                                  generation_batch_size=generation_batch_size, cache_dir=cache_dir)
+        self.augmenter = Augmenter(self.augment, self.prober, self.encoder, train_templates=self.train_templates,
+                                   max_seq_len=max_seq_len, chunk_overlap=self.chunk_overlap,
+                                   generation_batch_size=generation_batch_size, cache_dir=cache_dir)
 
         self.current_task = 0
         self.tasks: tuple[tuple[Fact, ...], ...] | None = None
         self.info: dict = {}
         self._task_passages: tuple[tuple[documents.Passage, ...], ...] = ()  # facts=documents
+        self._augmented: dict[str, list[StudyItem]] = {}  # passage id -> its study material (data.augment)
         self._reworded: dict[str, tuple[str, ...]] = {}  # fact id -> its generated training rewordings
         self._known: list[Fact] = []  # the known-facts suite's facts (triviaqa_known or file_known)
         self._train_examples: dict[int, list[TrainingExample]] = {}
@@ -193,7 +205,16 @@ class FactStreamDataModule(L.LightningDataModule):
         stream = self._build_stream()
         self.tasks, self.info = stream.tasks, stream.info
         self._task_passages, self._known = stream.task_passages, stream.known
-        self.encoder.forbid_rephrasings(self.tasks)
+        self.encoder.forbid_rephrasings(self.tasks, stream.evaluation_questions)
+        if self.augment.enabled:  # after forbid: nothing generated may encode an evaluation question
+            self._augmented, self.info["documents"]["augmented"] = self.augmenter.augment(
+                [p for task in self._task_passages for p in task], stream.evaluation_questions)
+            sizes = self.info["documents"]["augmented"]["sequences_per_task"] = [
+                len(self.training_examples(j)) for j in range(self.n_tasks)]
+            if 0 in sizes:  # include_passage=false and no passage of a task kept any material
+                raise documents.DocumentError(
+                    f"task {sizes.index(0)} has nothing to train on: none of its passages kept study material "
+                    "(the log says why); set data.augment.include_passage=true.")
         if self.rewordings and self.facts_source != "documents":
             self._reworded, self.info["rewordings"] = self.rewriter.stream_rewordings(self.tasks, self.rewordings)
         if KNOWN_SUITE in self.suite_options:  # probed now, on the base model (before any retrofit)
@@ -224,7 +245,9 @@ class FactStreamDataModule(L.LightningDataModule):
                                probe_templates=self.probe_templates, known_items=self.known_items)
         if self.facts_source == "documents":
             return document_stream(self.document_spec, **shape, data_root=self.data_root, tokenizer=self.tokenizer,
-                                   max_seq_len=self.max_seq_len, chunk_overlap=self.chunk_overlap)
+                                   max_seq_len=self.max_seq_len, chunk_overlap=self.chunk_overlap,
+                                   passage_split=self.passage_split, prober=self.prober if self.probe_file else None,
+                                   probe_templates=self.templates if self.probe_templates else None)
         if self.facts_source == "synthetic":
             return synthetic_stream(**shape)
         return triviaqa_stream(**shape, pool_size=self.probe_pool_size,
@@ -262,12 +285,13 @@ class FactStreamDataModule(L.LightningDataModule):
         """The task's training sequences, fact by fact, each fact under every *training*
         template (held-out templates never appear here), for its question, each of its
         paraphrases and its rewordings (same fact id, same answer; encoding.py).
-        facts=documents: the chunks of the task's passages, in order (data/documents.py)."""
+        facts=documents: passage by passage, its chunks and its study material (augmentation.py);
+        fact_id = passage id (per-passage slot selection)."""
         if task_index not in self._train_examples and self.facts_source == "documents":
-            self._require_stream()  # passages' chunks; fact_id = passage id (per-passage slot selection)
+            self._require_stream()
             self._train_examples[task_index] = [
                 ex for p in self._task_passages[task_index]
-                for ex in documents.passage_examples(self.tokenizer, p, self.max_seq_len, self.chunk_overlap)
+                for ex in self.augmenter.passage_sequences(p, self._augmented.get(p.id, ()))
             ]
         if task_index not in self._train_examples:
             self._train_examples[task_index] = self.encoder.training_examples(
@@ -304,6 +328,11 @@ class FactStreamDataModule(L.LightningDataModule):
             batches, batch_size=None, shuffle=False, sampler=sampler,
             collate_fn=partial(collate_examples, pad_id=pad_token_id(self.tokenizer)),
         )
+
+    def write_augmented(self, out_dir) -> None:
+        """facts=documents with data.augment: every generated item into out_dir/augmented/task_<k>.jsonl."""
+        if self.augment.enabled:
+            write_augmented(out_dir, self._task_passages, self._augmented)
 
     def state_dict(self) -> dict:
         """Saved in Lightning checkpoints, so a resumed run continues with the same task."""

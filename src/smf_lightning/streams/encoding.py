@@ -26,17 +26,20 @@ class FactEncoder:
         self.loss_on = loss_on
         self.max_seq_len = max_seq_len
         self.max_answer_words = max_answer_words
-        self.eval_only: dict[str, str] = {}  # normalised evaluation-only question -> its fact id
+        self.eval_only: dict[str, str] = {}  # normalised evaluation-only question -> what it is
 
-    def forbid_rephrasings(self, tasks: Sequence[Sequence[Fact]]) -> None:
-        """From now on, refuse to encode the stream facts' evaluation-only rephrasings."""
-        self.eval_only = {normalize_answer(r): f.id for task in tasks for f in task for r in f.rephrased}
+    def forbid_rephrasings(self, tasks: Sequence[Sequence[Fact]], questions: Sequence[str] = ()) -> None:
+        """From now on, refuse to encode the stream facts' evaluation-only rephrasings, and
+        ``questions`` (facts=documents: the questions attached to the passages, which only measure)."""
+        self.eval_only = {normalize_answer(q): "question attached to a passage" for q in questions}
+        self.eval_only.update({normalize_answer(r): f"rephrasing of fact {f.id}" for task in tasks for f in task
+                               for r in f.rephrased})
 
     def encode(self, fact: Fact, template_name: str, loss_on: str | None = None) -> TrainingExample:
-        owner = self.eval_only.get(normalize_answer(fact.question)) if self.eval_only else None
-        if owner is not None:
+        what = self.eval_only.get(normalize_answer(fact.question)) if self.eval_only else None
+        if what is not None:
             raise ValueError(
-                f"{fact.question!r} (used for {fact.id}) is an evaluation-only rephrasing of fact {owner}: it must never "
+                f"{fact.question!r} (used for {fact.id}) is an evaluation-only {what}: it must never "
                 "be trained on or used for slot selection, whitening, background statistics or the read gate."
             )
         return encode_example(

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from smf_lightning.data.augment import AugmentSpec
+from smf_lightning.data.documents import PASSAGE_SPLITS
 from smf_lightning.data.facts import LOSS_ON, check_stream_size
 from smf_lightning.data.rewording import STYLES as REWORDING_STYLES
 from smf_lightning.eval.custom_suites import check_suite_config
@@ -20,7 +22,7 @@ def check_options(*, facts: str, n_tasks: int, facts_per_task: int, passages_per
                   chunk_overlap: int, max_seq_len: int, loss_on: str, suites: Mapping[str, Mapping],
                   background: Mapping[str, int], counts: Mapping[str, int], schedule: str,
                   rephrased_max_new_tokens: int, rewordings: int, path: str | None, known_items: int,
-                  probe: bool) -> None:
+                  probe: bool, passage_split: str | None = None, augment: Mapping | None = None) -> None:
     """Raise ValueError on the first bad option; ``counts`` are the sizes that must be >= 1
     (batch sizes, max_seq_len, epochs_per_task), by option name."""
     if facts not in FACT_SOURCES:
@@ -31,6 +33,10 @@ def check_options(*, facts: str, n_tasks: int, facts_per_task: int, passages_per
                              f"and facts_per_task to the same number (got {facts_per_task}).")
         if not 0 <= chunk_overlap < max_seq_len:
             raise ValueError(f"chunk_overlap must be in [0, max_seq_len={max_seq_len}), got {chunk_overlap}")
+        if passage_split not in (None, *PASSAGE_SPLITS):
+            raise ValueError(f"passage_split must be null, {' or '.join(PASSAGE_SPLITS)}; got {passage_split!r}")
+    elif AugmentSpec.from_mapping(augment).enabled or passage_split is not None:
+        raise ValueError(f"augment and passage_split apply to facts=documents only (facts={facts!r}).")
     check_stream_size(n_tasks, facts_per_task)
     if loss_on not in LOSS_ON:
         raise ValueError(f"Unknown loss_on {loss_on!r}; use one of: {', '.join(LOSS_ON)}.")

@@ -25,6 +25,9 @@ class Stream:
     task_passages: tuple[tuple[Passage, ...], ...] = ()  # facts=documents: each task's passages (its training text)
     known: list[Fact] = field(default_factory=list)  # facts=file, known_items > 0: the file_known suite's facts
     pool_end: int = 0  # facts=triviaqa: positions of the seeded TriviaQA order the probe pool examined
+    # facts=documents: every question attached to a passage of the corpus, and its rephrasings: they
+    # measure and never train (no study material states one; the encoder refuses to encode one)
+    evaluation_questions: tuple[str, ...] = ()
 
 
 def synthetic_stream(n_tasks: int, facts_per_task: int, seed: int) -> Stream:
