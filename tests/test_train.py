@@ -355,18 +355,67 @@ def test_summary_counts_the_memory_capacity_the_stream_used(tiny_run):
 
 
 def test_a_stream_that_cannot_fit_the_memory_is_refused_before_loading(tmp_path):
-    # tiny: 256 slots per layer, 26 of them hubs, top-16 per fact, slots never reused: 14 facts fit
+    # tiny: 256 slots per layer, 26 of them hubs, top-16 per fact, slots never reused: 14 facts fit. The
+    # default method.budget=stream may lower top_t down to min(method.min_top_t=100, top_t=16) = 16 only
     res = cli([*TINY, "data.n_tasks=8", "data.facts_per_task=2", f"hydra.run.dir={tmp_path}"])
     out = res.stdout + res.stderr
     assert res.returncode == 2, out[-2000:]
-    assert ("8 tasks x 2 facts x method.top_t=16 slots = 256 slots per memory layer, but only 230 can be selected "
-            "(model.memory.n_slots=256 minus 26 hub slots") in out
+    assert ("even at the smallest per-fact budget method.budget=stream may spend: 8 tasks x 2 facts x "
+            "min(method.min_top_t=100, method.top_t=16)=16 slots = 256 slots per memory layer, but only 230 can be "
+            "selected (model.memory.n_slots=256 minus 26 hub slots") in out
     assert "At this budget 14 facts fit" in out and "loading model" not in out and "Traceback" not in out
     from hydra import compose, initialize_config_dir
 
-    from smf_lightning.config import validate_config
+    from smf_lightning.config import ConfigError, validate_config
     from smf_lightning.train import conf_dir
 
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        for fits in (["data.facts_per_task=1", "data.n_tasks=14"], ["method.exclude_owned=false"], ["method.top_t=14"]):
-            validate_config(compose("train", overrides=["experiment=tiny", "data.n_tasks=8", "data.facts_per_task=2", *fits]))
+        stream = ["experiment=tiny", "data.n_tasks=8", "data.facts_per_task=2"]
+        with pytest.raises(ConfigError, match="8 tasks x 2 facts x method.top_t=16 slots = 256 slots per memory layer"):
+            validate_config(compose("train", overrides=[*stream, "method.budget=fixed"]))
+        for fits in (["data.facts_per_task=1", "data.n_tasks=14"], ["method.exclude_owned=false"], ["method.top_t=14"],
+                     ["method.min_top_t=14"]):
+            validate_config(compose("train", overrides=[*stream, *fits]))
+
+
+def test_capacity_budget_stream_fits_a_stream_the_fixed_budget_cannot(tmp_path):
+    """method.budget=stream on the tiny memory: 4 facts (one per task) at method.top_t=64 need 256 slots
+    of a layer's 230 selectable, so budget=fixed refuses the stream; stream gives every fact 230 // 4 = 57.
+    The run records that budget (the one the config stage resolved), no fact owns more than 57 rows
+    of a layer, no row is owned by two facts (exclude_owned), and summary.json's per-fact counts are
+    the ledger's."""
+    from hydra import compose, initialize_config_dir
+
+    from smf_lightning.config import ConfigError, validate_config
+    from smf_lightning.memory.ledger import FactLedger
+    from smf_lightning.methods import method_config
+    from smf_lightning.methods.smf import stream_budget
+    from smf_lightning.train import conf_dir
+
+    plan = ["data.n_tasks=4", "data.facts_per_task=1", "method.top_t=64", "method.min_top_t=8"]
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        with pytest.raises(ConfigError, match="4 tasks x 1 facts x method.top_t=64 slots = 256 slots per memory layer"):
+            validate_config(compose("train", overrides=["experiment=tiny", *plan, "method.budget=fixed"]))
+        config = method_config(compose("train", overrides=["experiment=tiny", *plan]).method)
+    res = cli([*TINY, *plan, "callbacks.suites_at=first_last", f"hydra.run.dir={tmp_path}"])
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    # logged twice, as a warning (top_t lowered): by the config stage before the model loads, and by the
+    # method when training starts
+    assert out.count("[WARNING] - slot budget (method.budget=stream): 57 slots per fact and memory layer for 4 "
+                     "planned facts: 230 selectable = 256 slots - 26 hubs - 0 owned before the stream - 0 reserved; "
+                     "method.top_t=64 lowered to fit the stream") == 2
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["capacity"]["budget"] == stream_budget(config, 256, 4, 1).to_dict()
+    assert s["capacity"]["budget"]["top_t"] == 57 and s["top_t"] == 64  # top_t: the configured one
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    ledger = FactLedger.from_state_dict(ckpt["fact_ledger"])
+    assert len(ledger.facts) == 4
+    for layer in (1, 2):
+        rows = [e.rows.get(layer, torch.zeros(0, dtype=torch.long)) for e in ledger.facts.values()]
+        sizes = sorted(int(r.numel()) for r in rows)
+        assert 0 < sizes[-1] <= 57
+        assert int(torch.unique(torch.cat(rows)).numel()) == sum(sizes)  # no row owned twice
+        per_fact = s["capacity"]["slots_per_fact"][str(layer)]
+        assert per_fact == {"facts": 4, "min": sizes[0], "median": (sizes[1] + sizes[2]) / 2, "max": sizes[-1]}
+        assert s["capacity"]["layers"][str(layer)]["owned"] == sum(sizes)

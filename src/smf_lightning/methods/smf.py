@@ -15,6 +15,9 @@ The recipe levers of DOTS (experiments/recipe/RECIPE.md), each a key of conf/met
   task, from all of that fact's training sequences, and a step updates the union of its
   batch's facts' slots that the batch read (with one memory layer the addressing never
   changes during SMF, so a fact's reads are the same at every step);
+- ``budget`` (selection/budget.py): ``fixed`` spends ``top_t`` per fact; ``stream`` sizes the
+  per-fact budget from the planned stream, so that its facts fit the slots ``exclude_owned``
+  leaves them (the same selections as ``fixed`` for every stream that fits at ``top_t``);
 - ``optimizer_state``: ``fresh`` starts every task with a new optimizer state (DOTS), ``carry``
   keeps the Adam moments of rows across tasks;
 - read gate (``model.memory.read_gate``, memory/layer.py): each step also writes the loss
@@ -38,8 +41,11 @@ random selector's generator is seeded with the run's seed, the same on every ran
 
 from __future__ import annotations
 
+import json
 import logging
+import statistics
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -48,7 +54,8 @@ from ..memory import freeze_all_but_values, memory_layers
 from ..memory.ledger import FactLedger
 from ..optim import SlotAdam, SlotSGD
 from ..selection import distributed
-from ..selection.selectors import hub_count, hub_slots, loss_position_mask, select_slots, selector_class, slot_counts
+from ..selection.budget import BUDGETS, SlotBudget, resolve_budget
+from ..selection.selectors import hub_slots, loss_position_mask, select_slots, selector_class, slot_counts
 from .base import ContinualLM, MethodConfig, _need
 from .prefix_cache import FrozenPrefixCache
 
@@ -86,6 +93,9 @@ class SMFConfig(MethodConfig):
     optimizer_state: str = "carry"
     count_by: str = "reads"
     prefix_cache: int = 0
+    budget: str = "fixed"
+    min_top_t: int = 1  # read with budget=stream only (plain SMF has no floor)
+    reserve: float = 0.0
 
     def validate(self) -> None:
         super().validate()
@@ -111,30 +121,54 @@ class SMFConfig(MethodConfig):
               "defined by them)")
         _need(not (self.select_per == "fact" and not selector.has_budget), "method.select_per", "fact",
               f"step when method.selector={self.selector} (no budget to spend per fact)")
+        _need(self.budget in BUDGETS, "method.budget", self.budget, " | ".join(BUDGETS))
+        _need(isinstance(self.min_top_t, int) and not isinstance(self.min_top_t, bool) and self.min_top_t >= 1,
+              "method.min_top_t", self.min_top_t, "an integer >= 1 (the smallest per-fact budget method.budget=stream "
+              "may resolve to)")
+        self.reserve = float(self.reserve or 0.0)
+        _need(0.0 <= self.reserve < 1.0 - self.exclude_hubs, "method.reserve", self.reserve,
+              f"a share of slots in [0, 1 - method.exclude_hubs={self.exclude_hubs})")
+
+    @property
+    def owns_slots(self) -> bool:
+        """Whether every fact owns its slots for good, so that a long stream can exhaust the table
+        (per-fact selection with exclude_owned; selection/budget.py)."""
+        return self.exclude_owned and self.select_per == "fact"
 
 
-def check_capacity(config: SMFConfig, n_slots: int, n_tasks: int, facts_per_task: int) -> None:
-    """A stream that cannot fit the memory is refused before anything loads. With
-    method.exclude_owned a slot selected for one task is never selected again, and with
-    method.select_per=fact every fact takes up to top_t slots of each memory layer; hub slots are
-    never selected. So the stream needs up to n_tasks x facts_per_task x top_t slots per layer out
-    of n_slots - ceil(exclude_hubs x n_slots). (The methods' `capacity` in summary.json counts
-    what a run really used: facts of one task may share slots, so this is an upper bound.)"""
-    if not (config.exclude_owned and config.select_per == "fact") or config.top_t is None:
-        return
-    top_t = config.top_t
-    hubs = hub_count(config.exclude_hubs, n_slots)
-    facts = n_tasks * facts_per_task
-    needed, free = facts * top_t, n_slots - hubs
-    if needed > free:
-        fit = free // top_t
-        raise ConfigError(
-            f"bad config: the stream cannot fit the memory: {n_tasks} tasks x {facts_per_task} facts x "
-            f"method.top_t={top_t} slots = {needed:,} slots per memory layer, but only {free:,} can be selected "
-            f"(model.memory.n_slots={n_slots:,} minus {hubs:,} hub slots, method.exclude_hubs={config.exclude_hubs}), "
-            f"and method.exclude_owned=true never selects a slot twice. At this budget {fit:,} facts fit; lower "
-            f"method.top_t (to {free // facts:,} for this stream), raise model.memory.n_slots, shorten the stream, or let "
-            f"later facts reuse slots with method.exclude_owned=false.")
+def stream_budget(config: SMFConfig, n_slots: int, n_tasks: int, facts_per_task: int, owned: int = 0) -> SlotBudget:
+    """The per-fact slot budget of ``config`` for a stream of ``n_tasks x facts_per_task`` facts on
+    a memory of ``n_slots`` slots per layer of which ``owned`` are owned already (selection/budget.py).
+    ConfigError if the stream cannot fit: before the model loads, with the numbers and the options."""
+    return resolve_budget(config.budget, config.top_t, min_top_t=config.min_top_t, bounded=config.owns_slots,
+                          n_tasks=n_tasks, facts_per_task=facts_per_task, n_slots=n_slots,
+                          exclude_hubs=config.exclude_hubs, owned=owned, reserve=config.reserve)
+
+
+def starting_memory(model_cfg) -> tuple[int, int]:
+    """(slots per memory layer, slots facts already own in the layer with the most) of the memory a
+    run will train, read before it loads: a full export it continues from (model.init_checkpoint)
+    brings its own memory (retrofit.json) and fact ledger; otherwise model.memory.n_slots, none owned."""
+    n_slots = int(model_cfg.memory.n_slots)
+    init = model_cfg.get("init_checkpoint")
+    if not init:
+        return n_slots, 0
+    from ..memory.retrofit import RETROFIT_FILE
+
+    path = Path(init)
+    try:
+        n_slots = int(json.loads((path / RETROFIT_FILE).read_text())["memory"]["n_slots"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not a readable export: loading it says so
+    ledger = FactLedger.read(path)
+    owned = max((int(ledger.owned_rows(i).numel()) for i in ledger.layers), default=0) if ledger else 0
+    return n_slots, owned
+
+
+def _log_budget(budget: SlotBudget) -> None:
+    # a warning when the stream lowers method.top_t: a sweep over top_t would otherwise label its
+    # points by a budget they did not spend (summary.json top_t is the configured one)
+    (log.warning if budget.lowered else log.info)("%s", budget.describe())
 
 
 class SparseMemoryFinetune(ContinualLM):
@@ -149,14 +183,15 @@ class SparseMemoryFinetune(ContinualLM):
 
     @classmethod
     def check_run_config(cls, cfg, config: SMFConfig) -> None:
-        """The slot budget against the memory's size, and (continual stage) the stream against its capacity."""
-        n_slots = int(cfg.model.memory.n_slots)
+        """The slot budget against the memory's size, and (continual stage) the stream against its
+        capacity: the per-fact budget of method.budget, resolved and logged here (selection/budget.py)."""
         if not selector_class(config.selector).has_budget:
             return
+        n_slots, owned = starting_memory(cfg.model)
         _need(config.top_t <= n_slots, "method.top_t", config.top_t, f"<= model.memory.n_slots={n_slots}")
         d = cfg.data
         if cfg.get("stage", "continual") == "continual" and "n_tasks" in d and "facts_per_task" in d:  # healing trains no stream
-            check_capacity(config, n_slots, int(d.n_tasks), int(d.facts_per_task))
+            _log_budget(stream_budget(config, n_slots, int(d.n_tasks), int(d.facts_per_task), owned))
 
     def __init__(self, model, method_cfg: dict, background: dict | None = None, seed: int = 0):
         freeze_all_but_values(model)
@@ -204,6 +239,9 @@ class SparseMemoryFinetune(ContinualLM):
             if i not in self.owned:
                 raise ValueError(f"the model's fact ledger names memory layer {i}, which the model does not have")
             self.owned[i][self.ledger.owned_rows(i)] = True
+        # what the stream starts with, for its budget (setup): fixed before any checkpoint is restored
+        self._owned_before = max(int(o.sum()) for o in self.owned.values())
+        self.budget: SlotBudget | None = None  # resolved when training starts (setup)
 
     # ---- pickling (strategy=ddp_spawn sends the module to its processes) ---------------
     def __getstate__(self) -> dict:
@@ -225,6 +263,19 @@ class SparseMemoryFinetune(ContinualLM):
             why = SUPPORTED_PRECISION.get(precision) or "it is not one SMF was written for"
             raise ValueError(f"trainer.precision={precision} is not supported by SMF: {why}. "
                              f"Supported: {', '.join(k for k, v in SUPPORTED_PRECISION.items() if v is None)}.")
+        dm = self.trainer.datamodule  # the stream: its planned facts size the budget
+        if self.top_t is not None and getattr(dm, "n_tasks", None) and getattr(dm, "facts_per_task", None):
+            self.budget = self.resolve_budget(dm.n_tasks, dm.facts_per_task)
+            self.top_t = self.budget.top_t
+            _log_budget(self.budget)
+
+    def resolve_budget(self, n_tasks: int, facts_per_task: int) -> SlotBudget:
+        """The per-fact budget for a stream of ``n_tasks x facts_per_task`` facts on this memory,
+        from the same numbers check_run_config read before the model loaded (selection/budget.py)."""
+        n_slots = {m.n_slots for m in self.memories.values()}
+        if len(n_slots) != 1:
+            raise ValueError(f"SMF's slot budget needs memory layers of one size, got {sorted(n_slots)} slots")
+        return stream_budget(self.config, n_slots.pop(), n_tasks, facts_per_task, self._owned_before)
 
     def lm_loss(self, batch: dict) -> torch.Tensor:
         with self.prefix_cache.reuse(batch):
@@ -319,9 +370,22 @@ class SparseMemoryFinetune(ContinualLM):
             return list(self.capacity_history)
         return self.capacity_history + self._task_capacity(task)
 
+    def slots_per_fact(self) -> dict[str, dict]:
+        """Per memory layer, the rows this stream's facts own (fact ledger): how many facts, and the
+        min / median / max rows of one fact; a fact whose steps updated nothing counts 0."""
+        facts = [e for e in self.ledger.facts.values() if e.task >= self.ledger.first_task]
+        out = {}
+        for i in self.memories:
+            n = [int(e.rows[i].numel()) if i in e.rows else 0 for e in facts]
+            out[str(i)] = ({"facts": len(n), "min": min(n), "median": statistics.median(n), "max": max(n)} if n
+                           else {"facts": 0, "min": None, "median": None, "max": None})
+        return out
+
     def summary_extras(self) -> dict:
         return {"capacity": {"layers": {str(i): c for i, c in self.capacity().items()},
-                             "per_task": self._capacity_history(), "exclude_owned": self.exclude_owned}}
+                             "per_task": self._capacity_history(), "exclude_owned": self.exclude_owned,
+                             "budget": self.budget.to_dict() if self.budget is not None else None,
+                             "slots_per_fact": self.slots_per_fact()}}
 
     @torch.no_grad()
     def select_fact_slots(self, examples, collate, batch_size: int = 16) -> dict[str, dict[int, torch.Tensor]]:
