@@ -21,9 +21,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 KINDS = {"bench": "benchmarks", "diag": "diagnostics", "check": "checks"}
-# where the tools live: experiments/tools/, and (until the rephrase study moves into its folder)
-# diag_rephrased.py beside that study's driver
-FOLDERS = (HERE / "tools", HERE)
+# where the tools live
+FOLDERS = (HERE / "tools",)
 
 
 def tools() -> dict[tuple[str, str], Path]:

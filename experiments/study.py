@@ -1,6 +1,6 @@
-"""What the study drivers (recipe/smf_recipe.py, headline/headline_v2.py, rephrase.py) share: where
-a study's runs live, the multirun command of its rows, the command that reproduces a finished row,
-the archive of its finished rows' files, and the launch.
+"""What the study drivers (recipe/smf_recipe.py, headline/headline_v2.py, rephrase/rephrase.py)
+share: where a study's runs live, the multirun command of its rows, the command that reproduces a
+finished row, the archive of its finished rows' files, and the launch.
 
 A study lives in its own folder, ``experiments/<study>/``: its page, its driver, its row configs
 ``conf/experiment/<sweep>/<row>.yaml`` (put on Hydra's search path by the multirun command, so
@@ -12,8 +12,7 @@ last task checkpoint (callbacks/sweep.py).
 The small files of every finished row (SMALL_FILES, items/) are committed as one archive per sweep,
 ``results/<sweep>/rows.tar.xz``; the driver unpacks it beside itself (``results/<sweep>/<row>/``,
 ignored by git) and packs it again after its report, so the tables can be rebuilt and a fresh
-checkout does not run its committed rows again. Without an archive (rephrase.py) the row folders
-themselves are the committed copies.
+checkout does not run its committed rows again.
 """
 
 from __future__ import annotations

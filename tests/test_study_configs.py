@@ -19,9 +19,10 @@ from smf_lightning.train import conf_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
-sys.path[:0] = [str(EXPERIMENTS / "headline"), str(EXPERIMENTS / "recipe"), str(EXPERIMENTS)]
+sys.path[:0] = [*(str(EXPERIMENTS / study) for study in ("headline", "recipe", "rephrase")), str(EXPERIMENTS)]
 
 import headline  # noqa: E402  (the thin wrappers that print and launch the multiruns)
+import rephrase  # noqa: E402
 import smf_recipe  # noqa: E402
 import study  # noqa: E402
 
@@ -126,7 +127,7 @@ TUNE_DELETIONS = list(headline.TUNE_DELETIONS)  # on the tune multirun's command
 
 
 # every study's config folder, on the search path of the configs composed here
-STUDY_CONFS = (smf_recipe.CONF, headline.CONF)
+STUDY_CONFS = (smf_recipe.CONF, headline.CONF, rephrase.CONF)
 SEARCH_ALL = "hydra.searchpath=[" + ",".join(f"file://{c}" for c in STUDY_CONFS) + "]"
 
 
@@ -169,6 +170,9 @@ def test_multirun_commands():
     assert smf_recipe.multirun(["old_defaults", "+zca"]) == \
         ["-m", "experiment=recipe/old_defaults,recipe/+zca", "hydra.searchpath=[file://experiments/recipe/conf]",
          f"hydra.sweep.dir={smf_recipe.RUNS}"]
+    assert rephrase.multirun(["dev_recipe", "dev_rewordings3_gate0.3"]) == \
+        ["-m", "experiment=rephrase/dev_recipe,rephrase/dev_rewordings3_gate0.3",
+         "hydra.searchpath=[file://experiments/rephrase/conf]", f"hydra.sweep.dir={rephrase.RUNS}"]
 
 
 def test_study_configs_live_in_their_study_folder():
@@ -178,7 +182,8 @@ def test_study_configs_live_in_their_study_folder():
     product = {p.relative_to(Path(conf_dir()) / "experiment").with_suffix("").as_posix()
                for p in (Path(conf_dir()) / "experiment").rglob("*.yaml")}
     for conf, sweeps, bases in ((smf_recipe.CONF, {"recipe"}, set()),
-                                (headline.CONF, {"headline", "headline_v2"}, {"facts_seq_report"})):
+                                (headline.CONF, {"headline", "headline_v2"}, {"facts_seq_report"}),
+                                (rephrase.CONF, {"rephrase"}, set())):
         root = conf / "experiment"
         assert conf.parent.parent == EXPERIMENTS, conf  # experiments/<study>/conf
         assert {p.name for p in root.iterdir() if p.is_dir()} == sweeps, conf
@@ -214,7 +219,7 @@ def study_row_files() -> list[tuple[str, Path | None]]:
     """(experiment name, the study's conf folder to put on the search path; None: in conf/)."""
     rows = [(r, headline.CONF) for d in ("headline", "headline_v2") for r in sorted(row_files(headline.CONF, d))]
     rows += [(r, smf_recipe.CONF) for r in sorted(row_files(smf_recipe.CONF, "recipe"))]
-    rows += [(r, None) for r in sorted(row_files(Path(conf_dir()), "rephrase"))]  # the rephrase rows, still in conf/
+    rows += [(r, rephrase.CONF) for r in sorted(row_files(rephrase.CONF, "rephrase"))]
     return [("heal", None), ("facts_seq_test", None), *rows]  # with the healing stage's own experiment and the test stream
 
 
@@ -389,14 +394,16 @@ def test_cache_seed_round_trip(tmp_path):
     assert study.seed_cache(seed, fresh) == [] and (fresh / "probes/probe-a.json").read_text() == "{}"
 
 
-# ---- the rephrased-questions study (conf/experiment/rephrase/) ----
+# ---- the rephrased-questions study (experiments/rephrase/conf/experiment/rephrase/) ----
 
 
 def test_rephrase_rows_are_its_files_and_run_on_the_dev_or_test_stream():
-    import rephrase
-
-    conf = Path(conf_dir()) / "experiment" / "rephrase"
+    conf = rephrase.CONF / "experiment" / "rephrase"
     assert set(rephrase.ROWS) == {p.stem for p in conf.glob("*.yaml")}
+    for row in rephrase.ROWS:  # each file opens with the driver's command that runs (or resumes) it
+        text = (conf / f"{row}.yaml").read_text()
+        assert text.startswith("# @package _global_\n# ")
+        assert f"\n#   python experiments/rephrase/rephrase.py --only {row}\n" in text
     dev, _ = composed(["experiment=smf_recipe"])
     test, _ = composed(["experiment=facts_seq_test"])
     for row in rephrase.ROWS:

@@ -69,7 +69,7 @@ def check_config(cfg: DictConfig) -> None:
 
 
 # data._target_ of configs saved before the data module moved out of data/ (a run's .hydra/config.yaml,
-# e.g. one experiments/diag_rephrased.py rebuilds): the same class at its place now
+# e.g. one experiments/tools/diag_rephrased.py rebuilds): the same class at its place now
 MOVED_DATA_TARGETS = {
     "smf_lightning.data.datamodule.FactStreamDataModule": "smf_lightning.streams.datamodule.FactStreamDataModule",
 }

@@ -20,7 +20,7 @@ each read through, and prints, per group:
   rewording keeps, e.g. the subject) and at its other positions (answer position excluded), as
   shares of the prompt's read weight.
 
-    python experiments/diag_rephrased.py outputs/facts_seq_quick/<date>/<time> [--out FILE.json]
+    python experiments/run.py diag rephrased outputs/facts_seq_quick/<date>/<time> [--out FILE.json]
 
 Nothing here trains or changes the run; it reads evaluation items, as evaluation does.
 """

@@ -1,21 +1,23 @@
-"""The rephrased-questions study (experiments/REPHRASE.md) as a Hydra multirun: does a taught fact
-survive a rewording of its question, and what does each lever cost?
+"""The rephrased-questions study (REPHRASE.md) as a Hydra multirun: does a taught fact survive a
+rewording of its question, and what does each lever cost?
 
-Every row is a config ``conf/experiment/rephrase/<row>.yaml``. ``dev_*`` rows run on the dev stream
-(experiment=smf_recipe: 200 unknown TriviaQA facts, 5 tasks x 40, seed 0), where settings are chosen;
-``test_*`` rows run on the test stream (experiment=facts_seq_test: 200 other facts, seed 1, never
-tuned on), once per final setting. Every fact carries two evaluation-only rephrasings
-(src/smf_lightning/data/rephrasings/), asked after every task under the first training template.
+Every row is a config ``conf/experiment/rephrase/<row>.yaml`` of this folder, put on Hydra's search
+path by the multirun command. ``dev_*`` rows run on the dev stream (experiment=smf_recipe: 200
+unknown TriviaQA facts, 5 tasks x 40, seed 0), where settings are chosen; ``test_*`` rows run on the
+test stream (experiment=facts_seq_test: 200 other facts, seed 1, never tuned on), once per final
+setting. Every fact carries two evaluation-only rephrasings (src/smf_lightning/data/rephrasings/),
+asked after every task under the first training template.
 
-    python experiments/rephrase.py --list              # the multirun command, run nothing
-    python experiments/rephrase.py --only dev_recipe dev_rewordings3
-    python experiments/rephrase.py --report            # REPHRASE.md table + results/rephrase/
+    python experiments/rephrase/rephrase.py --list              # the multirun command, run nothing
+    python experiments/rephrase/rephrase.py --only dev_recipe dev_rewordings3
+    python experiments/rephrase/rephrase.py --report            # REPHRASE.md table + results/rephrase/
 
 Runs live in $SMF_STUDY_RUNS/rephrase (default ~/.cache/smf_lightning/study_runs/rephrase); a stopped
 row resumes from its last task checkpoint when launched again. --report copies each finished row's
-small files into experiments/results/rephrase/<row>/ and writes the table between the
-``rephrase-table`` markers of REPHRASE.md. Intervals in the table are 95% bootstrap intervals over
-facts (items) of one run, not run-to-run spread.
+small files into results/rephrase/<row>/, packs them into results/rephrase/rows.tar.xz (committed;
+unpacked again by the driver, with the quick-stream runs REPHRASE.md cites) and writes the table
+between the ``rephrase-table`` markers of REPHRASE.md. Intervals in the table are 95% bootstrap
+intervals over facts (items) of one run, not run-to-run spread.
 """
 
 from __future__ import annotations
@@ -25,14 +27,15 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))  # experiments/: study.py and report.py, shared by the studies
 
-from study import command_of, copy_small_files, finished_rows, runs_dir  # noqa: E402
+from study import command_of, copy_small_files, finished_rows, pack_rows, runs_dir  # noqa: E402
 from study import main as study_main  # noqa: E402
 from study import multirun as study_multirun  # noqa: E402
 
 RUNS = runs_dir("rephrase")
 RESULTS = HERE / "results" / "rephrase"
+CONF = HERE / "conf"  # the row configs: conf/experiment/rephrase/<row>.yaml, on Hydra's search path
 MARKERS = ("<!-- rephrase-table:start -->", "<!-- rephrase-table:end -->")
 
 ROWS = ("dev_recipe", "dev_rewordings3", "dev_rewordings3_gate0.3", "dev_rewordings6_within")
@@ -40,7 +43,7 @@ SUITES = ("nq_open", "hellaswag", "gsm8k", "lambada")
 
 
 def multirun(rows: tuple[str, ...] | list[str] = ROWS) -> list[str]:
-    return study_multirun("rephrase", rows, RUNS)
+    return study_multirun("rephrase", rows, RUNS, CONF)
 
 
 def _ci(interval) -> str:
@@ -78,7 +81,7 @@ def row_of(name: str, run: Path) -> dict:
         "rewordings_kept": (s["data"].get("rewordings") or {}).get("kept"),
         "steps": s["steps"], "seconds_per_step": s["seconds_per_step"],
         "wall_minutes": (s["seconds_per_step"] * s["steps"] + s["eval_seconds"]) / 60,
-        "command": command_of(run),
+        "command": command_of(run, CONF),
     }
 
 
@@ -115,6 +118,7 @@ def report() -> None:
     md = markdown(rows)
     (RESULTS / "rephrase_table.md").write_text(md + "\n")
     write_between(HERE / "REPHRASE.md", md, *MARKERS)
+    pack_rows(RESULTS)
     print(md)
 
 
