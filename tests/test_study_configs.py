@@ -127,7 +127,8 @@ TUNE_DELETIONS = list(headline.TUNE_DELETIONS)  # on the tune multirun's command
 
 
 # every study's config folder, on the search path of the configs composed here
-STUDY_CONFS = (smf_recipe.CONF, headline.CONF, rephrase.CONF)
+SMOLLM_CONF = EXPERIMENTS / "smollm" / "conf"  # rows launched with the training CLI (experiments/smollm/SMOLLM.md)
+STUDY_CONFS = (smf_recipe.CONF, headline.CONF, rephrase.CONF, SMOLLM_CONF)
 SEARCH_ALL = "hydra.searchpath=[" + ",".join(f"file://{c}" for c in STUDY_CONFS) + "]"
 
 
@@ -183,7 +184,8 @@ def test_study_configs_live_in_their_study_folder():
                for p in (Path(conf_dir()) / "experiment").rglob("*.yaml")}
     for conf, sweeps, bases in ((smf_recipe.CONF, {"recipe"}, set()),
                                 (headline.CONF, {"headline", "headline_v2"}, {"facts_seq_report"}),
-                                (rephrase.CONF, {"rephrase"}, set())):
+                                (rephrase.CONF, {"rephrase"}, set()),
+                                (SMOLLM_CONF, {"smollm"}, set())):
         root = conf / "experiment"
         assert conf.parent.parent == EXPERIMENTS, conf  # experiments/<study>/conf
         assert {p.name for p in root.iterdir() if p.is_dir()} == sweeps, conf
@@ -220,6 +222,7 @@ def study_row_files() -> list[tuple[str, Path | None]]:
     rows = [(r, headline.CONF) for d in ("headline", "headline_v2") for r in sorted(row_files(headline.CONF, d))]
     rows += [(r, smf_recipe.CONF) for r in sorted(row_files(smf_recipe.CONF, "recipe"))]
     rows += [(r, rephrase.CONF) for r in sorted(row_files(rephrase.CONF, "rephrase"))]
+    rows += [(r, SMOLLM_CONF) for r in sorted(row_files(SMOLLM_CONF, "smollm"))]
     return [("heal", None), ("facts_seq_test", None), *rows]  # with the healing stage's own experiment and the test stream
 
 
