@@ -322,7 +322,9 @@ class SparseMemoryFinetune(ContinualLM):
         for sel in self._task_selected.values():
             sel.zero_()
         dm = self.trainer.datamodule
-        if dm is not None:  # the task's facts into the ledger, with their questions and answers
+        # the task's facts into the ledger, with their questions and answers; a data module of
+        # one's own that serves only batches (no task_facts) leaves the ledger's descriptions empty
+        if dm is not None and hasattr(dm, "task_facts"):
             facts = {f.id: f for f in dm.task_facts(dm.current_task)}
             for fid in dict.fromkeys(ex.fact_id for ex in dm.training_examples(dm.current_task)):
                 f = facts.get(fid)  # None for a document's passage: no question of its own
