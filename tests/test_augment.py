@@ -16,7 +16,7 @@ import pytest
 from test_data import _data_cfg
 from test_documents import DOCS, run_cli, write_jsonl
 
-from smf_lightning.data import augment
+from smf_lightning.data import augment, generation
 from smf_lightning.data.augment import (
     PROMPTS,
     AugmentSpec,
@@ -178,7 +178,7 @@ def test_an_interrupted_generation_keeps_the_chunks_it_saved(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         generate_material(object(), None, texts, PROMPTS["qa"], 8, 1, f, generate=generate)
-    chunk = augment.CHUNK_BATCHES
+    chunk = generation.CHUNK_BATCHES
     assert len(json.loads(f.read_text())["outputs"]) == chunk  # the first chunk, nothing of the interrupted one
     out = generate_material(object(), None, texts, PROMPTS["qa"], 8, 1, f,
                             generate=lambda m, t, p, n, b: [f"again {i}" for i in range(len(p))])

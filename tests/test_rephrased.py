@@ -274,7 +274,8 @@ def test_rewording_groups_for_whitening_hold_a_background_question_and_its_rewor
 def test_an_interrupted_rewording_generation_keeps_the_chunks_it_finished(tmp_path):
     """Rewordings are saved chunk by chunk: a generation stopped midway (Ctrl-C, a killed job)
     resumes from what it wrote and generates only the rest."""
-    from smf_lightning.data.rewording import CHUNK_BATCHES, generate_rewordings
+    from smf_lightning.data.generation import CHUNK_BATCHES
+    from smf_lightning.data.rewording import generate_rewordings
 
     questions = [f"Which river flows through city number {i}?" for i in range(10)]
     cache = tmp_path / "rewordings.json"

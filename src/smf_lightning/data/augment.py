@@ -37,12 +37,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from smf_lightning.data.generation import generate_in_chunks, write_json_atomic
 from smf_lightning.errors import ConfigError, need
 from smf_lightning.text import contains_answer, normalize_answer
 
@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 KINDS = ("qa", "paraphrase", "cloze")  # data.augment.kinds
 GENERATED_KINDS = ("qa", "paraphrase")  # written by the generator model (cloze is cut from the passage)
 QA_KINDS = ("qa", "cloze")  # trained as question/answer sequences (paraphrase: as text)
-CHUNK_BATCHES = 4  # generation batches between two saves of the cache
 DTYPES = ("float32", "bfloat16", "float16")
 BLANK = "____"
 MIN_QUESTION_WORDS = 3
@@ -218,19 +217,13 @@ def generate_material(model, tokenizer, texts: Sequence[str], prompt: str, max_n
                              "model is needed.")
         log.info("Augmenting %d passages (%s) with the generator model: %d to generate, %d cached", len(set(texts)),
                  label, len(todo), len(set(texts)) - len(todo))
-        # in chunks, each saved as it is done: an interrupted generation keeps what it wrote
-        chunk = max(batch_size, 1) * CHUNK_BATCHES
-        for start in range(0, len(todo), chunk):
-            part = todo[start:start + chunk]
-            outputs = generate(model, tokenizer, [build_prompt(prompt, t) for t in part], max_new_tokens, batch_size)
-            stored.update({passage_key(t): out for t, out in zip(part, outputs)})
+        prompts = [build_prompt(prompt, t) for t in todo]
+        for part, outputs in generate_in_chunks(model, tokenizer, prompts, max_new_tokens, batch_size, generate=generate):
+            stored.update({passage_key(t): out for t, out in zip(todo[part], outputs)})
             if cache_file is not None:
-                cache_file.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache_file.with_name(cache_file.name + f".tmp{os.getpid()}")
                 header = {"kind": label, "prompt": prompt, "max_new_tokens": max_new_tokens}
-                tmp.write_text(json.dumps({"header": header, "outputs": stored}))
-                os.replace(tmp, cache_file)
-            log.info("Augmenting (%s): %d of %d passages generated", label, min(start + chunk, len(todo)), len(todo))
+                write_json_atomic(cache_file, {"header": header, "outputs": stored})
+            log.info("Augmenting (%s): %d of %d passages generated", label, part.stop, len(todo))
     return {t: stored[passage_key(t)] for t in texts}
 
 

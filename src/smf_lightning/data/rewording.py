@@ -25,17 +25,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from smf_lightning.data.facts import Fact
+from smf_lightning.data.generation import generate_in_chunks, write_json_atomic
 from smf_lightning.text import contains_answer, normalize_answer
 
 log = logging.getLogger(__name__)
-CHUNK_BATCHES = 4  # generation batches between two saves of the cache
 
 # Few-shot prompts, one rewording each; the examples are general knowledge the model knows,
 # written for this purpose (no stream or evaluation question among them).
@@ -108,21 +107,14 @@ def generate_rewordings(model, tokenizer, questions: Sequence[str], n_styles: in
             raise ValueError(f"{len(todo)} rewordings are not cached ({cache_file}); the generator model is needed.")
         log.info("Rewording %d questions x %d styles with the generator model (%d to generate)",
                  len(set(questions)), len(styles), len(todo))
-        # in chunks, each saved as it is done: an interrupted generation keeps what it wrote
-        chunk = max(batch_size, 1) * CHUNK_BATCHES
-        for start in range(0, len(todo), chunk):
-            part = todo[start:start + chunk]
-            outputs = generate(model, tokenizer, [prompts[s].replace("{question}", q) for q, s in part],
-                               max_new_tokens, batch_size)
-            for (q, s), text in zip(part, outputs):
+        texts = [prompts[s].replace("{question}", q) for q, s in todo]
+        for part, outputs in generate_in_chunks(model, tokenizer, texts, max_new_tokens, batch_size, generate=generate):
+            for (q, s), text in zip(todo[part], outputs):
                 stored.setdefault(q, {})[s] = text.strip()
             if cache_file is not None:
-                cache_file.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache_file.with_name(cache_file.name + f".tmp{os.getpid()}")
-                tmp.write_text(json.dumps(stored))
-                os.replace(tmp, cache_file)
-            if len(todo) > chunk:
-                log.info("Rewordings: %d of %d generated", min(start + chunk, len(todo)), len(todo))
+                write_json_atomic(cache_file, stored)
+            if part.stop < len(todo) or part.start > 0:
+                log.info("Rewordings: %d of %d generated", part.stop, len(todo))
     return {q: [stored[q][s] for s in styles] for q in dict.fromkeys(questions)}
 
 
