@@ -416,3 +416,120 @@ def test_rephrase_rows_are_its_files_and_run_on_the_dev_or_test_stream():
         for key in ("seed", "probe_pool_size", "n_tasks", "facts_per_task", "exclude_streams", "suites"):
             assert cfg["data"][key] == stream["data"][key], (row, key)
     assert test["data"]["exclude_streams"] == ["dev", "quick"] and test["data"]["seed"] != dev["data"]["seed"]
+
+
+# the dev candidate's overrides of the dev stream (dev_rewordings6_within.yaml), which its test rows repeat
+REPHRASE_CANDIDATE = ["data.rewordings=6", "model.memory.input_norm=zca_within",
+                      "model.memory.within_groups=rewordings", "model.memory.within_questions=200"]
+# test method -> the overrides of the test stream its rows add (besides seed and data.order_seed)
+REPHRASE_TEST = {
+    "smf": REPHRASE_CANDIDATE,
+    "lora": ["method=lora", "method.lr=3e-4", "data.rewordings=6"],
+    "full": ["method=full_ft", "method.lr=3e-6", "data.rewordings=6"],
+    "recipe": [],
+}
+
+
+def test_rephrase_test_rows_are_the_candidate_and_its_matched_baselines_with_three_seeds():
+    """The test rows: on the test stream (data.seed 1, no fact of dev or quick); the SMF rows are the
+    dev candidate's overrides, the baselines the stated lr on the same training data (the six
+    rewordings, no whitening); a method's seeds differ only in seed and data.order_seed."""
+    assert rephrase.ROWS[:len(rephrase.DEV_ROWS)] == rephrase.DEV_ROWS  # dev rows first
+    assert set(rephrase.TEST_ROWS) == {f"test_{m}_s{s}" for m in ("smf", "lora", "full") for s in (0, 1, 2)} | {"test_recipe_s0"}
+    off = ["logger.wandb.mode=disabled"]
+    dev, _ = composed(["experiment=rephrase/dev_rewordings6_within"])
+    assert dev == composed(["experiment=smf_recipe", *REPHRASE_CANDIDATE, *off])[0]
+    by_method: dict[str, dict[int, dict]] = {}
+    for row in rephrase.TEST_ROWS:
+        method, s = rephrase.method_of(row), int(row.rsplit("_s", 1)[1])
+        cfg, sweep = composed([f"experiment=rephrase/{row}"])
+        assert sweep["subdir"] == row
+        assert cfg["data"]["seed"] == 1 and cfg["data"]["exclude_streams"] == ["dev", "quick"], row
+        assert (cfg["seed"], cfg["data"]["order_seed"]) == (s, s), row
+        assert cfg == composed(["experiment=facts_seq_test", *REPHRASE_TEST[method], *off, f"seed={s}", f"data.order_seed={s}"])[0], row
+        by_method.setdefault(method, {})[s] = cfg
+    assert {m: sorted(v) for m, v in by_method.items()} == {"smf": [0, 1, 2], "lora": [0, 1, 2], "full": [0, 1, 2], "recipe": [0]}
+
+    def unseeded(cfg: dict) -> dict:
+        cfg = {**cfg, "data": dict(cfg["data"])}
+        del cfg["seed"], cfg["data"]["order_seed"]
+        return cfg
+
+    for method, seeds in by_method.items():
+        assert all(unseeded(c) == unseeded(seeds[0]) for c in seeds.values()), method
+    smf, lora, full = (by_method[m][0] for m in ("smf", "lora", "full"))
+    # the SMF rows: the dev candidate everywhere but the stream's keys (facts_seq_test over smf_recipe) and the seeds
+    assert smf["model"]["memory"] == dev["model"]["memory"] and smf["method"] == dev["method"]
+    assert smf["data"]["rewordings"] == 6 and smf["model"]["memory"]["input_norm"] == "zca_within"
+    assert (lora["method"]["name"], lora["method"]["lr"]) == ("lora", 3e-4)
+    assert (full["method"]["name"], full["method"]["lr"]) == ("full_ft", 3e-6)
+    assert lora["data"] == full["data"] == smf["data"]  # the same training data: stream, rewordings, seeds
+    assert lora["model"]["memory"]["input_norm"] != "zca_within"  # the whitening is the memory's, not the baselines'
+    assert by_method["recipe"][0]["data"]["rewordings"] == 0
+
+
+def test_rephrase_multirun_of_test_rows():
+    assert rephrase.multirun(["test_smf_s0", "test_lora_s2"]) == \
+        ["-m", "experiment=rephrase/test_smf_s0,rephrase/test_lora_s2",
+         "hydra.searchpath=[file://experiments/rephrase/conf]", f"hydra.sweep.dir={rephrase.RUNS}"]
+
+
+def _fake_summary(recall: float, rephrased: float, known: float, lambada: float, bwt: float, steps: int = 100) -> dict:
+    """A summary.json with the keys rephrase.row_of reads; made-up numbers for the aggregation test."""
+    suite = lambda rel: {"rel_change": rel, "rel_change_ci95": [rel - 0.01, rel + 0.01], "after": 0.5}  # noqa: E731
+    return {"method": "smf", "n_tasks": 5, "facts_per_task": 40, "fact_recall": recall, "fact_recall_ci95": [0.0, 1.0],
+            "fact_recall_heldout_template": 1.0, "fact_recall_rephrased": rephrased,
+            "fact_recall_rephrased_contains": rephrased, "recall": {"fact_recall_rephrased": {"ci95": [0.0, 1.0]}},
+            "wrong_answer_is_other_fact": {"rephrased": {"share": 0.0}}, "bwt": bwt,
+            "heldout": {"triviaqa_known": {"after": known, "ci95": [0.9, 1.0]}, "nq_open": suite(0.0),
+                        "hellaswag": suite(0.0), "gsm8k": suite(0.002), "lambada": suite(lambada)},
+            "data": {"rewordings": {"kept": 543}}, "steps": steps, "seconds_per_step": 5.0, "eval_seconds": 60.0}
+
+
+def test_rephrase_test_table_groups_the_seeds_of_each_method(tmp_path, monkeypatch):
+    """report(): the test rows grouped by method, the mean over the finished seeds with their min and
+    max, "(n of 3 seeds)" for a method not finished; dev rows stay out of the test table; the table
+    lands between the rephrase-test-table markers."""
+    import json
+
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    summaries = {
+        "dev_recipe": _fake_summary(1.0, 0.2, 0.99, 0.001, 0.0),
+        "test_smf_s0": _fake_summary(1.0, 0.80, 0.96, 0.010, 0.0),
+        "test_smf_s1": _fake_summary(0.98, 0.86, 0.94, 0.016, -0.01),
+        "test_smf_s2": _fake_summary(0.99, 0.83, 0.95, 0.013, -0.02),
+        "test_lora_s1": _fake_summary(0.70, 0.40, 0.90, 0.050, -0.30, steps=200),
+        "test_lora_s2": _fake_summary(0.60, 0.30, 0.80, 0.070, -0.40, steps=200),
+    }
+    for row, s in summaries.items():
+        (runs / row).mkdir(parents=True)
+        (runs / row / "summary.json").write_text(json.dumps(s))
+    page = tmp_path / "REPHRASE.md"
+    page.write_text(f"# page\n\n{rephrase.TEST_MARKERS[0]}\n(no finished test row yet)\n{rephrase.TEST_MARKERS[1]}\n\n"
+                    f"{rephrase.MARKERS[0]}\n{rephrase.MARKERS[1]}\nend\n")
+    monkeypatch.setattr(rephrase, "RUNS", runs)
+    monkeypatch.setattr(rephrase, "RESULTS", results)
+    monkeypatch.setattr(rephrase, "HERE", tmp_path)
+
+    rows = [rephrase.row_of(r, runs / r) for r in summaries]
+    groups = rephrase.group_by_method([r for r in rows if r["stream"] == "test"])
+    assert [g["method"] for g in groups] == ["smf", "lora"]  # TEST_METHODS' order; no row of full or recipe: no line
+    smf, lora = groups
+    assert (smf["n"], smf["planned"], lora["n"], lora["planned"]) == (3, 3, 2, 3)
+    assert smf["rephrased"] == pytest.approx((0.80 + 0.86 + 0.83) / 3)
+    assert (smf["rephrased_min"], smf["rephrased_max"]) == (0.80, 0.86)
+    assert smf["known_kept"] == pytest.approx(0.95) and smf["lambada_rel_change"] == pytest.approx(0.013)
+    assert smf["bwt"] == pytest.approx(-0.01) and lora["recall"] == pytest.approx(0.65) and lora["steps"] == 200
+    assert lora["lambada_rel_change_min"] == 0.05 and lora["lambada_rel_change_max"] == 0.07
+
+    rephrase.report()
+    doc = page.read_text()
+    table = doc.split(rephrase.TEST_MARKERS[0], 1)[1].split(rephrase.TEST_MARKERS[1], 1)[0]
+    smf_line = next(line for line in table.splitlines() if "`test_smf_s*`" in line)
+    lora_line = next(line for line in table.splitlines() if "`test_lora_s*`" in line)
+    assert "**0.830** (0.800 – 0.860)" in smf_line and "+1.30% (+1.00% – +1.60%)" in smf_line
+    assert "of 3 seeds" not in smf_line and "(2 of 3 seeds) | 2 |" in lora_line
+    assert "dev_recipe" not in table and "test_full" not in table and "(no finished test row yet)" not in table
+    assert "dev_recipe" in doc.split(rephrase.MARKERS[0], 1)[1]  # the per-row table keeps every row
+    assert (results / "rephrase_test.csv").is_file() and (results / "test_smf_s0" / "summary.json").is_file()
+    assert rephrase.methods_markdown([]) == "(no finished test row yet)"
