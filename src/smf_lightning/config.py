@@ -84,6 +84,11 @@ def validate_config(cfg: DictConfig) -> None:
         if d.get("rephrasings"):
             read_rephrasings(str(d.rephrasings))  # a missing or malformed file stops here, naming the line
         builtin_stream_ids(list(d.get("exclude_streams") or []))
+    if d.get("lead_stream"):
+        from .streams.triviaqa_stream import check_lead_stream
+
+        check_lead_stream(OmegaConf.to_container(d.lead_stream, resolve=True), facts=str(d.get("facts", "triviaqa")),
+                          pool_size=int(d.probe_pool_size), n_tasks=int(d.n_tasks), facts_per_task=int(d.facts_per_task))
     ckpt = cfg.get("ckpt_path")
     if ckpt and not Path(ckpt).is_file():
         raise ConfigError(

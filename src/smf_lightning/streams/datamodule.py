@@ -105,6 +105,7 @@ class FactStreamDataModule(L.LightningDataModule):
         rewordings: int = 0,
         rewording_max_new_tokens: int = 40,
         order_seed: int | None = None,
+        lead_stream: Mapping[str, int] | None = None,
     ):
         """
         tokenizer, probe_model: the run's tokenizer and its *base* model (probed for
@@ -147,6 +148,7 @@ class FactStreamDataModule(L.LightningDataModule):
         self.loss_on, self.max_seq_len = loss_on, max_seq_len
         self.rephrasings = rephrasings
         self.exclude_streams = tuple(exclude_streams or ())
+        self.lead_stream = dict(lead_stream) if lead_stream else None  # facts=triviaqa: triviaqa_stream.py
         self.rewordings = int(rewordings)
         # the probe: which facts the base model already knows
         self.probe_prompt = probe_prompt or DEFAULT_PROBE_PROMPT
@@ -254,7 +256,7 @@ class FactStreamDataModule(L.LightningDataModule):
                                n_background=self.background_sizes.get("triviaqa", 0), encoder=self.encoder,
                                prober=self.prober, probe_templates=self.probe_templates,
                                exclude_streams=self.exclude_streams, rephrasings=self.rephrasings,
-                               source=self.source, data_root=self.data_root)
+                               source=self.source, data_root=self.data_root, lead_stream=self.lead_stream)
 
     def _encode(self, fact: Fact, template_name: str, loss_on: str | None = None) -> TrainingExample:
         """``fact`` under a template (encoding.py: never an evaluation-only rephrasing)."""
