@@ -139,10 +139,16 @@ def last_point(run_dir: Path) -> str:
 
 
 def run_overrides(run_dir: Path) -> list[str]:
+    """The run's own overrides, and its config search path when it had one (a study's rows live on
+    their study's search path, which Hydra records among its own overrides, not the run's)."""
     import yaml
 
-    path = run_dir / ".hydra" / "overrides.yaml"
-    return list(yaml.safe_load(path.read_text()) or []) if path.is_file() else []
+    path, hydra = run_dir / ".hydra" / "overrides.yaml", run_dir / ".hydra" / "hydra.yaml"
+    overrides = list(yaml.safe_load(path.read_text()) or []) if path.is_file() else []
+    search = (yaml.safe_load(hydra.read_text()) or {}).get("hydra", {}).get("searchpath") if hydra.is_file() else None
+    if search:
+        overrides.append(f"hydra.searchpath=[{','.join(search)}]")
+    return overrides
 
 
 def override_key(o: str) -> str:
