@@ -113,3 +113,19 @@ def test_generate_greedy_texts_unchanged(tiny_tok, monkeypatch, batch_size):
     grouped = scoring.generate_greedy(model, tiny_tok, prompts, 6, batch_size)
     monkeypatch.setattr(scoring, "_prefill_groups", _one_group)
     assert grouped == scoring.generate_greedy(model, tiny_tok, prompts, 6, batch_size)
+
+
+def test_a_cache_that_cannot_be_stacked_is_prefilled_in_one_forward_once_found(tiny_tok, monkeypatch):
+    """A model whose cache is not made of plain growing layers (scoring._mergeable) falls back to
+    one forward over the batch; after its first batch it goes there directly, without first
+    prefilling a group it cannot use. Same texts either way."""
+    monkeypatch.setattr(scoring, "PREFILL_FORWARD_TOKENS", 4)
+    model, prompts = _model(), _prompts()
+    whole, _, _ = _decode(model, tiny_tok, prompts, 6, grouped=False, monkeypatch=monkeypatch)
+    monkeypatch.setattr(scoring, "_mergeable", lambda cache: False)
+    first, _, rows_1 = _decode(model, tiny_tok, prompts, 6, grouped=True, monkeypatch=monkeypatch)
+    again, _, rows_2 = _decode(model, tiny_tok, prompts, 6, grouped=True, monkeypatch=monkeypatch)
+    assert first == again == whole
+    batch = (len(prompts), max(len(e) for e in tiny_tok(prompts)["input_ids"]))
+    assert rows_1[0][0] < len(prompts) and rows_1[1] == batch  # a group's forward, then the whole batch's
+    assert rows_2[0] == batch and len(rows_2) == len(rows_1) - 1  # straight to the whole batch

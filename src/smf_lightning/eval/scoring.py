@@ -18,6 +18,7 @@ last bit. Batches depend on the items only, never on the model, so they do come 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -478,6 +479,11 @@ def _prefill_groups(lengths: Sequence[int]) -> list[list[int]]:
     return groups[::-1]
 
 
+# models whose prefill cache cannot be stacked by rows (_mergeable): found on their first grouped
+# prefill, then prefilled in one forward from the start instead of one group's forward and a redo
+_UNSTACKABLE: weakref.WeakSet = weakref.WeakSet()
+
+
 def _mergeable(cache) -> bool:
     """A cache of plain growing layers, whose keys/values can be padded and stacked by rows."""
     from transformers.cache_utils import DynamicLayer
@@ -501,9 +507,11 @@ def _prefill(model, ids, mask, positions, states: EvalPrefixStates | None, legac
     compare texts; fact recall on the quickstart run gave the same texts). Only the last column's logits
     are computed, gathered contiguously (see _greedy_decode). With kept prefix states each group's
     forward is kept and reused on its own (kv="keep"). One forward as before for ``legacy``, a
-    batch that forms one group, and a model whose cache is not made of plain growing layers.
+    batch that forms one group, and a model whose cache is not made of plain growing layers (found on
+    its first grouped prefill and remembered).
     """
-    groups = _prefill_groups(mask.sum(-1).tolist()) if split and not legacy else [list(range(ids.shape[0]))]
+    split = split and not legacy and model not in _UNSTACKABLE
+    groups = _prefill_groups(mask.sum(-1).tolist()) if split else [list(range(ids.shape[0]))]
     parts = []
     for group in groups:
         if len(groups) == 1:
@@ -522,7 +530,8 @@ def _prefill(model, ids, mask, positions, states: EvalPrefixStates | None, legac
             except TypeError:
                 out = model(input_ids=g_ids, attention_mask=g_mask, position_ids=g_positions, use_cache=True)
         cache = _returned_cache(out)
-        if len(groups) > 1 and not _mergeable(cache):  # one forward over the whole batch instead
+        if len(groups) > 1 and not _mergeable(cache):  # one forward over the whole batch instead, from now on
+            _UNSTACKABLE.add(model)
             return _prefill(model, ids, mask, positions, states, legacy, split=False)
         parts.append((out.logits[:, -1], cache))
     if len(parts) == 1:
