@@ -23,6 +23,7 @@ sys.path[:0] = [str(EXPERIMENTS / "scale"), str(EXPERIMENTS)]
 
 import scale  # noqa: E402
 import study  # noqa: E402
+from test_study_configs import composed  # noqa: E402  (every study's conf/ on the search path)
 
 pytestmark = pytest.mark.study  # the studies under experiments/, not the package
 
@@ -32,17 +33,6 @@ SEARCH = "hydra.searchpath=[file://" + str(scale.CONF) + "]"
 @pytest.fixture(autouse=True)
 def _repo_root_cwd(monkeypatch):
     monkeypatch.setenv("PWD", str(ROOT))  # paths.root_dir: the commands run from the repository root
-
-
-def composed(overrides: list[str]) -> tuple[dict, dict]:
-    """(the job's config, resolved, its run directory a placeholder; hydra.sweep)."""
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, SEARCH], return_hydra_config=True)
-    sweep = OmegaConf.to_container(cfg.hydra.sweep)
-    with open_dict(cfg):
-        del cfg["hydra"]
-        cfg.paths.output_dir = "<run dir>"
-    return OmegaConf.to_container(cfg, resolve=True), sweep
 
 
 # ----------------------------------------------------------------------------- the row

@@ -19,10 +19,11 @@ from smf_lightning.train import conf_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
-sys.path[:0] = [*(str(EXPERIMENTS / study) for study in ("headline", "recipe", "rephrase")), str(EXPERIMENTS)]
+sys.path[:0] = [*(str(EXPERIMENTS / study) for study in ("headline", "recipe", "rephrase", "scale")), str(EXPERIMENTS)]
 
 import headline  # noqa: E402  (the thin wrappers that print and launch the multiruns)
 import rephrase  # noqa: E402
+import scale  # noqa: E402
 import smf_recipe  # noqa: E402
 import study  # noqa: E402
 
@@ -128,7 +129,7 @@ TUNE_DELETIONS = list(headline.TUNE_DELETIONS)  # on the tune multirun's command
 
 # every study's config folder, on the search path of the configs composed here
 SMOLLM_CONF = EXPERIMENTS / "smollm" / "conf"  # rows launched with the training CLI (experiments/smollm/SMOLLM.md)
-STUDY_CONFS = (smf_recipe.CONF, headline.CONF, rephrase.CONF, SMOLLM_CONF)
+STUDY_CONFS = (smf_recipe.CONF, headline.CONF, rephrase.CONF, SMOLLM_CONF, scale.CONF)
 SEARCH_ALL = "hydra.searchpath=[" + ",".join(f"file://{c}" for c in STUDY_CONFS) + "]"
 
 
@@ -185,7 +186,8 @@ def test_study_configs_live_in_their_study_folder():
     for conf, sweeps, bases in ((smf_recipe.CONF, {"recipe"}, set()),
                                 (headline.CONF, {"headline", "headline_v2"}, {"facts_seq_report"}),
                                 (rephrase.CONF, {"rephrase"}, set()),
-                                (SMOLLM_CONF, {"smollm"}, set())):
+                                (SMOLLM_CONF, {"smollm"}, set()),
+                                (scale.CONF, {"scale"}, set())):
         root = conf / "experiment"
         assert conf.parent.parent == EXPERIMENTS, conf  # experiments/<study>/conf
         assert {p.name for p in root.iterdir() if p.is_dir()} == sweeps, conf
