@@ -631,11 +631,13 @@ def _lock(name: str):
 
 # Caches the runs compute from the base model and keep under cache_root()/<kind>/ as JSON, keyed by
 # everything that changes them (model fingerprint, prompts, suites, items, format version): which
-# TriviaQA facts the model knows (probes) and the evaluation before training (before_eval). A seed
-# folder of such files spares a fresh machine recomputing them: ~20 of
-# make train's first 37 minutes on a 2-core CPU. A file whose key matches nothing is never read,
-# so a changed model or setup computes anew.
-SEEDED_CACHES = ("probes", "before_eval")
+# TriviaQA facts the model knows (probes), the evaluation before training (before_eval) and the
+# training rewordings the model writes of each question (rewordings; one file per generator and
+# decoding length, one entry per question and prompt style). A seed folder of such files spares a
+# fresh machine recomputing them: ~20 of make train's first 37 minutes on a 2-core CPU for the
+# first two. A file whose key matches nothing is never read, and a question or style the seed
+# lacks is generated and added, so a changed model or setup computes anew.
+SEEDED_CACHES = ("probes", "before_eval", "rewordings")
 # The package's seed (an asset of its own, not a study's): the offline model's probes and the 'before'
 # evaluations of the built-in streams. Study drivers may add their points to it.
 SEED_CACHE = Path(__file__).with_name("seed_cache")
@@ -647,7 +649,7 @@ def seed_cache(seed: Path = SEED_CACHE, root: Path | None = None) -> list[Path]:
     Returns the files copied."""
     seed = Path(seed)
     if not seed.is_dir():
-        raise AssetError(f"cache seed folder {seed} does not exist; give the folder that holds probes/ and before_eval/ "
+        raise AssetError(f"cache seed folder {seed} does not exist; give the folder that holds probes/, before_eval/ and rewordings/ "
                          f"(the package's own: {SEED_CACHE}).")
     root = root or cache_root()
     copied = []
