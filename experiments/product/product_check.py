@@ -543,10 +543,10 @@ class ProductCheck:
         stream, cfg = self.stream(), self.config()
         mine = ["model.init_checkpoint", "data.n_tasks", "data.seed", "data.exclude_streams", "ckpt_path",
                 *(override_key(o) for o in CONTINUE_QUIET)]
-        kept = [o for o in run_overrides(self.run_dir)
+        overrides = run_overrides(self.run_dir)
+        kept = [o for o in overrides
                 if not any(override_key(o) == k for k in mine) and not override_key(o).startswith("data.suites")]
-        added = {override_key(o).split(".")[2] for o in run_overrides(self.run_dir)
-                 if o.startswith("+data.suites.")}
+        added = {override_key(o).split(".")[2] for o in overrides if o.startswith("+data.suites.")}
         new = [f"model.init_checkpoint={self.full}", "data.n_tasks=1", *CONTINUE_QUIET]
         # one cheap suite stays, so the continued run reports one capability figure too; the
         # known-facts suite would probe the export afresh
