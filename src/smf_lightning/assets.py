@@ -638,8 +638,9 @@ def _lock(name: str):
 # first two. A file whose key matches nothing is never read, and a question or style the seed
 # lacks is generated and added, so a changed model or setup computes anew.
 SEEDED_CACHES = ("probes", "before_eval", "rewordings")
-# The package's seed (an asset of its own, not a study's): the offline model's probes and the 'before'
-# evaluations of the built-in streams. Study drivers may add their points to it.
+# The package's seed (an asset of its own, not a study's): the offline model's probes, the 'before'
+# evaluations of the built-in streams and its rewordings of their questions (and of the background
+# questions the whitening groups). Study drivers may add their points to it.
 SEED_CACHE = Path(__file__).with_name("seed_cache")
 
 
