@@ -384,3 +384,39 @@ def test_ask_answers_as_the_evaluation_did_and_explains_which_facts_were_read(ru
     assert code == 0 and out.count("\n") == 1
     code, _, err = cli(main, exports["full"], facts[0].question, "--template", "nope", capsys=capsys)
     assert code == 2 and "unknown template 'nope'" in err
+
+
+# ---- the read-gate sweep (experiments/tools/diag_gate_sweep.py) --------------------------------
+def test_gate_sweep_at_the_runs_own_threshold_reproduces_its_recall(run_dir, tmp_path):
+    """At the run's own threshold the sweep asks as the evaluation asked: its trained-question
+    recall is the mean of the last evaluation point's per-fact scores under the first training
+    template; a threshold that is not a cosine is refused."""
+    out = tmp_path / "sweep.json"
+    res = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), "diag", "gate_sweep", str(run_dir),
+                          "--gates", "0.5,off", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["gate"] for r in rows] == [0.5, None]
+    last = sorted((run_dir / "items").glob("after_task_*"), key=lambda p: int(p.name.rsplit("_", 1)[1]))[-1]
+    with open(last / "fact_recall.csv") as fh:
+        recs = list(csv.DictReader(fh))
+    first = recs[0]["template"]
+    ems = [float(r["em"]) for r in recs if r["template"] == first]
+    assert rows[0]["n_trained"] == len(ems)
+    assert rows[0]["trained_em"] == pytest.approx(sum(ems) / len(ems), abs=1e-12)
+    bad = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), "diag", "gate_sweep", str(run_dir),
+                          "--gates", "1.5"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "not a cosine threshold" in bad.stderr
+
+
+def test_the_read_diagnostic_opens_a_run_and_reports_the_trained_questions(run_dir, opened, tmp_path):
+    """experiments/tools/diag_rephrased.py on a tiny run (no rephrasings, no known suite): the
+    trained questions' read shares, each a share in [0, 1]."""
+    out = tmp_path / "reads.json"
+    res = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), "diag", "rephrased", str(run_dir),
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    trained = json.loads(out.read_text())["groups"]["trained"]
+    dm = opened.datamodule
+    assert trained["answer_passed"]["n"] == sum(len(dm.task_facts(j)) for j in range(dm.n_tasks))
+    assert all(0.0 <= v["mean"] <= 1.0 for k, v in trained.items() if k.endswith(("_written", "_passed")))

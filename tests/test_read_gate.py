@@ -173,3 +173,89 @@ def test_read_gate_runs_end_to_end_from_the_config(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["steps"] > 0
+
+
+# ---- the serving gate (memory.serve_gate): another threshold in eval mode ------------------------
+def test_serve_gate_needs_a_read_gate_and_is_a_cosine():
+    with pytest.raises(ValueError, match="serve_gate=0.9 needs a read gate"):
+        MemoryConfig(serve_gate=0.9).validate()
+    with pytest.raises(ValueError, match="serve_gate"):
+        MemoryConfig(read_gate=0.5, serve_gate=1.5).validate()
+    MemoryConfig(read_gate=0.5, serve_gate=0.9).validate()
+
+
+def _keyed_pair(tau_train: float, tau_serve: float):
+    """Two memories with the same rows, values and write keys: one that answers at ``tau_serve``
+    (serve_gate), one whose only gate is ``tau_serve``, and the input that wrote the keys."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 12, 64)
+    _, served = _mem(gate=tau_train, serve_gate=tau_serve)
+    _, strict = _mem(gate=tau_serve)
+    with torch.no_grad():
+        values = torch.randn_like(served.values.weight)
+        idx, w = served.lookup(x)
+        q = _queries(served, x)
+        rows = torch.unique(idx[0, :3])
+        delta = served.write_delta(rows, idx[0, :3], w[0, :3], q[0, :3])
+        for m in (served, strict):
+            m.values.weight.copy_(values)
+            m.add_writes(rows, *delta)
+    return served, strict, x
+
+
+def test_in_eval_mode_the_serving_gate_decides_and_in_training_the_read_gate():
+    from smf_lightning.memory.layer import training_gate
+
+    served, strict, x = _keyed_pair(0.1, 0.9)
+    _, loose = _mem(gate=0.1)
+    with torch.no_grad():
+        loose.values.weight.copy_(served.values.weight)
+        loose.add_writes(torch.arange(64), served.write_keys.clone(), served.write_mass.clone())
+        for m in (served, strict, loose):
+            m.eval()
+        assert served.gate_threshold() == 0.9
+        assert torch.equal(served(x), strict(x))  # eval mode: the serving threshold
+        assert torch.equal(served.last_access.weights, strict.last_access.weights)
+        with training_gate([served]):  # a training forward in eval mode (SMF's selection)
+            assert served.gate_threshold() == 0.1
+            assert torch.equal(served(x), loose(x))
+        assert served.gate_threshold() == 0.9  # restored
+        served.train()
+        loose.train()
+        assert served.gate_threshold() == 0.1
+        assert torch.equal(served(x), loose(x))  # train mode: the read gate
+        # the two thresholds pass different reads here, or the checks above would prove nothing
+        loose(x)
+        strict(x)
+        assert not torch.equal(loose.last_access.weights, strict.last_access.weights)
+
+
+def test_a_serving_gate_without_keys_keeps_the_fingerprint_and_with_keys_changes_it():
+    gated, mem = _mem(gate=0.3)
+    served, smem = _mem(gate=0.3, serve_gate=0.9)
+    assert fingerprint_model(served) == fingerprint_model(gated)  # no keys: the gate is the identity
+    rows = torch.tensor([3])
+    for m in (mem, smem):
+        m.add_writes(rows, torch.ones(1, m.heads, m.k_dim), torch.ones(1, m.heads))
+    assert fingerprint_model(served) != fingerprint_model(gated)  # with keys, it answers differently
+
+
+def test_training_is_the_same_whatever_the_serving_gate(tmp_path):
+    """Two tiny runs, read gate 0.3, one answering at 0.99: the same rows, values and write keys
+    after training (the serving gate only decides in eval mode), and the run's config carries it."""
+    from test_train import TINY, cli
+
+    ckpts = {}
+    for name, extra in (("plain", []), ("served", ["model.memory.serve_gate=0.99"])):
+        res = cli([*TINY, f"hydra.run.dir={tmp_path / name}", "logger.wandb.mode=disabled", "callbacks.plots=false",
+                   "model.memory.read_gate=0.3", *extra])
+        assert res.returncode == 0, res.stderr[-3000:]
+        ckpts[name] = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)
+    a, b = ckpts["plain"], ckpts["served"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert a["write_keys"].keys() == b["write_keys"].keys() and a["write_keys"]
+    for i in a["write_keys"]:
+        assert all(torch.equal(x, y) for x, y in zip(a["write_keys"][i], b["write_keys"][i]))
+        assert a["write_keys"][i][0].numel() > 0
+    assert "serve_gate: 0.99" in (tmp_path / "served" / ".hydra" / "config.yaml").read_text()

@@ -65,7 +65,8 @@ def prompt_reads(model, tok, mems, prompt: str, token_ids: list | None = None) -
         idx, w, q = mem._lookup(inputs[i].float())
         B, T = idx.shape[:2]
         queries = F.normalize(q.reshape(B, T, mem.heads, mem.k_dim), dim=-1)
-        gate = mem._read_gate(idx, queries) if mem.cfg.read_gate is not None else torch.ones_like(w)
+        tau = mem.gate_threshold()  # as the model answers (eval mode: the serving gate, if set)
+        gate = mem._read_gate(idx, queries, tau) if tau is not None else torch.ones_like(w)
         head = torch.arange(mem.heads).view(1, 1, mem.heads, 1).expand_as(idx)
         written = mem.write_mass[idx, head] > 0 if mem.cfg.read_gate is not None else mem.values.weight[idx].abs().sum(-1) > 0
         out[i] = {"idx": idx[0], "w": w[0], "gate": gate[0], "written": written[0], "q": queries[0]}

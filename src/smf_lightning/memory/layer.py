@@ -36,6 +36,13 @@ updates), and a read of a row that has a write key counts only if the reading qu
 with it is >= tau. Rows never written have no key and are read as before (in additive mode
 they are zero), so the base function is unchanged. The keys are a float32 buffer of
 N x heads x k_dim (268 MB at 512^2 slots and one head of 256).
+
+Serving gate (``serve_gate=tau'``): the threshold in eval mode (every evaluation, ``ask``, a loaded
+export) when it should differ from training's. Training passes reads at ``read_gate``, so the
+rewordings of a fact reach its rows and write their keys; answering at a stricter ``tau'`` keeps
+questions that are merely similar off the written rows. Forwards of the training loop that run in
+eval mode (SMF's per-fact slot selection) use ``read_gate`` (:func:`training_gate`), so training is
+the same whatever ``serve_gate`` is.
 """
 
 from __future__ import annotations
@@ -100,6 +107,11 @@ class MemoryConfig:
     # own training positions (median 0.99) and of its facts under the held-out template (median
     # 0.89) from those of other questions (median 0.08, 90% quantile 0.17; diag_gate.py, 100 facts).
     read_gate: float | None = None
+    # The read gate's threshold when the model answers (eval mode: evaluation, ask, an export) rather
+    # than trains; null = read_gate. A looser gate in training lets every wording of a fact reach
+    # and write its rows; a stricter one when answering keeps other questions off them (module doc,
+    # "Serving gate"; experiments/rephrase/REPHRASE.md, the gate frontier).
+    serve_gate: float | None = None
 
     def validate(self, n_layers: int | None = None) -> None:
         root = math.isqrt(self.n_slots)
@@ -144,6 +156,13 @@ class MemoryConfig:
             if self.mode != "additive":
                 raise ValueError("memory.read_gate needs memory.mode=additive: rows without a write key are read "
                                  "ungated, which is only the base function when unwritten rows are zero.")
+        if self.serve_gate is not None:
+            if self.read_gate is None:
+                raise ValueError(f"memory.serve_gate={self.serve_gate!r} needs a read gate: without "
+                                 "memory.read_gate no write keys are kept, so there is nothing to compare with.")
+            if not -1.0 <= float(self.serve_gate) <= 1.0:
+                raise ValueError(f"memory.serve_gate={self.serve_gate!r} is a cosine threshold: give a number in "
+                                 "[-1, 1], or null to answer with memory.read_gate.")
         if self.mode not in ("additive", "replace"):
             raise ValueError(f"memory.mode={self.mode!r}; allowed: 'additive', 'replace'.")
         if not self.layers:
@@ -266,6 +285,7 @@ class ProductKeyMemory(nn.Module):
         self.last_access: SlotAccess | None = None
         self.token_mask: torch.Tensor | None = None  # set per model call by the retrofit hook
         self.record_weights = True  # statistics need only ids; keep weights for analysis by default
+        self.train_gate_forced = False  # training_gate(): read_gate even in eval mode
         self.reset_parameters()
 
     @torch.no_grad()
@@ -323,7 +343,15 @@ class ProductKeyMemory(nn.Module):
         weights = torch.softmax(scores.float() * self.cfg.score_scale, dim=-1)
         return idx.view(B, T, self.heads, self.knn), weights.view(B, T, self.heads, self.knn), q
 
-    def _read_gate(self, idx: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    def gate_threshold(self) -> float | None:
+        """The read gate's threshold for this forward: serve_gate in eval mode (outside
+        :func:`training_gate`) where set, read_gate otherwise; None = no gate."""
+        c = self.cfg
+        if c.read_gate is not None and c.serve_gate is not None and not self.training and not self.train_gate_forced:
+            return float(c.serve_gate)
+        return None if c.read_gate is None else float(c.read_gate)
+
+    def _read_gate(self, idx: torch.Tensor, q: torch.Tensor, tau: float) -> torch.Tensor:
         """[B, T, heads, knn] 0/1: a read of a row with a write key passes if cos(query, key) >= tau;
         reads of rows without one pass. q: [B, T, heads, k_dim], normalised."""
         head = torch.arange(self.heads, device=idx.device).view(1, 1, self.heads, 1).expand_as(idx)
@@ -333,7 +361,7 @@ class ProductKeyMemory(nn.Module):
             keys = self.write_keys[idx[keyed], head[keyed]]  # [M, k_dim], only the reads of written rows
             reading = q.unsqueeze(3).expand(*idx.shape, q.shape[-1])[keyed]
             cos = (keys * reading).sum(-1) / keys.norm(dim=-1).clamp_min(1e-12)
-            gate[keyed] = (cos >= float(self.cfg.read_gate)).float()
+            gate[keyed] = (cos >= tau).float()
         return gate
 
     @torch.no_grad()
@@ -377,9 +405,10 @@ class ProductKeyMemory(nn.Module):
         with _autocast_off(x):
             idx, w, q = self._lookup(x)
             queries = None
-            if self.cfg.read_gate is not None:
+            tau = self.gate_threshold()
+            if tau is not None:
                 queries = F.normalize(q.reshape(B, T, self.heads, self.k_dim), dim=-1)
-                w = w * self._read_gate(idx, queries)
+                w = w * self._read_gate(idx, queries, tau)
         self.last_access = SlotAccess(
             indices=idx.detach(),
             weights=w.detach() if self.record_weights else w.new_empty(0),
@@ -397,4 +426,21 @@ class ProductKeyMemory(nn.Module):
     def extra_repr(self) -> str:
         c = self.cfg
         return (f"layer={self.layer_idx}, N={c.n_slots}, heads={c.heads}, knn={c.knn}, k_dim={c.k_dim}, v_dim={self.v_dim}, "
-                f"output={c.output}, input_norm={c.input_norm}" + (f", read_gate={c.read_gate}" if c.read_gate is not None else ""))
+                f"output={c.output}, input_norm={c.input_norm}" + (f", read_gate={c.read_gate}" if c.read_gate is not None else "")
+                + (f", serve_gate={c.serve_gate}" if c.serve_gate is not None else ""))
+
+
+@contextlib.contextmanager
+def training_gate(mems):
+    """Within this block the memory layers ``mems`` (an iterable of ProductKeyMemory) gate their
+    reads at ``read_gate`` even in eval mode: forwards that belong to training (SMF's selection)
+    see what training sees, whatever ``serve_gate`` is."""
+    mems = list(mems)
+    before = [m.train_gate_forced for m in mems]
+    for m in mems:
+        m.train_gate_forced = True
+    try:
+        yield
+    finally:
+        for m, b in zip(mems, before):
+            m.train_gate_forced = b

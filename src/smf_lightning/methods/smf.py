@@ -51,6 +51,7 @@ import torch
 
 from ..errors import ConfigError
 from ..memory import freeze_all_but_values, memory_layers
+from ..memory.layer import training_gate
 from ..memory.ledger import FactLedger
 from ..optim import SlotAdam, SlotSGD
 from ..selection import distributed
@@ -396,18 +397,19 @@ class SparseMemoryFinetune(ContinualLM):
         was_training = self.model.training
         self.model.eval()
         try:
-            for start in range(0, len(examples), batch_size):
-                chunk = examples[start:start + batch_size]
-                batch = collate(chunk)
-                device = next(self.model.parameters()).device
-                self.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                           logits_to_keep=1)
-                mask = loss_position_mask(batch["labels"]) if self.loss_tokens_only else batch["attention_mask"].bool()
-                for row, ex in enumerate(chunk):
-                    per_layer = counts.setdefault(ex.fact_id, {})
-                    for i, mem in self.memories.items():
-                        c = self._count(mem.last_access, mem.n_slots, row=row, keep=mask[row])
-                        per_layer[i] = per_layer[i] + c if i in per_layer else c
+            with training_gate(self.memories.values()):  # selection sees training's read gate
+                for start in range(0, len(examples), batch_size):
+                    chunk = examples[start:start + batch_size]
+                    batch = collate(chunk)
+                    device = next(self.model.parameters()).device
+                    self.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                               logits_to_keep=1)
+                    mask = loss_position_mask(batch["labels"]) if self.loss_tokens_only else batch["attention_mask"].bool()
+                    for row, ex in enumerate(chunk):
+                        per_layer = counts.setdefault(ex.fact_id, {})
+                        for i, mem in self.memories.items():
+                            c = self._count(mem.last_access, mem.n_slots, row=row, keep=mask[row])
+                            per_layer[i] = per_layer[i] + c if i in per_layer else c
         finally:
             self.model.train(was_training)
         return {

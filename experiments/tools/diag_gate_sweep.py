@@ -1,0 +1,131 @@
+"""What would a stricter (or looser) read gate have given a trained run? Re-asks a finished run at
+other read-gate thresholds, without training.
+
+Loads a finished (or interrupted) run — its config, its checkpoint's value rows and write keys —
+and, for every threshold tau of ``--gates`` (``off`` = no gate: every read of a written row
+counts), sets ``read_gate=tau`` on every memory layer and scores, as the run's evaluation does:
+
+- ``trained``: recall of every stream fact under the first training template (exact match);
+- ``rephrased``: recall of the facts' evaluation-only rephrasings (exact match and "contains");
+- ``known``: the known-facts suite (exact match: 1.00 before the stream by construction);
+- with ``--suites``: every other held-out suite of the run (NQ, HellaSwag, GSM8K, LAMBADA, ...), its
+  primary metric and its relative change from the run's own "before" point (heldout.csv).
+
+The run's own threshold is one row of the table, so its figures must reproduce the run's
+``summary.json`` (printed beside them as a check). The write keys and values were trained under
+the run's own gate, so another threshold here says which reads pass and what they carry, not
+what training under that threshold would have written: a screen for which training rows to run,
+never a result row.
+
+    python experiments/run.py diag gate_sweep RUN_DIR --gates 0.5,0.6,0.7,0.8,off [--suites] [--out FILE.json]
+
+Nothing here trains or changes the run; it reads evaluation items, as evaluation does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+
+
+def parse_gates(text: str) -> list[float | None]:
+    """'0.5,0.7,off' -> [0.5, 0.7, None]; a value outside [-1, 1] is refused (a cosine)."""
+    gates: list[float | None] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part in ("off", "null", "none"):
+            gates.append(None)
+            continue
+        value = float(part)
+        if not -1.0 <= value <= 1.0:
+            raise SystemExit(f"--gates: {part} is not a cosine threshold in [-1, 1]")
+        gates.append(value)
+    return gates
+
+
+def before_values(heldout_csv: Path) -> dict[tuple[str, str], float]:
+    """(suite, metric) -> its value at the run's "before" evaluation point (heldout.csv); {} if none."""
+    if not heldout_csv.is_file():
+        return {}
+    with open(heldout_csv) as fh:
+        return {(r["suite"], r["metric"]): float(r["value"]) for r in csv.DictReader(fh) if r["label"] == "before"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--gates", default="0.5,0.6,0.7,0.8,off", help="comma-separated thresholds; 'off' = no gate")
+    ap.add_argument("--suites", action="store_true", help="also the run's other held-out suites (minutes per gate)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    gates = parse_gates(args.gates)
+
+    from smf_lightning.memory import memory_layers
+    from smf_lightning.product.open import load_run
+
+    run = load_run(args.run)
+    mems = memory_layers(run.model)
+    own = {m.cfg.read_gate for m in mems.values()}
+    serving = {m.cfg.serve_gate for m in mems.values()} - {None}
+    if any(m.cfg.read_gate is None for m in mems.values()) and any(g is not None for g in gates):
+        # without a gate the run kept no write keys: a threshold has nothing to compare with
+        raise SystemExit(f"{args.run}: the run trained without a read gate (no write keys); only 'off' applies")
+    dm = run.datamodule
+    bs = dm.generation_batch_size
+    tasks = range(dm.n_tasks)
+    trained = [dm.recall_suites(j)[dm.train_templates[0]] for j in tasks]
+    rephrased = [s for j in tasks if (s := dm.rephrased_suite(j)) is not None]
+    known = dm.heldout_suites().get("triviaqa_known")
+    others = {n: s for n, s in dm.heldout_suites().items() if s is not known} if args.suites else {}
+    before = before_values(args.run / "heldout.csv")
+
+    def mean_over(suites, key: str) -> float | None:
+        values = [v for s in suites for v in s.last_items[key]]
+        return sum(values) / len(values) if values else None
+
+    rows = []
+    for gate in gates:
+        for m in mems.values():  # the threshold the sweep asks at, in eval mode too (no serving gate)
+            m.cfg.read_gate, m.cfg.serve_gate = gate, None
+        t0 = time.perf_counter()
+        for s in (*trained, *rephrased, *([known] if known is not None else [])):
+            s.evaluate(run.model, run.tokenizer, bs)
+        row = {"gate": gate, "trained_em": mean_over(trained, "em"), "rephrased_em": mean_over(rephrased, "em"),
+               "rephrased_contains": mean_over(rephrased, "contains"),
+               "known_em": mean_over([known], "em") if known is not None else None,
+               "n_trained": sum(len(s.facts) for s in trained), "n_rephrased": sum(len(s.facts) for s in rephrased),
+               "n_known": len(known.facts) if known is not None else 0, "seconds": round(time.perf_counter() - t0, 1)}
+        for name, suite in others.items():
+            value = suite.evaluate(run.model, run.tokenizer, dm.eval_batch_size)[suite.primary_metric]
+            base = before.get((name, suite.primary_metric))
+            row[f"{name}/{suite.primary_metric}"] = value
+            row[f"{name}/rel_change"] = None if not base else (value - base) / abs(base)
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    summary_file = args.run / "summary.json"
+    reported = {}
+    if summary_file.is_file():
+        s = json.loads(summary_file.read_text())
+        reported = {k: s.get(k) for k in ("fact_recall", "fact_recall_rephrased", "fact_recall_rephrased_contains") if k in s}
+    print(f"run {args.run}: trained with read_gate {sorted(own, key=str)}"
+          + (f", answered with serve_gate {sorted(serving)}" if serving else "") + f"; its summary: {reported}")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    pct = lambda v: "-" if v is None else f"{100 * v:+.1f}%"  # noqa: E731
+    print(f"{'gate':>6} {'trained':>8} {'rephrased':>10} {'(contains)':>11} {'known':>6}"
+          + "".join(f" {n:>12}" for n in others))
+    for r in rows:
+        print(f"{str(r['gate']):>6} {fmt(r['trained_em']):>8} {fmt(r['rephrased_em']):>10} "
+              f"{fmt(r['rephrased_contains']):>11} {fmt(r['known_em']):>6}"
+              + "".join(f" {pct(r[f'{n}/rel_change']):>12}" for n in others))
+    if args.out:
+        args.out.write_text(json.dumps({"run": str(args.run), "trained_gate": sorted(own, key=str), "rows": rows,
+                                        "reported": reported}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
