@@ -18,6 +18,7 @@ what training under that threshold would have written: a screen for which traini
 never a result row.
 
     python experiments/run.py diag gate_sweep RUN_DIR --gates 0.5,0.6,0.7,0.8,off [--suites] [--out FILE.json]
+    python experiments/run.py diag gate_sweep --plot FRONTIER.png --from A.json [B.json ...]   # sweeps, one plot
 
 Nothing here trains or changes the run; it reads evaluation items, as evaluation does.
 """
@@ -56,11 +57,21 @@ def before_values(heldout_csv: Path) -> dict[tuple[str, str], float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("run", type=Path)
+    ap.add_argument("run", type=Path, nargs="?")
     ap.add_argument("--gates", default="0.5,0.6,0.7,0.8,off", help="comma-separated thresholds; 'off' = no gate")
     ap.add_argument("--suites", action="store_true", help="also the run's other held-out suites (minutes per gate)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--plot", type=Path, default=None, help="PNG: rephrased recall against known facts kept, per gate")
+    ap.add_argument("--from", dest="sweeps", type=Path, nargs="+", default=None,
+                    help="plot these sweeps' JSON files (--out of earlier runs) instead of running one")
     args = ap.parse_args()
+    if args.sweeps:
+        if not args.plot:
+            raise SystemExit("--from plots earlier sweeps: give --plot FILE.png")
+        plot_frontier([json.loads(p.read_text()) for p in args.sweeps], args.plot)
+        return
+    if args.run is None:
+        raise SystemExit("give a run directory (or --from SWEEP.json ... --plot FILE.png)")
     gates = parse_gates(args.gates)
 
     from smf_lightning.memory import memory_layers
@@ -122,9 +133,40 @@ def main() -> None:
         print(f"{str(r['gate']):>6} {fmt(r['trained_em']):>8} {fmt(r['rephrased_em']):>10} "
               f"{fmt(r['rephrased_contains']):>11} {fmt(r['known_em']):>6}"
               + "".join(f" {pct(r[f'{n}/rel_change']):>12}" for n in others))
+    sweep = {"run": str(args.run), "trained_gate": sorted(own, key=str), "rows": rows, "reported": reported}
     if args.out:
-        args.out.write_text(json.dumps({"run": str(args.run), "trained_gate": sorted(own, key=str), "rows": rows,
-                                        "reported": reported}, indent=2))
+        args.out.write_text(json.dumps(sweep, indent=2))
+    if args.plot:
+        plot_frontier([sweep], args.plot)
+
+
+def plot_frontier(sweeps: list[dict], out: Path) -> None:
+    """One line per sweep: known facts kept (x) against rephrased recall (y), a point per gate,
+    labelled with its threshold; the run's folder name in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for sweep in sweeps:
+        rows = [r for r in sweep["rows"] if r.get("known_em") is not None and r.get("rephrased_em") is not None]
+        rows.sort(key=lambda r: -1.0 if r["gate"] is None else r["gate"])
+        xs, ys = [r["known_em"] for r in rows], [r["rephrased_em"] for r in rows]
+        line, = ax.plot(xs, ys, marker="o", label=f"{Path(sweep['run']).name} (n known {rows[0]['n_known'] if rows else 0})")
+        for r, x, y in zip(rows, xs, ys):
+            ax.annotate("off" if r["gate"] is None else f"{r['gate']:g}", (x, y), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8, color=line.get_color())
+    ax.set_xlabel("known facts kept (exact match)")
+    ax.set_ylabel("rephrased recall (exact match)")
+    ax.set_title("read-gate threshold when answering: rephrased recall vs locality")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,9 @@ The recipe levers of DOTS (experiments/recipe/RECIPE.md), each a key of conf/met
 - read gate (``model.memory.read_gate``, memory/layer.py): each step also writes the loss
   positions' queries into the write keys of the rows it updated, so that later reads of those
   rows by unrelated questions (other queries) do not count;
+- ``skip_frequent_tokens`` (selection/frequent.py): positions holding one of the background's
+  most frequent tokens (a share of its token occurrences) neither count for selection nor write
+  gate keys, so a fact's rows are not the rows every question's `` of`` or ``,`` reads;
 - ``count_by``: ``reads`` counts every read of a slot as 1 (Lin et al.); ``weight`` counts its
   softmax weight (read mass), so the budget goes to the slots that carry a position's output
   rather than to the 32nd-best match it barely reads (experiments/recipe/RECIPE.md: with a sharp softmax a fact's
@@ -56,6 +59,7 @@ from ..memory.ledger import FactLedger
 from ..optim import SlotAdam, SlotSGD
 from ..selection import distributed
 from ..selection.budget import BUDGETS, SlotBudget, resolve_budget
+from ..selection.frequent import writing_positions
 from ..selection.selectors import hub_slots, loss_position_mask, select_slots, selector_class, slot_counts
 from .base import ContinualLM, MethodConfig, _need
 from .prefix_cache import FrozenPrefixCache
@@ -97,6 +101,7 @@ class SMFConfig(MethodConfig):
     budget: str = "fixed"
     min_top_t: int = 1  # read with budget=stream only (plain SMF has no floor)
     reserve: float = 0.0
+    skip_frequent_tokens: float = 0.0
 
     def validate(self) -> None:
         super().validate()
@@ -126,6 +131,9 @@ class SMFConfig(MethodConfig):
         _need(isinstance(self.min_top_t, int) and not isinstance(self.min_top_t, bool) and self.min_top_t >= 1,
               "method.min_top_t", self.min_top_t, "an integer >= 1 (the smallest per-fact budget method.budget=stream "
               "may resolve to)")
+        self.skip_frequent_tokens = float(self.skip_frequent_tokens or 0.0)
+        _need(0.0 <= self.skip_frequent_tokens < 1.0, "method.skip_frequent_tokens", self.skip_frequent_tokens,
+              "a share of the background's token occurrences in [0, 1) (0 = every position writes)")
         self.reserve = float(self.reserve or 0.0)
         _need(0.0 <= self.reserve < 1.0 - self.exclude_hubs, "method.reserve", self.reserve,
               f"a share of slots in [0, 1 - method.exclude_hubs={self.exclude_hubs})")
@@ -243,6 +251,13 @@ class SparseMemoryFinetune(ContinualLM):
         # what the stream starts with, for its budget (setup): fixed before any checkpoint is restored
         self._owned_before = max(int(o.sum()) for o in self.owned.values())
         self.budget: SlotBudget | None = None  # resolved when training starts (setup)
+        # tokens whose positions neither count for selection nor write gate keys (selection/frequent.py);
+        # set from the background corpus by the continual stage when method.skip_frequent_tokens > 0
+        self.skipped_tokens: torch.Tensor | None = None
+
+    def set_skipped_tokens(self, mask: torch.Tensor | None) -> None:
+        """bool [vocab]: tokens whose positions do not count for selection nor write keys (None: none)."""
+        self.skipped_tokens = None if mask is None or not bool(mask.any()) else mask.bool().cpu()
 
     # ---- pickling (strategy=ddp_spawn sends the module to its processes) ---------------
     def __getstate__(self) -> dict:
@@ -405,6 +420,7 @@ class SparseMemoryFinetune(ContinualLM):
                     self.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                                logits_to_keep=1)
                     mask = loss_position_mask(batch["labels"]) if self.loss_tokens_only else batch["attention_mask"].bool()
+                    mask = writing_positions(batch["input_ids"], self.skipped_tokens, mask)
                     for row, ex in enumerate(chunk):
                         per_layer = counts.setdefault(ex.fact_id, {})
                         for i, mem in self.memories.items():
@@ -441,6 +457,7 @@ class SparseMemoryFinetune(ContinualLM):
     def after_backward(self, batch: dict) -> None:
         # Selection for the step uses the slot counts summed over its micro-batches.
         mask = loss_position_mask(batch["labels"]) if self.loss_tokens_only else None
+        mask = writing_positions(batch["input_ids"], self.skipped_tokens, mask)
         for i, mem in self.memories.items():
             self._counts[i] += self._count(mem.last_access, mem.n_slots, keep=mask)
         self._batch_facts += list(batch.get("fact_ids", []))

@@ -161,3 +161,26 @@ def background_stats(cfg: DictConfig, model, dm) -> dict:
         loss_tokens_only=getattr(method_config(cfg.method), "loss_tokens_only", True),
         progress=bool(cfg.trainer.enable_progress_bar),
     )
+
+
+def skip_frequent_tokens(cfg: DictConfig, module, model, dm) -> None:
+    """``method.skip_frequent_tokens = s > 0`` (SMF): the background corpus's most frequent tokens,
+    a share s of its token occurrences, neither count for slot selection nor write read-gate keys
+    (selection/frequent.py). Counted on the background batches, never on evaluation items."""
+    share = float(cfg.method.get("skip_frequent_tokens", 0.0) or 0.0)
+    if share <= 0 or not hasattr(module, "set_skipped_tokens"):
+        return
+    import logging
+
+    import torch
+
+    from ..selection.frequent import frequent_tokens, token_counts
+
+    log = logging.getLogger(__name__)
+    counts = token_counts(dm.background_batches(), model.get_input_embeddings().num_embeddings)
+    mask = frequent_tokens(counts, share)
+    module.set_skipped_tokens(mask)
+    top = torch.nonzero(mask).squeeze(1)[torch.argsort(counts[mask], descending=True, stable=True)][:12]
+    log.info("method.skip_frequent_tokens=%s: %d tokens (%.0f%% of the background's %d) do not write, e.g. %s",
+             share, int(mask.sum()), 100.0 * float(counts[mask].sum()) / max(int(counts.sum()), 1), int(counts.sum()),
+             [dm.tokenizer.decode([int(t)]) for t in top])

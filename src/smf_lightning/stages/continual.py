@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..config import ConfigError
 from ..methods import method_class
-from ..models.build import background_stats, load_model, maybe_retrofit, prepare_memory
+from ..models.build import background_stats, load_model, maybe_retrofit, prepare_memory, skip_frequent_tokens
 from . import start_run
 
 log = logging.getLogger("smf_lightning")
@@ -158,6 +158,7 @@ class ContinualRecipe:
         prepare_memory(cfg, model, model_info, dm)
         background = background_stats(cfg, model, dm) if method_class(cfg.method).needs_background else None
         self.module = build_method(cfg, model, background=background)
+        skip_frequent_tokens(cfg, self.module, model, dm)
         self.dm = dm
         self.loggers = build_loggers(cfg)
         callbacks, self.evaluator = build_callbacks(cfg, dm, tokenizer, run_summary_info(cfg, model_info),
