@@ -177,7 +177,7 @@ def build(method: str, experiment: str, overrides: list[str], tiny: bool, facts_
     model = maybe_retrofit(cfg, model, info)
     prepare_memory(cfg, model, info, dm)
     background = background_stats(cfg, model, dm) if method_class(cfg.method).needs_background else None
-    module = build_method(cfg, model, background=background)
+    module = build_method(cfg, model, background=background, dm=dm)
     opt = module.configure_optimizers()
     module.trainer = BenchTrainer(dm, opt)
     module.setup("fit")  # SMF: the slot budget of the stream

@@ -108,7 +108,7 @@ def main() -> None:
                "rephrased_contains": mean_over(rephrased, "contains"),
                "known_em": mean_over([known], "em") if known is not None else None,
                "n_trained": sum(len(s.facts) for s in trained), "n_rephrased": sum(len(s.facts) for s in rephrased),
-               "n_known": len(known.facts) if known is not None else 0, "seconds": round(time.perf_counter() - t0, 1)}
+               "n_known": len(known.facts) if known is not None else 0}
         for name, suite in others.items():
             value = suite.evaluate(run.model, run.tokenizer, dm.eval_batch_size)[suite.primary_metric]
             base = before.get((name, suite.primary_metric))

@@ -53,12 +53,12 @@ def fingerprint_model(model: nn.Module, base_samples_per_tensor: int = 64) -> st
     mem_cfg = getattr(model, "memory_config", None)
     if mem_cfg is not None:
         cfg_dict = mem_cfg.to_dict() if hasattr(mem_cfg, "to_dict") else None
-        if cfg_dict is not None and not keyed:
-            cfg_dict.pop("read_gate", None)
-            cfg_dict.pop("serve_gate", None)
-        if cfg_dict is not None and cfg_dict.get("serve_gate", 0) is None:
-            # unset, the serving gate is read_gate: the fingerprints of models from before the key stay
-            del cfg_dict["serve_gate"]
+        if cfg_dict is not None:
+            if not keyed:
+                cfg_dict.pop("read_gate", None)
+            if not keyed or cfg_dict.get("serve_gate") is None:
+                # no keys: no gate to serve; unset: it is read_gate (fingerprints from before the key stay)
+                cfg_dict.pop("serve_gate", None)
         h.update(json.dumps(cfg_dict if cfg_dict is not None else repr(mem_cfg), sort_keys=True).encode())
     memory_param_ids = set()
     for idx, mem in mems.items():

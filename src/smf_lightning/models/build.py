@@ -170,6 +170,9 @@ def skip_frequent_tokens(cfg: DictConfig, module, model, dm) -> None:
     share = float(cfg.method.get("skip_frequent_tokens", 0.0) or 0.0)
     if share <= 0 or not hasattr(module, "set_skipped_tokens"):
         return
+    if dm is None:
+        raise ValueError("method.skip_frequent_tokens counts the background's tokens: build the method with the "
+                         "stream's data module (stages/continual.py build_method(..., dm=...)).")
     import logging
 
     import torch

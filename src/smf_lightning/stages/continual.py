@@ -90,11 +90,14 @@ def build_datamodule(cfg: DictConfig, model, tokenizer):
     return dm
 
 
-def build_method(cfg: DictConfig, model, background=None):
-    """The LightningModule of cfg.method (methods/): what trains and how."""
+def build_method(cfg: DictConfig, model, background=None, dm=None):
+    """The LightningModule of cfg.method (methods/): what trains and how; with the stream's data
+    module ``dm``, the tokens its background says may not write (method.skip_frequent_tokens)."""
     from ..methods import build_method as _build
 
-    return _build(OmegaConf.to_container(cfg.method, resolve=True), model, background=background, seed=int(cfg.seed))
+    module = _build(OmegaConf.to_container(cfg.method, resolve=True), model, background=background, seed=int(cfg.seed))
+    skip_frequent_tokens(cfg, module, model, dm)
+    return module
 
 
 def run_summary_info(cfg: DictConfig, model_info: dict) -> dict:
@@ -157,8 +160,7 @@ class ContinualRecipe:
         log.info("parameters: %s", model_info["param_counts"])
         prepare_memory(cfg, model, model_info, dm)
         background = background_stats(cfg, model, dm) if method_class(cfg.method).needs_background else None
-        self.module = build_method(cfg, model, background=background)
-        skip_frequent_tokens(cfg, self.module, model, dm)
+        self.module = build_method(cfg, model, background=background, dm=dm)
         self.dm = dm
         self.loggers = build_loggers(cfg)
         callbacks, self.evaluator = build_callbacks(cfg, dm, tokenizer, run_summary_info(cfg, model_info),
