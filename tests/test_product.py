@@ -420,3 +420,66 @@ def test_the_read_diagnostic_opens_a_run_and_reports_the_trained_questions(run_d
     dm = opened.datamodule
     assert trained["answer_passed"]["n"] == sum(len(dm.task_facts(j)) for j in range(dm.n_tasks))
     assert all(0.0 <= v["mean"] <= 1.0 for k, v in trained.items() if k.endswith(("_written", "_passed")))
+
+
+def test_writer_keys_pass_the_reads_that_wrote_a_row_and_keep_the_mean_test_elsewhere(opened):
+    """diag_gate_sweep --keys writers (WriterKeys): the rebuilt writers of a row are positions of a
+    fact the ledger says owns it; a training position's read of its own fact's row passes even at
+    tau 0.999 (its query is one of the row's writers); reads of rows without writers get the mean
+    write key's verdict; remove() gives the layer its own gate back."""
+    sys.path.insert(0, str(ROOT / "experiments" / "tools"))
+    from diag_gate_sweep import WriterKeys
+
+    from smf_lightning.eval.scoring import pad_token_id
+    from smf_lightning.data.facts import collate_examples
+    from smf_lightning.memory.positions import loss_position_mask
+
+    mems = {i: m for i, m in memory_layers(opened.model).items() if m.cfg.read_gate is not None}
+    assert mems, "the tiny run trains with a read gate"
+    writers = WriterKeys(opened, mems, min_weight=0.0)
+    i, mem = next(iter(mems.items()))
+    assert writers.n_pairs.get(i, 0) > 0
+    owned = opened.ledger.owned_rows(i)
+    assert bool(torch.isin(writers.keys[i] // mem.heads, owned).all())
+
+    dm = opened.datamodule
+    example = dm.training_examples(0)[0]
+    batch = collate_examples([example], pad_id=pad_token_id(opened.tokenizer))
+    captured = {}
+    hook = mem.register_forward_pre_hook(lambda mod, a: captured.__setitem__("x", a[0].detach()))
+    try:
+        with torch.no_grad():
+            opened.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        hook.remove()
+    idx, w, q = mem._lookup(captured["x"].float())
+    qn = torch.nn.functional.normalize(q.reshape(*idx.shape[:2], mem.heads, mem.k_dim), dim=-1)
+    writers.install()
+    try:
+        assert "_read_gate" in mem.__dict__
+        gate = mem._read_gate(idx, qn, 0.999)
+    finally:
+        writers.remove()
+    assert "_read_gate" not in mem.__dict__
+    mean = mem._read_gate(idx, qn, 0.999)
+    own_rows = opened.ledger.facts[example.fact_id].rows[i]
+    loss = loss_position_mask(batch["labels"])[0]
+    own = torch.isin(idx[0], own_rows) & loss.view(-1, 1, 1)
+    assert bool(own.any()) and bool((gate[0][own] == 1).all())
+    head = torch.arange(mem.heads).view(1, 1, mem.heads, 1).expand_as(idx)
+    no_writer = ~torch.isin(idx * mem.heads + head, writers.keys[i])
+    assert bool(torch.equal(gate[no_writer], mean[no_writer]))
+
+
+def test_layer_separation_scores_ranks_exactly():
+    """experiments/tools/diag_layer_separation.py: the AUC is P(rephrased > known) with ties at
+    half, and the pass share counts rephrasings above the known scores' 99th percentile."""
+    sys.path.insert(0, str(ROOT / "experiments" / "tools"))
+    from diag_layer_separation import separation
+
+    apart = separation(torch.tensor([0.9, 0.8]), torch.tensor([0.1, 0.2, 0.3]))
+    assert apart["auc"] == 1.0 and apart["pass_at_known99"] == 1.0
+    tied = separation(torch.tensor([0.5, 0.5]), torch.tensor([0.5, 0.5]))
+    assert tied["auc"] == 0.5 and tied["pass_at_known99"] == 0.0
+    mixed = separation(torch.tensor([0.0, 1.0]), torch.tensor([0.5]))
+    assert mixed["auc"] == 0.5 and mixed["pass_at_known99"] == 0.5

@@ -52,7 +52,7 @@ DEV_ROWS = ("dev_recipe", "dev_rewordings3", "dev_rewordings3_gate0.3", "dev_rew
 # data.order_seed (the batch order), so their spread is run-to-run, on one stream and one evaluation.
 SEEDS = (0, 1, 2)
 TEST_METHODS = {  # method (the row name's middle) -> what it trains; the order of the test table
-    "smf": "SMF, candidate (dev_rewordings6_within): + 6 rewordings, whitening within rewordings",
+    "smf": "SMF, candidate (dev_rewordings6_within): + 6 rewordings, whitening within rewordings, serve gate 0.9",
     "lora": "LoRA lr 3e-4, + 6 rewordings",
     "full": "full finetuning lr 3e-6, + 6 rewordings",
     "recipe": "SMF recipe as it is (cost comparison)",

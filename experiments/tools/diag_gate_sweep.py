@@ -11,6 +11,10 @@ counts), sets ``read_gate=tau`` on every memory layer and scores, as the run's e
 - with ``--suites``: every other held-out suite of the run (NQ, HellaSwag, GSM8K, LAMBADA, ...), its
   primary metric and its relative change from the run's own "before" point (heldout.csv).
 
+``--keys writers`` asks what a different gate would do: a read of a written row is compared with
+each query that wrote the row (rebuilt from the run's training sequences and fact ledger:
+:class:`WriterKeys`) instead of the row's mean write key, and passes if the nearest is >= tau.
+
 The run's own threshold is one row of the table, so its figures must reproduce the run's
 ``summary.json`` (printed beside them as a check). The write keys and values were trained under
 the run's own gate, so another threshold here says which reads pass and what they carry, not
@@ -18,6 +22,7 @@ what training under that threshold would have written: a screen for which traini
 never a result row.
 
     python experiments/run.py diag gate_sweep RUN_DIR --gates 0.5,0.6,0.7,0.8,off [--suites] [--out FILE.json]
+    python experiments/run.py diag gate_sweep RUN_DIR --keys writers --gates 0.7,0.8,0.9   # nearest-writer gate
     python experiments/run.py diag gate_sweep --plot FRONTIER.png --from A.json [B.json ...]   # sweeps, one plot
 
 Nothing here trains or changes the run; it reads evaluation items, as evaluation does.
@@ -59,6 +64,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", type=Path, nargs="?")
     ap.add_argument("--gates", default="0.5,0.6,0.7,0.8,off", help="comma-separated thresholds; 'off' = no gate")
+    ap.add_argument("--keys", choices=("mean", "writers"), default="mean",
+                    help="what a read is compared with: the row's mean write key (the layer's gate) or, post hoc, "
+                         "each query that wrote the row (WriterKeys: the nearest writer)")
     ap.add_argument("--suites", action="store_true", help="also the run's other held-out suites (minutes per gate)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None, help="PNG: rephrased recall against known facts kept, per gate")
@@ -97,6 +105,12 @@ def main() -> None:
         values = [v for s in suites for v in s.last_items[key]]
         return sum(values) / len(values) if values else None
 
+    if args.keys == "writers":
+        t0 = time.perf_counter()
+        writers = WriterKeys(run, {i: m for i, m in mems.items() if m.cfg.read_gate is not None})
+        writers.install()
+        print(f"writers' keys: {writers.n_pairs} (row, writing position) pairs per layer, "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
     rows = []
     for gate in gates:
         for m in mems.values():  # the threshold the sweep asks at, in eval mode too (no serving gate)
@@ -133,7 +147,7 @@ def main() -> None:
         print(f"{str(r['gate']):>6} {fmt(r['trained_em']):>8} {fmt(r['rephrased_em']):>10} "
               f"{fmt(r['rephrased_contains']):>11} {fmt(r['known_em']):>6}"
               + "".join(f" {pct(r[f'{n}/rel_change']):>12}" for n in others))
-    sweep = {"run": str(args.run), "trained_gate": sorted(own, key=str), "rows": rows, "reported": reported}
+    sweep = {"run": str(args.run), "keys": args.keys, "trained_gate": sorted(own, key=str), "rows": rows, "reported": reported}
     if args.out:
         args.out.write_text(json.dumps(sweep, indent=2))
     if args.plot:
@@ -153,7 +167,7 @@ def plot_frontier(sweeps: list[dict], out: Path) -> None:
         rows = [r for r in sweep["rows"] if r.get("known_em") is not None and r.get("rephrased_em") is not None]
         rows.sort(key=lambda r: -1.0 if r["gate"] is None else r["gate"])
         xs, ys = [r["known_em"] for r in rows], [r["rephrased_em"] for r in rows]
-        line, = ax.plot(xs, ys, marker="o", label=f"{Path(sweep['run']).name} (n known {rows[0]['n_known'] if rows else 0})")
+        line, = ax.plot(xs, ys, marker="o", label=f"{Path(sweep['run']).name}{' (writers)' if sweep.get('keys') == 'writers' else ''} (n known {rows[0]['n_known'] if rows else 0})")
         for r, x, y in zip(rows, xs, ys):
             ax.annotate("off" if r["gate"] is None else f"{r['gate']:g}", (x, y), textcoords="offset points",
                         xytext=(4, 4), fontsize=8, color=line.get_color())
@@ -167,6 +181,124 @@ def plot_frontier(sweeps: list[dict], out: Path) -> None:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     print(f"wrote {out}")
+
+
+# ---- writers' keys: a read passes if it is near one query that wrote the row -----------------
+class WriterKeys:
+    """Per memory layer, the normalised queries of the training positions that wrote each row,
+    for a nearest-writer gate: a read of a written row passes if its cosine with *some* writing
+    query of that row (not with the row's mean write key) is >= tau.
+
+    Rebuilt post hoc from the run's own training sequences (every task's, as the data module builds
+    them: every training template, paraphrase and rewording) and its fact ledger: the queries of a
+    fact's loss positions (``loss_position_mask``, as SMF counts them; skipped frequent tokens are
+    not removed) that read one of the rows the ledger says the fact was updated for, with a read weight >=
+    ``min_weight``. The queries of a memory layer depend only on the layers below it, so with one
+    memory layer they are exactly the queries training saw; rows another fact in the same batch
+    wrote are not counted (per-owner keys). Rows with a write key but no writer here keep the mean
+    key's test."""
+
+    def __init__(self, run, mems: dict, min_weight: float = 1e-3, batch_size: int = 16):
+        import torch
+
+        from smf_lightning.data.facts import collate_examples
+        from smf_lightning.memory.positions import loss_position_mask
+        from smf_lightning.eval.scoring import pad_token_id
+
+        dm, model, ledger = run.datamodule, run.model, run.ledger
+        self.mems = mems
+        self.min_weight = min_weight
+        pad = pad_token_id(run.tokenizer)
+        inputs: dict[int, torch.Tensor] = {}
+        hooks = [m.register_forward_pre_hook(lambda mod, a, i=i: inputs.__setitem__(i, a[0].detach()))
+                 for i, m in mems.items()]
+        queries = {i: [] for i in mems}  # per layer: [P, heads, k_dim] blocks
+        pairs = {i: [] for i in mems}    # per layer: (row * heads + head, position id) blocks
+        count = {i: 0 for i in mems}
+        own = {f: e.rows for f, e in ledger.facts.items()}
+        try:
+            with torch.no_grad():
+                for j in range(dm.n_tasks):
+                    examples = dm.training_examples(j)
+                    for start in range(0, len(examples), batch_size):
+                        chunk = examples[start:start + batch_size]
+                        batch = collate_examples(chunk, pad_id=pad)
+                        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
+                        mask = loss_position_mask(batch["labels"])
+                        for i, mem in mems.items():
+                            idx, w, q = mem._lookup(inputs[i].float())
+                            B, T = idx.shape[:2]
+                            qn = torch.nn.functional.normalize(q.reshape(B, T, mem.heads, mem.k_dim), dim=-1)
+                            for b, ex in enumerate(chunk):
+                                rows = own.get(ex.fact_id, {}).get(i)
+                                if rows is None or rows.numel() == 0:
+                                    continue
+                                pos = torch.nonzero(mask[b]).squeeze(1)
+                                if pos.numel() == 0:
+                                    continue
+                                ids, ws = idx[b, pos], w[b, pos]  # [P, heads, knn]
+                                hit = torch.isin(ids, rows) & (ws >= min_weight)
+                                p_local, h, _ = torch.nonzero(hit, as_tuple=True)
+                                if p_local.numel() == 0:
+                                    continue
+                                queries[i].append(qn[b, pos])
+                                key = ids[hit] * mem.heads + h
+                                pairs[i].append(torch.stack([key, p_local + count[i]], 1))
+                                count[i] += pos.numel()
+        finally:
+            for hk in hooks:
+                hk.remove()
+        self.keys, self.starts, self.counts, self.pos, self.queries = {}, {}, {}, {}, {}
+        for i in mems:
+            if not pairs[i]:
+                continue
+            pr = torch.unique(torch.cat(pairs[i]), dim=0)  # sorted by key, then position
+            ukeys, counts = torch.unique_consecutive(pr[:, 0], return_counts=True)
+            self.keys[i], self.counts[i] = ukeys, counts
+            self.starts[i] = torch.cumsum(counts, 0) - counts
+            self.pos[i] = pr[:, 1]
+            self.queries[i] = torch.cat(queries[i])  # [P, heads, k_dim]
+        self.n_pairs = {i: int(self.pos[i].numel()) for i in self.pos}
+
+    def install(self) -> None:
+        """Make every memory layer's read gate the nearest-writer test (until ``remove``)."""
+        for i, mem in self.mems.items():
+            mem._read_gate = self._gate_for(i, mem)
+
+    def remove(self) -> None:
+        for mem in self.mems.values():
+            mem.__dict__.pop("_read_gate", None)
+
+    def _gate_for(self, i: int, mem):
+        import torch
+
+        mean_gate = type(mem)._read_gate.__get__(mem)
+        if i not in self.keys:
+            return mean_gate
+        ukeys, starts, counts, pos, Q = self.keys[i], self.starts[i], self.counts[i], self.pos[i], self.queries[i]
+
+        def gate(idx, q, tau):
+            g = mean_gate(idx, q, tau)  # rows without writers here: the mean key's test
+            head = torch.arange(mem.heads).view(1, 1, mem.heads, 1).expand_as(idx)
+            key = (idx * mem.heads + head).reshape(-1)
+            at = torch.searchsorted(ukeys, key).clamp(max=ukeys.numel() - 1)
+            found = ukeys[at] == key
+            if not bool(found.any()):
+                return g
+            reads = torch.nonzero(found).squeeze(1)
+            n = counts[at[reads]]
+            read_of = torch.repeat_interleave(torch.arange(reads.numel()), n)
+            offset = torch.arange(int(n.sum())) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+            pair = starts[at[reads]][read_of] + offset
+            h = (key[reads] % mem.heads)[read_of]
+            reading = q.unsqueeze(3).expand(*idx.shape, q.shape[-1]).reshape(-1, q.shape[-1])[reads][read_of]
+            cos = (reading * Q[pos[pair], h]).sum(-1)
+            best = torch.full((reads.numel(),), -2.0).scatter_reduce(0, read_of, cos, reduce="amax")
+            flat = g.reshape(-1).clone()
+            flat[reads] = (best >= tau).float()
+            return flat.view_as(g)
+
+        return gate
 
 
 if __name__ == "__main__":
