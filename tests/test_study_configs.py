@@ -425,7 +425,7 @@ REPHRASE_CANDIDATE = ["data.rewordings=6", "model.memory.input_norm=zca_within",
                       "model.memory.within_groups=rewordings", "model.memory.within_questions=200"]
 # test method -> the overrides of the test stream its rows add (besides seed and data.order_seed)
 REPHRASE_TEST = {
-    "smf": REPHRASE_CANDIDATE,
+    "smf": [*REPHRASE_CANDIDATE, "model.memory.serve_gate=0.9"],  # trained as the candidate, answering at 0.9
     "lora": ["method=lora", "method.lr=3e-4", "data.rewordings=6"],
     "full": ["method=full_ft", "method.lr=3e-6", "data.rewordings=6"],
     "recipe": [],
@@ -434,7 +434,7 @@ REPHRASE_TEST = {
 
 def test_rephrase_test_rows_are_the_candidate_and_its_matched_baselines_with_three_seeds():
     """The test rows: on the test stream (data.seed 1, no fact of dev or quick); the SMF rows are the
-    dev candidate's overrides, the baselines the stated lr on the same training data (the six
+    dev candidate's overrides answering at serve_gate 0.9, the baselines the stated lr on the same training data (the six
     rewordings, no whitening); a method's seeds differ only in seed and data.order_seed."""
     assert rephrase.ROWS[:len(rephrase.DEV_ROWS)] == rephrase.DEV_ROWS  # dev rows first
     assert set(rephrase.TEST_ROWS) == {f"test_{m}_s{s}" for m in ("smf", "lora", "full") for s in (0, 1, 2)} | {"test_recipe_s0"}
@@ -461,7 +461,9 @@ def test_rephrase_test_rows_are_the_candidate_and_its_matched_baselines_with_thr
         assert all(unseeded(c) == unseeded(seeds[0]) for c in seeds.values()), method
     smf, lora, full = (by_method[m][0] for m in ("smf", "lora", "full"))
     # the SMF rows: the dev candidate everywhere but the stream's keys (facts_seq_test over smf_recipe) and the seeds
-    assert smf["model"]["memory"] == dev["model"]["memory"] and smf["method"] == dev["method"]
+    # ... and answering at the serving gate the dev frontier chose; training reads at the candidate's gate
+    assert smf["model"]["memory"] == {**dev["model"]["memory"], "serve_gate": 0.9} and smf["method"] == dev["method"]
+    assert smf["model"]["memory"]["read_gate"] == dev["model"]["memory"]["read_gate"] == 0.5
     assert smf["data"]["rewordings"] == 6 and smf["model"]["memory"]["input_norm"] == "zca_within"
     assert (lora["method"]["name"], lora["method"]["lr"]) == ("lora", 3e-4)
     assert (full["method"]["name"], full["method"]["lr"]) == ("full_ft", 3e-6)
