@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from smf_lightning.data.facts import Fact
 from smf_lightning.errors import ConfigError
 from smf_lightning.memory import MemoryConfig, ProductKeyMemory, memory_layers
 from smf_lightning.memory.ledger import FactLedger, row_tensors
@@ -429,9 +430,8 @@ def test_writer_keys_pass_the_reads_that_wrote_a_row_and_keep_the_mean_test_else
     write key's verdict; remove() gives the layer its own gate back."""
     sys.path.insert(0, str(ROOT / "experiments" / "tools"))
     from diag_gate_sweep import WriterKeys
+    from diag_rephrased import lookups
 
-    from smf_lightning.eval.scoring import pad_token_id
-    from smf_lightning.data.facts import collate_examples
     from smf_lightning.memory.positions import loss_position_mask
 
     mems = {i: m for i, m in memory_layers(opened.model).items() if m.cfg.read_gate is not None}
@@ -444,16 +444,8 @@ def test_writer_keys_pass_the_reads_that_wrote_a_row_and_keep_the_mean_test_else
 
     dm = opened.datamodule
     example = dm.training_examples(0)[0]
-    batch = collate_examples([example], pad_id=pad_token_id(opened.tokenizer))
-    captured = {}
-    hook = mem.register_forward_pre_hook(lambda mod, a: captured.__setitem__("x", a[0].detach()))
-    try:
-        with torch.no_grad():
-            opened.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    finally:
-        hook.remove()
-    idx, w, q = mem._lookup(captured["x"].float())
-    qn = torch.nn.functional.normalize(q.reshape(*idx.shape[:2], mem.heads, mem.k_dim), dim=-1)
+    batch = dm.collate([example])
+    idx, w, qn = lookups(opened.model, {i: mem}, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[i]
     writers.install()
     try:
         assert "_read_gate" in mem.__dict__
@@ -483,3 +475,16 @@ def test_layer_separation_scores_ranks_exactly():
     assert tied["auc"] == 0.5 and tied["pass_at_known99"] == 0.0
     mixed = separation(torch.tensor([0.0, 1.0]), torch.tensor([0.5]))
     assert mixed["auc"] == 0.5 and mixed["pass_at_known99"] == 0.5
+
+
+def test_training_questions_are_what_the_training_sequences_are_made_of(opened):
+    """FactStreamDataModule.training_questions (the probe's wordings): each fact's training
+    sequences are exactly its training questions under every training template."""
+    dm = opened.datamodule
+    for j in range(dm.n_tasks):
+        examples = dm.training_examples(j)
+        for f in dm.task_facts(j):
+            seqs = sorted(ex.input_ids for ex in examples if ex.fact_id == f.id)
+            expected = sorted(dm.encoder.encode(Fact(f.id, q, f.answer, f.aliases), name).input_ids
+                              for q in dm.training_questions(f) for name in dm.train_templates)
+            assert seqs == expected

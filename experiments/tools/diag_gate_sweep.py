@@ -201,53 +201,38 @@ class WriterKeys:
     def __init__(self, run, mems: dict, min_weight: float = 1e-3, batch_size: int = 16):
         import torch
 
-        from smf_lightning.data.facts import collate_examples
-        from smf_lightning.memory.positions import loss_position_mask
-        from smf_lightning.eval.scoring import pad_token_id
+        from diag_rephrased import lookups
 
-        dm, model, ledger = run.datamodule, run.model, run.ledger
+        from smf_lightning.memory.positions import loss_position_mask
+
+        dm, ledger = run.datamodule, run.ledger
         self.mems = mems
-        self.min_weight = min_weight
-        pad = pad_token_id(run.tokenizer)
-        inputs: dict[int, torch.Tensor] = {}
-        hooks = [m.register_forward_pre_hook(lambda mod, a, i=i: inputs.__setitem__(i, a[0].detach()))
-                 for i, m in mems.items()]
         queries = {i: [] for i in mems}  # per layer: [P, heads, k_dim] blocks
         pairs = {i: [] for i in mems}    # per layer: (row * heads + head, position id) blocks
         count = {i: 0 for i in mems}
         own = {f: e.rows for f, e in ledger.facts.items()}
-        try:
-            with torch.no_grad():
-                for j in range(dm.n_tasks):
-                    examples = dm.training_examples(j)
-                    for start in range(0, len(examples), batch_size):
-                        chunk = examples[start:start + batch_size]
-                        batch = collate_examples(chunk, pad_id=pad)
-                        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
-                        mask = loss_position_mask(batch["labels"])
-                        for i, mem in mems.items():
-                            idx, w, q = mem._lookup(inputs[i].float())
-                            B, T = idx.shape[:2]
-                            qn = torch.nn.functional.normalize(q.reshape(B, T, mem.heads, mem.k_dim), dim=-1)
-                            for b, ex in enumerate(chunk):
-                                rows = own.get(ex.fact_id, {}).get(i)
-                                if rows is None or rows.numel() == 0:
-                                    continue
-                                pos = torch.nonzero(mask[b]).squeeze(1)
-                                if pos.numel() == 0:
-                                    continue
-                                ids, ws = idx[b, pos], w[b, pos]  # [P, heads, knn]
-                                hit = torch.isin(ids, rows) & (ws >= min_weight)
-                                p_local, h, _ = torch.nonzero(hit, as_tuple=True)
-                                if p_local.numel() == 0:
-                                    continue
-                                queries[i].append(qn[b, pos])
-                                key = ids[hit] * mem.heads + h
-                                pairs[i].append(torch.stack([key, p_local + count[i]], 1))
-                                count[i] += pos.numel()
-        finally:
-            for hk in hooks:
-                hk.remove()
+        for j in range(dm.n_tasks):
+            examples = dm.training_examples(j)
+            for start in range(0, len(examples), batch_size):
+                chunk = examples[start:start + batch_size]
+                batch = dm.collate(chunk)
+                reads = lookups(run.model, mems, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                mask = loss_position_mask(batch["labels"])
+                for i, (idx, w, qn) in reads.items():
+                    for b, ex in enumerate(chunk):
+                        rows = own.get(ex.fact_id, {}).get(i)
+                        pos = torch.nonzero(mask[b]).squeeze(1)
+                        if rows is None or rows.numel() == 0 or pos.numel() == 0:
+                            continue
+                        ids, ws = idx[b, pos], w[b, pos]  # [P, heads, knn]
+                        hit = torch.isin(ids, rows) & (ws >= min_weight)
+                        p_local, h, _ = torch.nonzero(hit, as_tuple=True)
+                        if p_local.numel() == 0:
+                            continue
+                        queries[i].append(qn[b, pos])
+                        key = ids[hit] * mems[i].heads + h
+                        pairs[i].append(torch.stack([key, p_local + count[i]], 1))
+                        count[i] += pos.numel()
         self.keys, self.starts, self.counts, self.pos, self.queries = {}, {}, {}, {}, {}
         for i in mems:
             if not pairs[i]:

@@ -80,8 +80,7 @@ def main() -> None:
     facts = [f for j in range(dm.n_tasks) for f in dm.task_facts(j)]
     wordings: list[tuple[int, str]] = []  # (fact index, training question)
     for k, f in enumerate(facts):
-        for ex_q in dict.fromkeys((*f.training_questions(), *dm._reworded.get(f.id, ()))):
-            wordings.append((k, ex_q))
+        wordings += [(k, q) for q in dict.fromkeys(dm.training_questions(f))]
     rephrased = [(k, r) for k, f in enumerate(facts) for r in f.rephrased]
     known = dm.heldout_suites().get("triviaqa_known")
     if not rephrased or known is None:

@@ -47,24 +47,35 @@ def load_run(run_dir: Path):
 
 
 @torch.no_grad()
-def prompt_reads(model, tok, mems, prompt: str, token_ids: list | None = None) -> dict:
-    """Per memory layer: pre-gate slot ids / weights, gate, normalised queries of every position."""
-    inputs = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, a, i=i: inputs.__setitem__(i, a[0].detach()))
+def lookups(model, mems, **inputs) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Run ``model(**inputs)`` (logits of the last position only) and return, per memory layer of
+    ``mems``, what it addressed before any read gate: slot ids and softmax weights [B, T, heads,
+    knn] and the normalised queries [B, T, heads, k_dim]."""
+    captured = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, i=i: captured.__setitem__(i, a[0].detach()))
              for i, m in mems.items()]
     try:
-        ids = tok(prompt, return_tensors="pt")
-        if token_ids is not None:
-            token_ids.extend(ids["input_ids"][0].tolist())
-        model(**ids, logits_to_keep=1)
+        model(**inputs, logits_to_keep=1)
     finally:
         for h in hooks:
             h.remove()
     out = {}
     for i, mem in mems.items():
-        idx, w, q = mem._lookup(inputs[i].float())
+        idx, w, q = mem._lookup(captured[i].float())
         B, T = idx.shape[:2]
-        queries = F.normalize(q.reshape(B, T, mem.heads, mem.k_dim), dim=-1)
+        out[i] = (idx, w, F.normalize(q.reshape(B, T, mem.heads, mem.k_dim), dim=-1))
+    return out
+
+
+@torch.no_grad()
+def prompt_reads(model, tok, mems, prompt: str, token_ids: list | None = None) -> dict:
+    """Per memory layer: pre-gate slot ids / weights, gate, normalised queries of every position."""
+    ids = tok(prompt, return_tensors="pt")
+    if token_ids is not None:
+        token_ids.extend(ids["input_ids"][0].tolist())
+    out = {}
+    for i, (idx, w, queries) in lookups(model, mems, **ids).items():
+        mem = mems[i]
         tau = mem.gate_threshold()  # as the model answers (eval mode: the serving gate, if set)
         gate = mem._read_gate(idx, queries, tau) if tau is not None else torch.ones_like(w)
         head = torch.arange(mem.heads).view(1, 1, mem.heads, 1).expand_as(idx)

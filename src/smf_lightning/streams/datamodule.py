@@ -283,6 +283,12 @@ class FactStreamDataModule(L.LightningDataModule):
     def task_facts(self, task_index: int) -> tuple[Fact, ...]:
         return self._require_stream()[task_index]
 
+    def training_questions(self, fact: Fact) -> tuple[str, ...]:
+        """Every question ``fact`` is trained under (each under every training template): its
+        question, its paraphrases, then its generated rewordings (data.rewordings)."""
+        self._require_stream()
+        return (*fact.training_questions(), *self._reworded.get(fact.id, ()))
+
     def training_examples(self, task_index: int) -> list[TrainingExample]:
         """The task's training sequences, fact by fact, each fact under every *training*
         template (held-out templates never appear here), for its question, each of its
