@@ -131,8 +131,10 @@ def copy_small_files(run: Path, dest: Path) -> None:
 def item_points(run: Path) -> list[str]:
     """The folders under items/ of the run's first and last evaluation points ("before",
     "after_task_<last>"), the points where every suite is scored (eval first_last)."""
-    after = sorted((p.name for p in (run / "items").glob("after_task_*") if p.name[11:].isdigit()), key=lambda n: int(n[11:]))
-    return [p for p in ("before", *after[-1:]) if (run / "items" / p).is_dir()]
+    from smf_lightning.eval.metrics import item_points as all_points, last_task_point
+
+    last = last_task_point(run)
+    return [p for p in all_points(run) if p in ("before", last)]
 
 
 ROWS_ARCHIVE = "rows.tar.xz"  # results/<sweep>/rows.tar.xz: the row folders beside it, packed

@@ -12,6 +12,9 @@ from smf_lightning.eval.metrics import (
     continual_learning_metrics,
     exact_match,
     extract_answer,
+    item_points,
+    items_folder,
+    last_task_point,
     normalize_answer,
     normalized_choice,
     normalized_choice_accuracy,
@@ -105,6 +108,18 @@ def test_continual_metrics_single_task_and_bad_shape():
         continual_learning_metrics([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]])
     assert relative_change(2.0, 1.5) == pytest.approx(-0.25)
     assert math.isnan(relative_change(0.0, 1.0))
+
+
+def test_item_points_in_task_order(tmp_path):
+    """The per-item folders a run writes, read back in evaluation order: after_task_10 comes
+    after after_task_9 (not between 1 and 2), a stray folder is ignored."""
+    assert item_points(tmp_path) == [] and last_task_point(tmp_path) is None
+    assert items_folder(tmp_path, "after task 10") == tmp_path / "items" / "after_task_10"
+    for label in ("after task 10", "before", "after task 9", "after task 1"):
+        items_folder(tmp_path, label).mkdir(parents=True)
+    (tmp_path / "items" / "after_task_x").mkdir()
+    assert item_points(tmp_path) == ["before", "after_task_1", "after_task_9", "after_task_10"]
+    assert last_task_point(tmp_path) == "after_task_10"
 
 
 # ----------------------------------------------------------------------------- recall extraction

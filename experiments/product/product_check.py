@@ -59,6 +59,8 @@ from pathlib import Path
 
 import torch
 
+from smf_lightning.eval.metrics import last_task_point
+
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 PAGE = HERE / "PRODUCT.md"
@@ -132,10 +134,10 @@ def read_items(run_dir: Path, point: str) -> dict[tuple[str, str], dict]:
 
 
 def last_point(run_dir: Path) -> str:
-    points = sorted((p.name for p in (run_dir / "items").glob("after_task_*")), key=lambda n: int(n.rsplit("_", 1)[1]))
-    if not points:
+    point = last_task_point(run_dir)
+    if point is None:
         raise SystemExit(f"{run_dir} has no items/after_task_*/fact_recall.csv: not a finished run")
-    return points[-1]
+    return point
 
 
 def run_overrides(run_dir: Path) -> list[str]:

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # diag_learning.py beside it
 
 from diag_learning import build, probe_arguments  # noqa: E402
+from diag_rephrased import lookups  # noqa: E402
 
 from smf_lightning.data.facts import encode_example  # noqa: E402
 from smf_lightning.memory import memory_layers  # noqa: E402
@@ -42,24 +43,14 @@ def reads(model, dm, examples, batch_size: int = 16) -> dict[int, list[tuple[tor
     """memory layer -> [(normalised query [H, k_dim], slot ids [H*knn], weights [H*knn])] for every
     loss position of `examples`."""
     mems = memory_layers(model)
-    inputs: dict[int, torch.Tensor] = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, a, i=i: inputs.__setitem__(i, a[0].detach()))
-             for i, m in mems.items()]
     out: dict[int, list] = {i: [] for i in mems}
-    try:
-        for s in range(0, len(examples), batch_size):
-            batch = dm.collate(examples[s:s + batch_size])
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
-            mask = loss_position_mask(batch["labels"])
-            for i, mem in mems.items():
-                q = mem.query_halves(inputs[i])  # [B, T, H, 2, half]
-                q = torch.nn.functional.normalize(q.flatten(-2), dim=-1)  # [B, T, H, k_dim]
-                acc = mem.last_access
-                for b, t in mask.nonzero().tolist():
-                    out[i].append((q[b, t], acc.indices[b, t].reshape(-1), acc.weights[b, t].reshape(-1).float()))
-    finally:
-        for h in hooks:
-            h.remove()
+    for s in range(0, len(examples), batch_size):
+        batch = dm.collate(examples[s:s + batch_size])
+        found = lookups(model, mems, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        positions = loss_position_mask(batch["labels"]).nonzero().tolist()
+        for i, (idx, w, q) in found.items():
+            for b, t in positions:
+                out[i].append((q[b, t], idx[b, t].reshape(-1), w[b, t].reshape(-1).float()))
     return out
 
 
@@ -109,15 +100,15 @@ def main():
     facts = dm.task_facts(0)
     train = reads(model, dm, dm.training_examples(0))
     held = reads(model, dm, [dm._encode(f, name) for f in facts for name in dm.heldout_templates])
-    suite = dm.heldout_suites()["triviaqa_known"]
-    known_ex = [encode_example(tok, suite.template, f.question, f.answer, dm.loss_on, f.id) for f in suite.facts]
-    known = reads(model, dm, known_ex)
+    suite = dm.heldout_suites().get("triviaqa_known")  # absent with --known 0
+    known = reads(model, dm, [encode_example(tok, suite.template, f.question, f.answer, dm.loss_on, f.id)
+                              for f in suite.facts]) if suite is not None else None
     for i, mem in mems.items():
         keys, written = write_keys(train[i], mem.n_slots, heads, knn)
         row = {"layer": i, "facts": len(facts), "written_rows": int(written.sum()), "input_norm": cfg.model.memory.input_norm,
                "owner": gate_table(train[i], keys, written, heads, knn),
                "heldout_template": gate_table(held[i], keys, written, heads, knn),
-               "known": gate_table(known[i], keys, written, heads, knn)}
+               "known": gate_table(known[i], keys, written, heads, knn) if known is not None else None}
         print(json.dumps(row), flush=True)
         if args.out:
             with open(args.out, "a") as f:

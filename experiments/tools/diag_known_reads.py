@@ -25,6 +25,8 @@ from pathlib import Path
 
 from diag_rephrased import load_run, prompt_reads
 
+from smf_lightning.eval.metrics import last_task_point
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -32,11 +34,12 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=12, help="lost questions printed with their strongest positions")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    items = sorted((args.run / "items").glob("after_task_*"), key=lambda p: int(p.name.rsplit("_", 1)[1]))
-    if not items or not (items[-1] / "triviaqa_known.csv").is_file():
+    last = last_task_point(args.run)
+    known_csv = args.run / "items" / str(last) / "triviaqa_known.csv"
+    if last is None or not known_csv.is_file():
         raise SystemExit(f"{args.run}: no known-facts results at its last evaluation point "
                          "(items/after_task_<last>/triviaqa_known.csv); run it with data.suites.triviaqa_known")
-    with open(items[-1] / "triviaqa_known.csv") as fh:
+    with open(known_csv) as fh:
         em = {r["id"]: float(r["em"]) for r in csv.DictReader(fh)}
     cfg, model, tok, dm, mems = load_run(args.run)
     layer = next(iter(mems))

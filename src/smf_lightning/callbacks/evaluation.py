@@ -39,7 +39,7 @@ from ..config import SUITES_AT
 import numpy as np
 
 from ..eval import intervals as ci
-from ..eval.metrics import continual_learning_metrics, degradation_pct, exact_match, relative_change
+from ..eval.metrics import continual_learning_metrics, degradation_pct, exact_match, items_folder, relative_change
 from ..eval.suites import REPHRASED
 from ..loggers import wandb_run
 from .plots import plot_accuracy_matrix, plot_forgetting_curves
@@ -272,7 +272,7 @@ class ContinualEvaluation(L.Callback):
     def _write_items(self, label: str, items: dict[str, dict[str, list]], recall_items: dict[str, list]) -> None:
         """Per-item scores of every suite and of fact recall (items/<point>/<suite>.csv,
         fact_recall.csv): each summary number is recomputed from them exactly (metrics.Aggregate)."""
-        folder = self.out_dir / "items" / label.replace(" ", "_")
+        folder = items_folder(self.out_dir, label)
         folder.mkdir(parents=True, exist_ok=True)
         for name, columns in items.items():
             _write_columns(folder / f"{name}.csv", columns)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..eval.metrics import relative_change
+from ..eval.metrics import items_folder, relative_change
 from .evaluation import ContinualEvaluation
 
 log = logging.getLogger(__name__)
@@ -215,7 +215,7 @@ class LmEvalHarness(L.Callback):
 
     def _write_items(self, label: str, samples: dict[str, list[dict]]) -> None:
         """Per-document scores (doc_id and every per-document metric) of each task at one point."""
-        folder = self.out_dir / "items" / label.replace(" ", "_")
+        folder = items_folder(self.out_dir, label)
         folder.mkdir(parents=True, exist_ok=True)
         for task, rows in samples.items():
             metrics = [k for k, v in (rows[0].items() if rows else ())

@@ -18,6 +18,7 @@ import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 # normalisation, exact match and containment live in the leaf module text.py (the data layer
 # filters questions with them too); they are part of this module's interface as before
@@ -192,3 +193,25 @@ def aggregate(agg: Aggregate, columns: Mapping[str, Sequence[float]]) -> float:
     if agg.kind == "ppl_ratio":
         return math.exp(-sum(num) / sum(den))
     raise ValueError(f"unknown aggregate kind {agg.kind!r}; use mean, ppl_mean, nll_ratio, bits_ratio or ppl_ratio")
+
+
+# ---------------------------------------------------------------- per-item files of a run
+def items_folder(run_dir: Path, label: str) -> Path:
+    """``<run>/items/<point>/``: where the per-item scores of one evaluation point are written
+    ("before", "after task 3" -> ``after_task_3``)."""
+    return Path(run_dir) / "items" / label.replace(" ", "_")
+
+
+def item_points(run_dir: Path) -> list[str]:
+    """The evaluation points with per-item files under ``<run>/items/``, in order: "before" (if
+    written), then ``after_task_<k>`` by k (numerically: after_task_10 after after_task_9)."""
+    items = Path(run_dir) / "items"
+    after = sorted((p.name for p in items.glob("after_task_*") if p.name[len("after_task_"):].isdigit()),
+                   key=lambda n: int(n[len("after_task_"):]))
+    return [p for p in ("before", *after) if (items / p).is_dir()]
+
+
+def last_task_point(run_dir: Path) -> str | None:
+    """The last ``after_task_<k>`` folder under ``<run>/items/`` (None: no task finished its evaluation)."""
+    points = [p for p in item_points(run_dir) if p != "before"]
+    return points[-1] if points else None

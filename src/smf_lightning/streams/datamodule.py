@@ -303,7 +303,7 @@ class FactStreamDataModule(L.LightningDataModule):
             ]
         if task_index not in self._train_examples:
             self._train_examples[task_index] = self.encoder.training_examples(
-                self.task_facts(task_index), self.train_templates, self._reworded)
+                self.task_facts(task_index), self.train_templates, self.training_questions)
         return self._train_examples[task_index]
 
     def train_batches(self, task_index: int) -> list[list[TrainingExample]]:

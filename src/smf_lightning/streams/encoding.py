@@ -7,7 +7,7 @@ where evaluation-only rephrasings are refused: they must never feed any of those
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from smf_lightning.data.facts import Fact, FactTemplate, TrainingExample, encode_example, qa_item_to_fact
 from smf_lightning.data.sources import QAItem
@@ -47,14 +47,13 @@ class FactEncoder:
         )
 
     def training_examples(self, facts: Sequence[Fact], templates: Sequence[str],
-                          reworded: Mapping[str, Sequence[str]]) -> list[TrainingExample]:
-        """Fact by fact, under every one of ``templates``, its question, then each of its
-        paraphrases, then its generated rewordings (``reworded``: fact id -> questions), all with
-        the fact's id and answer."""
+                          questions: Callable[[Fact], Sequence[str]]) -> list[TrainingExample]:
+        """Fact by fact, each of its ``questions(fact)`` (in order) under every one of
+        ``templates``, all with the fact's id and answer."""
         return [
             self.encode(Fact(fact.id, question, fact.answer, fact.aliases), name)
             for fact in facts
-            for question in (*fact.training_questions(), *reworded.get(fact.id, ()))
+            for question in questions(fact)
             for name in templates
         ]
 
