@@ -75,6 +75,32 @@ def test_skipped_positions_neither_count_nor_write_keys(tiny_tok):
     assert torch.equal(plain.last_counts[1], torch.bincount(mem2.last_access.indices[real].reshape(-1), minlength=64))
 
 
+def test_context_prefix_positions_neither_count_nor_write_keys(tiny_tok):
+    """A batch's write_mask (data.prefixes: a context prefix before the prompt) keeps its positions
+    out of the step's slot counts and write keys, as a skipped token is kept out."""
+    from test_read_gate import _batch, _mem, _smf, _step
+
+    batch = _batch(tiny_tok)
+    real = batch["attention_mask"].bool()
+    allowed = real.clone()
+    allowed[:, :3] = False  # the first three tokens of every sequence: a "prefix"
+    batch["write_mask"] = allowed
+    model, mem = _mem(gate=0.3)
+    module = _smf(model, loss_tokens_only=False)
+    _step(module, batch)
+    acc = mem.last_access
+    assert torch.equal(module.last_counts[1], torch.bincount(acc.indices[allowed].reshape(-1), minlength=64))
+    sel = set(module.last_selection[1].tolist())
+    keys = torch.zeros(64, mem.heads, mem.k_dim)
+    idx, w, q = acc.indices[allowed], acc.weights[allowed], acc.queries[allowed]
+    for p in range(idx.shape[0]):
+        for h in range(mem.heads):
+            for k in range(mem.knn):
+                if int(idx[p, h, k]) in sel:
+                    keys[int(idx[p, h, k]), h] += w[p, h, k] * q[p, h]
+    torch.testing.assert_close(mem.write_keys, keys, rtol=1e-6, atol=1e-7)
+
+
 def test_skip_frequent_tokens_is_a_share(tmp_path):
     from test_train import TINY, cli
 

@@ -298,3 +298,90 @@ def test_an_interrupted_rewording_generation_keeps_the_chunks_it_finished(tmp_pa
     assert len(out) == 10 and all(len(v) == 2 for v in out.values())
     firsts = [r for v in out.values() for r in v if r.startswith("reworded 1.")]
     assert len(firsts) == chunk  # kept, not generated again
+
+
+# ----------------------------------------------------------------------------- context prefixes (data.prefixes)
+
+
+def _prefixed_dm(tiny_tok, tmp_path, **overrides):
+    from test_data import _write_fake_root
+
+    root = _write_fake_root(tmp_path / "olmo")
+    path = write_jsonl(tmp_path / "f.jsonl", REPHRASED)
+    cfg = file_cfg(path, tmp_path, n_tasks=1, facts_per_task=5, source="offline", data_root=str(root),
+                   background={"synthetic": 4, "lambada": 3}, max_seq_len=256, **overrides)
+    dm = FactStreamDataModule(tokenizer=tiny_tok, **cfg)
+    dm.setup()
+    return dm
+
+
+def test_prefixes_add_k_sequences_per_fact_that_never_target_or_write_the_prefix(tiny_tok, tmp_path):
+    plain = _prefixed_dm(tiny_tok, tmp_path / "a")
+    dm = _prefixed_dm(tiny_tok, tmp_path / "b", prefixes=3, prefix_words=[4, 6])
+    base, examples = plain.training_examples(0), dm.training_examples(0)
+    assert examples[:len(base)] == base  # the unprefixed sequences are unchanged, in order
+    extra = examples[len(base):]
+    facts = dm.task_facts(0)
+    assert [e.fact_id for e in extra] == [f.id for f in facts for _ in range(3)]
+    passages = [p.text for p in dm._background_passages]
+    for k, ex in enumerate(extra):
+        fact = facts[k // 3]
+        questions, template = dm.training_questions(fact), dm.train_templates[k % 3 % len(dm.train_templates)]
+        assert ex.template == f"prefix:{template}" and ex.prefix_len > 0
+        assert not any(ex.loss_mask[:ex.prefix_len])  # the prefix is never a target
+        words = tiny_tok.decode(ex.input_ids[:ex.prefix_len]).split()
+        assert 4 <= len(words) <= 6 and any(" ".join(words) in p for p in passages)  # a run of a background passage
+        # after the prefix: the fact's (k mod n)-th training question under the template, targets as unprefixed
+        variant = dm._encode(Fact(fact.id, questions[k % 3 % len(questions)], fact.answer, fact.aliases), template)
+        assert ex.input_ids[ex.prefix_len:] == variant.input_ids and ex.loss_mask[ex.prefix_len:] == variant.loss_mask
+    assert _prefixed_dm(tiny_tok, tmp_path / "c", prefixes=3, prefix_words=[4, 6]).training_examples(0) == examples
+    batch = dm.collate(extra[:4])
+    for row, ex in enumerate(extra[:4]):
+        assert not batch["write_mask"][row, :ex.prefix_len].any()
+        assert batch["write_mask"][row, ex.prefix_len:].tolist() == batch["attention_mask"][row, ex.prefix_len:].bool().tolist()
+    assert "write_mask" not in plain.collate(base[:4])  # without prefixes the batch is as before
+    # the evaluation-only rephrasings stay out of prefixed sequences as of every other fitted one
+    assert not any("Quartzine" in t or "governed from" in t for t in all_fitted_texts(dm, tiny_tok))
+
+
+def test_writing_positions_drop_what_the_batch_does_not_allow():
+    import torch
+
+    from smf_lightning.selection.frequent import writing_positions
+
+    ids = torch.tensor([[5, 6, 7, 8]])
+    allowed = torch.tensor([[False, True, True, True]])
+    skipped = torch.zeros(10, dtype=torch.bool)
+    skipped[7] = True
+    assert writing_positions(ids, None, None, allowed).tolist() == allowed.tolist()
+    assert writing_positions(ids, skipped, None, allowed).tolist() == [[False, True, False, True]]
+    base = torch.tensor([[True, True, False, True]])
+    assert writing_positions(ids, None, base, allowed).tolist() == [[False, True, False, True]]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(prefixes=-1), "prefixes must be an integer >= 0"),
+        (dict(prefixes=2, prefix_words=[5, 3]), r"prefix_words must be \[lo, hi\]"),
+        (dict(prefixes=2, background={"synthetic": 4}), "background.lambada is 0"),
+    ],
+)
+def test_bad_prefix_options_are_refused(tiny_tok, tmp_path, overrides, message):
+    path = write_jsonl(tmp_path / "f.jsonl", REPHRASED)
+    with pytest.raises(ValueError, match=message):
+        FactStreamDataModule(tokenizer=tiny_tok, **file_cfg(path, tmp_path, n_tasks=1, facts_per_task=5, **overrides))
+
+
+def test_prefix_options_are_checked_before_the_model_loads():
+    from hydra import compose, initialize_config_dir
+
+    from smf_lightning.config import ConfigError, validate_config
+    from smf_lightning.train import conf_dir
+
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        validate_config(compose("train", overrides=["experiment=tiny", "data.prefixes=2", "data.background.lambada=4"]))
+        for bad, message in ((["data.prefixes=2", "data.background.lambada=0"], "background.lambada is 0"),
+                             (["data.prefix_words=[0,3]"], r"data.prefix_words must be \[lo, hi\]")):
+            with pytest.raises(ConfigError, match=message):
+                validate_config(compose("train", overrides=["experiment=tiny", *bad]))

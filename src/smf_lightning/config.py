@@ -78,6 +78,15 @@ def validate_config(cfg: DictConfig) -> None:
 
         _need(0 <= int(d.rewordings) <= len(STYLES), "data.rewordings", d.rewordings,
               f"0 (off) .. {len(STYLES)} (one rewording per prompt style: {', '.join(STYLES)})")
+    if d.get("prefixes") or d.get("prefix_words") is not None:
+        from .streams.options import check_prefixes
+
+        words = d.get("prefix_words")
+        try:
+            check_prefixes(d.get("prefixes") or 0, list(words) if words is not None else [8, 24],
+                           dict(d.get("background") or {}), str(d.get("facts", "triviaqa")))
+        except ValueError as e:
+            raise ConfigError(f"bad config: data.{e}") from None
     if d.get("rephrasings") or d.get("exclude_streams"):
         from .data.rephrasings import builtin_stream_ids, read_rephrasings
 

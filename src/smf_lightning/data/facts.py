@@ -114,31 +114,39 @@ def split_templates(templates: Mapping[str, FactTemplate], heldout: Sequence[str
 
 @dataclass(frozen=True)
 class TrainingExample:
-    """One tokenised training sequence; `loss_mask[t]` says whether token t is a target."""
+    """One tokenised training sequence; `loss_mask[t]` says whether token t is a target. The first
+    `prefix_len` tokens are a context prefix (data.prefixes): read through, never a target, and
+    never a position that selects or keys the fact's slots (collate_examples: ``write_mask``)."""
 
     input_ids: tuple[int, ...]
     loss_mask: tuple[bool, ...]
     fact_id: str
     template: str
+    prefix_len: int = 0
 
 
 def encode_example(
-    tokenizer, template: FactTemplate, question: str, answer: str, loss_on: str = "answer", fact_id: str = ""
+    tokenizer, template: FactTemplate, question: str, answer: str, loss_on: str = "answer", fact_id: str = "",
+    prefix: str = "",
 ) -> TrainingExample:
     """Tokenise prompt, answer and suffix separately (the same boundary evaluation scores)
     and mark the loss-carrying tokens: the answer (default), the answer and the template's
-    suffix (teaches where the answer ends), or the whole sequence."""
+    suffix (teaches where the answer ends), or the whole sequence. A ``prefix`` (context text
+    before the prompt, data.prefixes) is tokenised on its own, ahead of the prompt, and is never
+    a target (not even with loss_on=full)."""
     if loss_on not in LOSS_ON:
         raise ValueError(f"Unknown loss_on {loss_on!r}; use one of: {', '.join(LOSS_ON)}.")
     prompt, answer_text, suffix = template.render(question, answer)
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    prefix_ids = tokenizer(prefix, add_special_tokens=True)["input_ids"] if prefix else []
+    prompt_ids = tokenizer(prompt, add_special_tokens=not prefix)["input_ids"]
     answer_ids = tokenizer(answer_text, add_special_tokens=False)["input_ids"]
     suffix_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
     if loss_on == "full":
         mask = [False] + [True] * (len(prompt_ids) + len(answer_ids) + len(suffix_ids) - 1)
     else:
         mask = [False] * len(prompt_ids) + [True] * len(answer_ids) + [loss_on == "answer_and_suffix"] * len(suffix_ids)
-    return TrainingExample(tuple(prompt_ids + answer_ids + suffix_ids), tuple(mask), fact_id, template.name)
+    ids = prefix_ids + prompt_ids + answer_ids + suffix_ids
+    return TrainingExample(tuple(ids), tuple([False] * len(prefix_ids) + mask), fact_id, template.name, len(prefix_ids))
 
 
 def collate_examples(examples: Sequence[TrainingExample], pad_id: int) -> dict:
@@ -148,7 +156,10 @@ def collate_examples(examples: Sequence[TrainingExample], pad_id: int) -> dict:
     the rest and on padding; HF shifts them internally); loss_mask [B, T] bool (= labels
     != -100: the target tokens); loss_input_mask [B, T] bool (positions whose output
     predicts a target, i.e. loss_mask shifted left by one — the tokens whose memory
-    accesses "carry loss" for slot statistics); fact_ids, templates (lists of str).
+    accesses "carry loss" for slot statistics); write_mask [B, T] bool, only when some example has a
+    context prefix (the positions that may select and key a fact's slots: attention_mask less
+    the prefixes);
+    fact_ids, templates (lists of str).
     """
     width = max(len(e.input_ids) for e in examples)
     n = len(examples)
@@ -163,7 +174,7 @@ def collate_examples(examples: Sequence[TrainingExample], pad_id: int) -> dict:
     labels = torch.where(loss_mask, input_ids, torch.full_like(input_ids, -100))
     loss_input_mask = torch.zeros_like(loss_mask)
     loss_input_mask[:, :-1] = loss_mask[:, 1:]
-    return {
+    out = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
@@ -172,6 +183,12 @@ def collate_examples(examples: Sequence[TrainingExample], pad_id: int) -> dict:
         "fact_ids": [e.fact_id for e in examples],
         "templates": [e.template for e in examples],
     }
+    if any(e.prefix_len for e in examples):
+        write_mask = attention_mask.bool()
+        for row, ex in enumerate(examples):
+            write_mask[row, :ex.prefix_len] = False
+        out["write_mask"] = write_mask
+    return out
 
 
 # -----------------------------------------------------------------------------

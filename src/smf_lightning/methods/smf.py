@@ -420,7 +420,7 @@ class SparseMemoryFinetune(ContinualLM):
                     self.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                                logits_to_keep=1)
                     mask = loss_position_mask(batch["labels"]) if self.loss_tokens_only else batch["attention_mask"].bool()
-                    mask = writing_positions(batch["input_ids"], self.skipped_tokens, mask)
+                    mask = writing_positions(batch["input_ids"], self.skipped_tokens, mask, batch.get("write_mask"))
                     for row, ex in enumerate(chunk):
                         per_layer = counts.setdefault(ex.fact_id, {})
                         for i, mem in self.memories.items():
@@ -457,7 +457,7 @@ class SparseMemoryFinetune(ContinualLM):
     def after_backward(self, batch: dict) -> None:
         # Selection for the step uses the slot counts summed over its micro-batches.
         mask = loss_position_mask(batch["labels"]) if self.loss_tokens_only else None
-        mask = writing_positions(batch["input_ids"], self.skipped_tokens, mask)
+        mask = writing_positions(batch["input_ids"], self.skipped_tokens, mask, batch.get("write_mask"))
         for i, mem in self.memories.items():
             self._counts[i] += self._count(mem.last_access, mem.n_slots, keep=mask)
         self._batch_facts += list(batch.get("fact_ids", []))

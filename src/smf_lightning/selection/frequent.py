@@ -49,10 +49,14 @@ def frequent_tokens(counts: torch.Tensor, share: float) -> torch.Tensor:
 
 
 def writing_positions(input_ids: torch.Tensor, skipped: torch.Tensor | None,
-                      base: torch.Tensor | None) -> torch.Tensor | None:
-    """[B, T] bool: the positions of ``base`` (None: every position) whose token is not ``skipped``
-    (a bool [vocab] mask); ``base`` itself when nothing is skipped."""
-    if skipped is None:
+                      base: torch.Tensor | None, allowed: torch.Tensor | None = None) -> torch.Tensor | None:
+    """[B, T] bool: the positions of ``base`` (None: every position) that ``allowed`` permits
+    (None: all; a batch's ``write_mask``: not padding, not a context prefix) and whose token is not ``skipped``
+    (a bool [vocab] mask); ``base`` itself when nothing is skipped or disallowed."""
+    keep = None if skipped is None else ~skipped.to(input_ids.device)[input_ids]
+    if allowed is not None:
+        allowed = allowed.to(input_ids.device).bool()
+        keep = allowed if keep is None else keep & allowed
+    if keep is None:
         return base
-    keep = ~skipped.to(input_ids.device)[input_ids]
     return keep if base is None else base.to(keep.device) & keep

@@ -22,6 +22,7 @@ and slot statistics.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping, Sequence
 from functools import partial
 
@@ -104,6 +105,8 @@ class FactStreamDataModule(L.LightningDataModule):
         exclude_streams: Sequence[str] = (),
         rewordings: int = 0,
         rewording_max_new_tokens: int = 40,
+        prefixes: int = 0,
+        prefix_words: Sequence[int] = (8, 24),
         order_seed: int | None = None,
         lead_stream: Mapping[str, int] | None = None,
     ):
@@ -120,8 +123,9 @@ class FactStreamDataModule(L.LightningDataModule):
         probe = facts != "documents" if probe is None else bool(probe)
         check_options(facts=facts, n_tasks=n_tasks, facts_per_task=facts_per_task, passages_per_task=passages_per_task,
                       chunk_overlap=chunk_overlap, max_seq_len=max_seq_len, loss_on=loss_on, suites=suites,
-                      background=background, schedule=schedule, rephrased_max_new_tokens=rephrased_max_new_tokens,
-                      rewordings=rewordings, path=path, known_items=known_items, probe=probe,
+                      schedule=schedule, rephrased_max_new_tokens=rephrased_max_new_tokens,
+                      rewordings=rewordings, prefixes=prefixes, prefix_words=prefix_words, background=background,
+                      path=path, known_items=known_items, probe=probe,
                       passage_split=passage_split, augment=augment,
                       counts=dict(train_batch_size=train_batch_size, repeats_per_batch=repeats_per_batch,
                                   eval_batch_size=eval_batch_size, generation_batch_size=generation_batch_size,
@@ -150,6 +154,7 @@ class FactStreamDataModule(L.LightningDataModule):
         self.exclude_streams = tuple(exclude_streams or ())
         self.lead_stream = dict(lead_stream) if lead_stream else None  # facts=triviaqa: triviaqa_stream.py
         self.rewordings = int(rewordings)
+        self.prefixes, self.prefix_words = int(prefixes), (int(prefix_words[0]), int(prefix_words[1]))
         # the probe: which facts the base model already knows
         self.probe_prompt = probe_prompt or DEFAULT_PROBE_PROMPT
         self.probe_pool_size = probe_pool_size
@@ -302,9 +307,37 @@ class FactStreamDataModule(L.LightningDataModule):
                 for ex in self.augmenter.passage_sequences(p, self._augmented.get(p.id, ()))
             ]
         if task_index not in self._train_examples:
-            self._train_examples[task_index] = self.encoder.training_examples(
-                self.task_facts(task_index), self.train_templates, self.training_questions)
+            facts = self.task_facts(task_index)
+            self._train_examples[task_index] = [
+                *self.encoder.training_examples(facts, self.train_templates, self.training_questions),
+                *self.prefixed_examples(facts)]
         return self._train_examples[task_index]
+
+    def prefixed_examples(self, facts: Sequence[Fact]) -> list[TrainingExample]:
+        """data.prefixes = k: k more sequences per fact, each one of its training questions (in
+        turn) under a training template (in turn) after a context prefix: a run of
+        data.prefix_words = [lo, hi] consecutive words (their number drawn from lo..hi) of a
+        background passage, chosen by data.seed and the fact's id (the same on every pass, so a
+        batch comes again as it was). The prefix is read through but is never a target and never
+        selects or keys the fact's slots (facts.TrainingExample.prefix_len); the question's own
+        positions then read in other contexts, as WISE's random prefixes do."""
+        if not self.prefixes:
+            return []
+        self._require_stream()
+        out = []
+        for fact in facts:
+            questions = self.training_questions(fact)
+            for k in range(self.prefixes):
+                rng = random.Random(f"{self.seed}:{fact.id}:prefix{k}")
+                words = rng.choice(self._background_passages).text.split()
+                n = min(rng.randint(*self.prefix_words), len(words))
+                start = rng.randrange(len(words) - n + 1)
+                variant = Fact(fact.id, questions[k % len(questions)], fact.answer, fact.aliases)
+                ex = self.encoder.prefixed(variant, self.train_templates[k % len(self.train_templates)],
+                                           words[start:start + n])
+                if ex is not None:
+                    out.append(ex)
+        return out
 
     def train_batches(self, task_index: int) -> list[list[TrainingExample]]:
         """The task's batches, in training order, each repeated repeats_per_batch times in a row

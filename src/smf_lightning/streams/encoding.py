@@ -7,6 +7,7 @@ where evaluation-only rephrasings are refused: they must never feed any of those
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 
 from smf_lightning.data.facts import Fact, FactTemplate, TrainingExample, encode_example, qa_item_to_fact
@@ -35,7 +36,7 @@ class FactEncoder:
         self.eval_only.update({normalize_answer(r): f"rephrasing of fact {f.id}" for task in tasks for f in task
                                for r in f.rephrased})
 
-    def encode(self, fact: Fact, template_name: str, loss_on: str | None = None) -> TrainingExample:
+    def encode(self, fact: Fact, template_name: str, loss_on: str | None = None, prefix: str = "") -> TrainingExample:
         what = self.eval_only.get(normalize_answer(fact.question)) if self.eval_only else None
         if what is not None:
             raise ValueError(
@@ -43,8 +44,19 @@ class FactEncoder:
                 "be trained on or used for slot selection, whitening, background statistics or the read gate."
             )
         return encode_example(
-            self.tokenizer, self.templates[template_name], fact.question, fact.answer, loss_on or self.loss_on, fact.id
+            self.tokenizer, self.templates[template_name], fact.question, fact.answer, loss_on or self.loss_on, fact.id,
+            prefix=prefix,
         )
+
+    def prefixed(self, fact: Fact, template_name: str, prefix_words: Sequence[str]) -> TrainingExample | None:
+        """``fact`` under ``template_name`` after a context prefix (data.prefixes): the words of
+        ``prefix_words``, as many from the front as fit max_seq_len, then a line break; None if not
+        even one word fits. The template keeps its name behind ``prefix:``."""
+        for n in range(len(prefix_words), 0, -1):
+            ex = self.encode(fact, template_name, prefix=" ".join(prefix_words[:n]) + "\n")
+            if len(ex.input_ids) <= self.max_seq_len:
+                return dataclasses.replace(ex, template=f"prefix:{template_name}")
+        return None
 
     def training_examples(self, facts: Sequence[Fact], templates: Sequence[str],
                           questions: Callable[[Fact], Sequence[str]]) -> list[TrainingExample]:
