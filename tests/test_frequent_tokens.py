@@ -36,6 +36,20 @@ def test_writing_positions_drop_skipped_tokens_from_the_base_mask():
     assert writing_positions(ids, skipped, base).tolist() == [[False, False, True, False]]
 
 
+def _write_keys_of(module, mem, keep: torch.Tensor) -> torch.Tensor:
+    """The write keys the step's selected rows should hold: the read-weighted queries of the
+    positions ``keep`` allows, summed per row and head."""
+    acc, sel = mem.last_access, set(module.last_selection[1].tolist())
+    keys = torch.zeros(64, mem.heads, mem.k_dim)
+    idx, w, q = acc.indices[keep], acc.weights[keep], acc.queries[keep]
+    for p in range(idx.shape[0]):
+        for h in range(mem.heads):
+            for k in range(mem.knn):
+                if int(idx[p, h, k]) in sel:
+                    keys[int(idx[p, h, k]), h] += w[p, h, k] * q[p, h]
+    return keys
+
+
 def test_skipped_positions_neither_count_nor_write_keys(tiny_tok):
     """An SMF step with the tokens of one position skipped: the step's counts are the reads of the
     other positions only, and no write key holds a query of a skipped position."""
@@ -56,15 +70,7 @@ def test_skipped_positions_neither_count_nor_write_keys(tiny_tok):
     _step(module, batch)
     acc = mem.last_access
     assert torch.equal(module.last_counts[1], torch.bincount(acc.indices[keep].reshape(-1), minlength=64))
-    sel = set(module.last_selection[1].tolist())
-    keys = torch.zeros(64, mem.heads, mem.k_dim)
-    idx, w, q = acc.indices[keep], acc.weights[keep], acc.queries[keep]
-    for p in range(idx.shape[0]):
-        for h in range(mem.heads):
-            for k in range(mem.knn):
-                if int(idx[p, h, k]) in sel:
-                    keys[int(idx[p, h, k]), h] += w[p, h, k] * q[p, h]
-    torch.testing.assert_close(mem.write_keys, keys, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(mem.write_keys, _write_keys_of(module, mem, keep), rtol=1e-6, atol=1e-7)
 
     # nothing skipped: the plain step (every real position counts)
     model2, mem2 = _mem(gate=0.3)
@@ -90,15 +96,7 @@ def test_context_prefix_positions_neither_count_nor_write_keys(tiny_tok):
     _step(module, batch)
     acc = mem.last_access
     assert torch.equal(module.last_counts[1], torch.bincount(acc.indices[allowed].reshape(-1), minlength=64))
-    sel = set(module.last_selection[1].tolist())
-    keys = torch.zeros(64, mem.heads, mem.k_dim)
-    idx, w, q = acc.indices[allowed], acc.weights[allowed], acc.queries[allowed]
-    for p in range(idx.shape[0]):
-        for h in range(mem.heads):
-            for k in range(mem.knn):
-                if int(idx[p, h, k]) in sel:
-                    keys[int(idx[p, h, k]), h] += w[p, h, k] * q[p, h]
-    torch.testing.assert_close(mem.write_keys, keys, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(mem.write_keys, _write_keys_of(module, mem, allowed), rtol=1e-6, atol=1e-7)
 
 
 def test_skip_frequent_tokens_is_a_share(tmp_path):
