@@ -66,9 +66,20 @@ def _fingerprint_of(f: Path) -> str | None:
     return (data.get("header") or {}).get("model_fingerprint") or (data.get("key") or {}).get("base_model")
 
 
+def _belongs(f: Path, fingerprints: set[str]) -> bool:
+    """Whether cache file ``f`` is of one of the base models ``fingerprints``: by the fingerprint it
+    holds, or, for a file that holds none (rewordings: question -> style -> text), by the
+    fingerprint's first 16 digits in its name (data/rewording.reword_cache_file)."""
+    held = _fingerprint_of(f)
+    if held is not None:
+        return held in fingerprints
+    return any(f"-{fp[:16]}-" in f.name for fp in fingerprints)
+
+
 def keep_cache(fingerprints: set[str], seed: Path = CACHE_SEED, root: Path | None = None) -> list[Path]:
-    """Copy the project cache's probe and before files of the ``fingerprints`` (the finished rows'
-    base model) into the committed seed, where new or changed (probe files grow as runs add items)."""
+    """Copy the project cache's probe, before and rewordings files of the ``fingerprints`` (the
+    finished rows' base model) into the committed seed, where new or changed (probe and rewordings
+    files grow as runs add items)."""
     from smf_lightning.assets import SEEDED_CACHES
 
     root = root or _cache_root()
@@ -76,7 +87,7 @@ def keep_cache(fingerprints: set[str], seed: Path = CACHE_SEED, root: Path | Non
     for kind in SEEDED_CACHES:
         for f in sorted((root / kind).glob("*.json")):
             dest = seed / kind / f.name
-            if _fingerprint_of(f) in fingerprints and (not dest.exists() or dest.read_bytes() != f.read_bytes()):
+            if _belongs(f, fingerprints) and (not dest.exists() or dest.read_bytes() != f.read_bytes()):
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(f, dest)
                 kept.append(dest)

@@ -382,19 +382,22 @@ def test_cache_seed_round_trip(tmp_path):
     root, seed, fp = tmp_path / "cache", tmp_path / "seed", "f" * 64
     files = {"probes/probe-a.json": {"header": {"model_fingerprint": fp}, "records": {"q1": {}}},
              "before_eval/before_b.json": {"key": {"base_model": fp}, "point": {}},
-             "probes/probe-tiny.json": {"header": {"model_fingerprint": "other"}, "records": {}}}
+             "probes/probe-tiny.json": {"header": {"model_fingerprint": "other"}, "records": {}},
+             f"rewordings/rewordings-{fp[:16]}-40.json": {"Q?": {"synonyms-0": "R?"}},  # no header: its name
+             f"rewordings/rewordings-{'e' * 16}-40.json": {"Q?": {}}}
     for name, data in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(json.dumps(data))
     kept = study.keep_cache({fp}, seed=seed, root=root)
-    assert sorted(p.relative_to(seed).as_posix() for p in kept) == ["before_eval/before_b.json", "probes/probe-a.json"]
+    assert sorted(p.relative_to(seed).as_posix() for p in kept) == ["before_eval/before_b.json", "probes/probe-a.json",
+                                                                    f"rewordings/rewordings-{fp[:16]}-40.json"]
     assert study.keep_cache({fp}, seed=seed, root=root) == []  # unchanged: nothing to keep
     (root / "probes/probe-a.json").write_text(json.dumps({"header": {"model_fingerprint": fp}, "records": {"q1": {}, "q2": {}}}))
     assert study.keep_cache({fp}, seed=seed, root=root) == [seed / "probes/probe-a.json"]  # grown
 
     fresh = tmp_path / "fresh"
     assert sorted(p.relative_to(fresh).as_posix() for p in study.seed_cache(seed, fresh)) == \
-        ["before_eval/before_b.json", "probes/probe-a.json"]
+        ["before_eval/before_b.json", "probes/probe-a.json", f"rewordings/rewordings-{fp[:16]}-40.json"]
     (fresh / "probes/probe-a.json").write_text("{}")
     assert study.seed_cache(seed, fresh) == [] and (fresh / "probes/probe-a.json").read_text() == "{}"
 
