@@ -356,23 +356,34 @@ def test_ask_answers_as_the_evaluation_did_and_explains_which_facts_were_read(ru
     assert [r["answer"] for r in replies] == [predicted[f.id] for f in facts]
     assert [r["prompt"] for r in replies] == [dm.templates[first].prompt(f.question) for f in facts]
 
-    # --explain: a fact whose rows its own question's answer position reads is listed, with that read weight
-    listed = 0
-    for f, r in zip(facts, replies):
+    # --explain: a fact whose rows its own question reads is listed, with that share of the read weight of
+    # every prompt position (the default) or of the answer position (--explain-at answer)
+    mems = memory_layers(opened.model)
+    heads = sum(m.heads for m in mems.values())
+    _, out_answer, _ = cli(main, run_dir, *[f.question for f in facts], "--json", "--explain", "--explain-at", "answer",
+                           capsys=capsys)
+    at_answer = [json.loads(line) for line in out_answer.splitlines()]
+    listed = {"prompt": 0, "answer": 0}
+    for f, r, ra in zip(facts, replies, at_answer):
         with torch.no_grad():
             opened.model(**opened.tokenizer(r["prompt"], return_tensors="pt"))
-        weight = 0.0
-        for i, mem in memory_layers(opened.model).items():
-            acc = mem.last_access
-            own = torch.isin(acc.indices[0, -1], opened.ledger.facts[f.id].rows.get(i, torch.zeros(0, dtype=torch.long)))
-            weight += float(acc.weights[0, -1][own].sum()) / sum(m.heads for m in memory_layers(opened.model).values())
-        shares = {e["fact"]: e["share"] for e in r["explain"]}
-        if weight > 0:
-            listed += 1
-            assert shares[f.id] == pytest.approx(weight)
-        assert all(0 < s <= 1 for s in shares.values()) and len(shares) <= 5
-    assert listed, "no fact's own question read its rows"
+        for where, reply in (("prompt", r), ("answer", ra)):
+            weight = 0.0
+            for i, mem in mems.items():
+                acc = mem.last_access
+                idx, w = (acc.indices[0], acc.weights[0]) if where == "prompt" else (acc.indices[0, -1:], acc.weights[0, -1:])
+                own = torch.isin(idx, opened.ledger.facts[f.id].rows.get(i, torch.zeros(0, dtype=torch.long)))
+                weight += float(w[own].sum()) / (heads * idx.shape[0])
+            shares = {e["fact"]: e["share"] for e in reply["explain"]}
+            if weight > 0:
+                listed[where] += 1
+                assert shares[f.id] == pytest.approx(weight)
+            assert all(0 < s <= 1 for s in shares.values()) and len(shares) <= 5
+    assert listed["answer"], "no fact's own question read its rows at the answer position"
+    assert listed["prompt"] >= listed["answer"]  # the answer position is one of the prompt's positions
     assert Explainer(opened.model, opened.tokenizer, FactLedger())(r["prompt"]) == []
+    with pytest.raises(ConfigError, match="explain positions"):
+        Explainer(opened.model, opened.tokenizer, FactLedger(), "everywhere")
 
     # an export, questions from stdin: the same answers; a bad template: exit 2
     res = run_module("smf_lightning.ask", exports["delta"], "--json", input="\n".join(f.question for f in facts) + "\n")

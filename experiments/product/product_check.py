@@ -377,7 +377,8 @@ class ProductCheck:
                                   "explain_top": readings[0].fact if readings else ""}
         res.update(point=point, template=recall.template.name, facts=len(facts),
                    identical=sum(v["identical"] for v in per_fact.values()), recall=mean(em),
-                   run_recall=mean(float(r["em"]) for r in ref), explain_own_listed=listed, explain_own_first=first,
+                   run_recall=mean(float(r["em"]) for r in ref), explain_positions=explain.positions,
+                   explain_own_listed=listed, explain_own_first=first,
                    seconds=round(time.perf_counter() - t0, 1), per_fact=per_fact)
         self.record("ask", res)
         log(f"step 1/4 ask: {res['identical']}/{res['facts']} answers identical to the run's predictions; recall "

@@ -4,8 +4,9 @@ PATH is a run directory or an export. Each question is asked as the evaluation a
 the run's first training template (``--template NAME`` another, ``--raw`` the bare text), greedily,
 for the evaluation's number of tokens (``--max-new-tokens``); one answer per line. Without
 questions, one is read per line from stdin (``> `` when it is a terminal). ``--explain`` adds,
-under each answer, the taught facts whose memory rows the answer position read and the share of
-that position's read weight they carried (top 5; product/answer.py). ``--json`` prints one JSON
+under each answer, the taught facts whose memory rows the prompt read and the share of its read
+weight they carried (top 5; over every position of the prompt, or with ``--explain-at answer``
+its last position only; product/answer.py). ``--json`` prints one JSON
 object per question instead.
 """
 
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--raw", action="store_true", help="the question is the whole prompt (no template)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="greedy tokens (default: the run's fact recall)")
     ap.add_argument("--explain", action="store_true", help="which taught facts' rows each answer read")
+    ap.add_argument("--explain-at", choices=("prompt", "answer"), default="prompt",
+                    help="--explain over every position of the prompt (default) or its last (answer) position only")
     ap.add_argument("--json", action="store_true", help="one JSON object per question")
     ap.add_argument("--base", default=None, help="a delta export's base model, if not where the export records it")
     args = ap.parse_args(argv)
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the cause said
         raise SystemExit(2) from None
     max_new = args.max_new_tokens or settings.max_new_tokens
-    explain = Explainer(opened.model, opened.tokenizer, opened.ledger) if args.explain else None
+    explain = Explainer(opened.model, opened.tokenizer, opened.ledger, args.explain_at) if args.explain else None
 
     def reply(questions: list[str]) -> None:
         prompts = [q if template is None else template.prompt(q) for q in questions]

@@ -6,12 +6,15 @@ template by default, as fact recall and the rephrased questions are asked) and a
 eval/scoring.py's greedy decoding (first line, special tokens dropped): the same code, so an
 answer equals the evaluation's prediction for the same prompt.
 
-``Explainer``: at the answer position (the prompt's last token, whose output predicts the answer's
-first token) every memory layer reads ``heads x knn`` rows with softmax weights, each head's
-summing to 1 (memory/layer.py; a read-gated read of a written row counts 0 when the gate closes).
-A taught fact's share is the read weight on the rows the ledger says it owns, over that
-position's total read weight (every head of every memory layer); a row two facts share counts
-for both.
+``Explainer``: at every position of the prompt every memory layer reads ``heads x knn`` rows
+with softmax weights, each head's summing to 1 (memory/layer.py; a read-gated read of a written
+row counts 0 when the gate closes). A taught fact's share is the read weight on the rows the
+ledger says it owns, over the total read weight of the positions looked at (every head of every
+memory layer); a row two facts share counts for both. ``positions="prompt"`` (the default) looks
+at every position of the prompt: a fact trained under several wordings is carried mostly by the
+question's own tokens, whose outputs the answer attends to, not by the answer position
+(experiments/rephrase/REPHRASE.md, "Why a rewording is not recalled"); ``positions="answer"``
+looks at the prompt's last token only (whose output predicts the answer's first token).
 """
 
 from __future__ import annotations
@@ -65,11 +68,17 @@ class Reading:
     share: float  # of the answer position's total read weight
 
 
-class Explainer:
-    """Which taught facts' rows the answer position of a prompt reads (module doc)."""
+EXPLAIN_POSITIONS = ("prompt", "answer")
 
-    def __init__(self, model, tokenizer, ledger: FactLedger):
+
+class Explainer:
+    """Which taught facts' rows a prompt reads, at every position or at the answer position (module doc)."""
+
+    def __init__(self, model, tokenizer, ledger: FactLedger, positions: str = "prompt"):
+        if positions not in EXPLAIN_POSITIONS:
+            raise ConfigError(f"explain positions {positions!r}: use one of {', '.join(EXPLAIN_POSITIONS)}.")
         self.model, self.tokenizer, self.ledger = model, tokenizer, ledger
+        self.positions = positions
         self.memories = memory_layers(model)
         self.owners = {i: ledger.owners(i) for i in self.memories}
 
@@ -83,9 +92,11 @@ class Explainer:
         total = 0.0
         for i, mem in self.memories.items():
             acc = mem.last_access
-            total += mem.heads  # each head's softmax sums to 1
+            looked = acc.indices[0] if self.positions == "prompt" else acc.indices[0, -1:]  # [positions, heads, knn]
+            weights = acc.weights[0] if self.positions == "prompt" else acc.weights[0, -1:]
+            total += mem.heads * looked.shape[0]  # each head's softmax sums to 1 at each position
             owners = self.owners[i]
-            for row, w in zip(acc.indices[0, -1].reshape(-1).tolist(), acc.weights[0, -1].reshape(-1).tolist()):
+            for row, w in zip(looked.reshape(-1).tolist(), weights.reshape(-1).tolist()):
                 for f in owners.get(row, ()):
                     weight[f] = weight.get(f, 0.0) + w
         ranked = sorted(((w / total, f) for f, w in weight.items() if w > 0), key=lambda x: (-x[0], x[1]))
