@@ -47,7 +47,7 @@ TEST_MARKERS = ("<!-- rephrase-test-table:start -->", "<!-- rephrase-test-table:
 
 DEV_ROWS = ("dev_recipe", "dev_rewordings3", "dev_rewordings3_gate0.3", "dev_rewordings6_within",
             "dev_rewordings6_within_gate0.7", "dev_rewordings6_within_alpha0.03", "dev_rewordings6_within_serve0.9",
-            "dev_rewordings6_within_skip0.5")
+            "dev_rewordings6_within_skip0.5", "dev_rewordings6_within_prefix4")
 # The test stream's rows, ``test_<method>_s<seed>``: a method's seeds differ only in the top-level seed and
 # data.order_seed (the batch order), so their spread is run-to-run, on one stream and one evaluation.
 SEEDS = (0, 1, 2)
