@@ -15,6 +15,7 @@ eval/ imports this package. One job per module:
 - probing.py: the probe of the base model (cached), under the probe prompt or every template;
 - known.py: the known-facts suites' facts (triviaqa_known, file_known);
 - rewordings.py: model-written rewordings of questions (training, whitening groups);
+- prefixes.py: context prefixes from background passages (data.prefixes);
 - augmentation.py: model-written study material from passages (facts=documents, data.augment);
 - schedule.py: a task's training batches in order (data.schedule);
 - suites.py: the recall, rephrased and held-out suites;

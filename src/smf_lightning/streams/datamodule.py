@@ -22,7 +22,6 @@ and slot statistics.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping, Sequence
 from functools import partial
 
@@ -44,6 +43,7 @@ from smf_lightning.streams.file_stream import file_stream
 from smf_lightning.streams.known import FILE_KNOWN_SUITE, KNOWN_SUITE, known_suite, known_triviaqa_facts
 from smf_lightning.streams.options import check_options
 from smf_lightning.streams.probing import Prober
+from smf_lightning.streams.prefixes import prefixed_examples
 from smf_lightning.streams.rewordings import Rewriter
 from smf_lightning.streams.schedule import task_batches
 from smf_lightning.streams.stream import Stream, synthetic_stream
@@ -314,30 +314,13 @@ class FactStreamDataModule(L.LightningDataModule):
         return self._train_examples[task_index]
 
     def prefixed_examples(self, facts: Sequence[Fact]) -> list[TrainingExample]:
-        """data.prefixes = k: k more sequences per fact, each one of its training questions (in
-        turn) under a training template (in turn) after a context prefix: a run of
-        data.prefix_words = [lo, hi] consecutive words (their number drawn from lo..hi) of a
-        background passage, chosen by data.seed and the fact's id (the same on every pass, so a
-        batch comes again as it was). The prefix is read through but is never a target and never
-        selects or keys the fact's slots (facts.TrainingExample.prefix_len); the question's own
-        positions then read in other contexts, as WISE's random prefixes do."""
+        """data.prefixes = k more sequences per fact after background context prefixes (prefixes.py)."""
         if not self.prefixes:
             return []
         self._require_stream()
-        out = []
-        for fact in facts:
-            questions = self.training_questions(fact)
-            for k in range(self.prefixes):
-                rng = random.Random(f"{self.seed}:{fact.id}:prefix{k}")
-                words = rng.choice(self._background_passages).text.split()
-                n = min(rng.randint(*self.prefix_words), len(words))
-                start = rng.randrange(len(words) - n + 1)
-                variant = Fact(fact.id, questions[k % len(questions)], fact.answer, fact.aliases)
-                ex = self.encoder.prefixed(variant, self.train_templates[k % len(self.train_templates)],
-                                           words[start:start + n])
-                if ex is not None:
-                    out.append(ex)
-        return out
+        return prefixed_examples(facts, k=self.prefixes, words=self.prefix_words, passages=self._background_passages,
+                                 questions=self.training_questions, templates=self.train_templates,
+                                 encoder=self.encoder, seed=self.seed)
 
     def train_batches(self, task_index: int) -> list[list[TrainingExample]]:
         """The task's batches, in training order, each repeated repeats_per_batch times in a row
