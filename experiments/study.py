@@ -142,10 +142,11 @@ def copy_small_files(run: Path, dest: Path) -> None:
 def item_points(run: Path) -> list[str]:
     """The folders under items/ of the run's first and last evaluation points ("before",
     "after_task_<last>"), the points where every suite is scored (eval first_last)."""
-    from smf_lightning.eval.metrics import item_points as all_points, last_task_point
+    from smf_lightning.eval.metrics import item_points as all_points
 
-    last = last_task_point(run)
-    return [p for p in all_points(run) if p in ("before", last)]
+    points = all_points(run)
+    after = [p for p in points if p != "before"]
+    return [p for p in points if p == "before" or p in after[-1:]]
 
 
 ROWS_ARCHIVE = "rows.tar.xz"  # results/<sweep>/rows.tar.xz: the row folders beside it, packed

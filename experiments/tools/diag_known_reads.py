@@ -25,7 +25,7 @@ from pathlib import Path
 
 from diag_rephrased import load_run, prompt_reads
 
-from smf_lightning.eval.metrics import last_task_point
+from smf_lightning.eval.metrics import items_folder, last_task_point
 
 
 def main() -> None:
@@ -35,8 +35,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     last = last_task_point(args.run)
-    known_csv = args.run / "items" / str(last) / "triviaqa_known.csv"
-    if last is None or not known_csv.is_file():
+    known_csv = items_folder(args.run, last) / "triviaqa_known.csv" if last is not None else None
+    if known_csv is None or not known_csv.is_file():
         raise SystemExit(f"{args.run}: no known-facts results at its last evaluation point "
                          "(items/after_task_<last>/triviaqa_known.csv); run it with data.suites.triviaqa_known")
     with open(known_csv) as fh:

@@ -78,12 +78,12 @@ def validate_config(cfg: DictConfig) -> None:
 
         _need(0 <= int(d.rewordings) <= len(STYLES), "data.rewordings", d.rewordings,
               f"0 (off) .. {len(STYLES)} (one rewording per prompt style: {', '.join(STYLES)})")
-    if d.get("prefixes") or d.get("prefix_words") is not None:
+    if "prefixes" in d or "prefix_words" in d:
         from .streams.options import check_prefixes
+        from .streams.prefixes import PREFIX_WORDS
 
-        words = d.get("prefix_words")
         try:
-            check_prefixes(d.get("prefixes") or 0, list(words) if words is not None else [8, 24],
+            check_prefixes(d.get("prefixes", 0), list(d.get("prefix_words", PREFIX_WORDS)),
                            dict(d.get("background") or {}), str(d.get("facts", "triviaqa")))
         except ValueError as e:
             raise ConfigError(f"bad config: data.{e}") from None

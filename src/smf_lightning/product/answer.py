@@ -92,8 +92,8 @@ class Explainer:
         total = 0.0
         for i, mem in self.memories.items():
             acc = mem.last_access
-            looked = acc.indices[0] if self.positions == "prompt" else acc.indices[0, -1:]  # [positions, heads, knn]
-            weights = acc.weights[0] if self.positions == "prompt" else acc.weights[0, -1:]
+            at = slice(None) if self.positions == "prompt" else slice(-1, None)
+            looked, weights = acc.indices[0, at], acc.weights[0, at]  # [positions, heads, knn]
             total += mem.heads * looked.shape[0]  # each head's softmax sums to 1 at each position
             owners = self.owners[i]
             for row, w in zip(looked.reshape(-1).tolist(), weights.reshape(-1).tolist()):

@@ -43,7 +43,7 @@ from smf_lightning.streams.file_stream import file_stream
 from smf_lightning.streams.known import FILE_KNOWN_SUITE, KNOWN_SUITE, known_suite, known_triviaqa_facts
 from smf_lightning.streams.options import check_options
 from smf_lightning.streams.probing import Prober
-from smf_lightning.streams.prefixes import prefixed_examples
+from smf_lightning.streams.prefixes import PREFIX_WORDS, prefixed_examples
 from smf_lightning.streams.rewordings import Rewriter
 from smf_lightning.streams.schedule import task_batches
 from smf_lightning.streams.stream import Stream, synthetic_stream
@@ -106,7 +106,7 @@ class FactStreamDataModule(L.LightningDataModule):
         rewordings: int = 0,
         rewording_max_new_tokens: int = 40,
         prefixes: int = 0,
-        prefix_words: Sequence[int] = (8, 24),
+        prefix_words: Sequence[int] = PREFIX_WORDS,
         order_seed: int | None = None,
         lead_stream: Mapping[str, int] | None = None,
     ):
@@ -308,19 +308,12 @@ class FactStreamDataModule(L.LightningDataModule):
             ]
         if task_index not in self._train_examples:
             facts = self.task_facts(task_index)
-            self._train_examples[task_index] = [
+            self._train_examples[task_index] = [  # then data.prefixes more per fact (prefixes.py)
                 *self.encoder.training_examples(facts, self.train_templates, self.training_questions),
-                *self.prefixed_examples(facts)]
+                *prefixed_examples(facts, k=self.prefixes, words=self.prefix_words, passages=self._background_passages,
+                                   questions=self.training_questions, templates=self.train_templates,
+                                   encoder=self.encoder, seed=self.seed)]
         return self._train_examples[task_index]
-
-    def prefixed_examples(self, facts: Sequence[Fact]) -> list[TrainingExample]:
-        """data.prefixes = k more sequences per fact after background context prefixes (prefixes.py)."""
-        if not self.prefixes:
-            return []
-        self._require_stream()
-        return prefixed_examples(facts, k=self.prefixes, words=self.prefix_words, passages=self._background_passages,
-                                 questions=self.training_questions, templates=self.train_templates,
-                                 encoder=self.encoder, seed=self.seed)
 
     def train_batches(self, task_index: int) -> list[list[TrainingExample]]:
         """The task's batches, in training order, each repeated repeats_per_batch times in a row

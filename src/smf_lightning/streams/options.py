@@ -14,6 +14,7 @@ from smf_lightning.data.rewording import STYLES as REWORDING_STYLES
 from smf_lightning.eval.custom_suites import check_suite_config
 from smf_lightning.streams.background import BACKGROUND_SOURCES
 from smf_lightning.streams.known import KNOWN_SUITE
+from smf_lightning.streams.prefixes import PREFIX_WORDS
 from smf_lightning.streams.schedule import SCHEDULES
 from smf_lightning.streams.stream import FACT_SOURCES
 
@@ -23,7 +24,7 @@ def check_options(*, facts: str, n_tasks: int, facts_per_task: int, passages_per
                   background: Mapping[str, int], counts: Mapping[str, int], schedule: str,
                   rephrased_max_new_tokens: int, rewordings: int, path: str | None, known_items: int,
                   probe: bool, passage_split: str | None = None, augment: Mapping | None = None,
-                  prefixes: int = 0, prefix_words: Sequence[int] = (8, 24)) -> None:
+                  prefixes: int = 0, prefix_words: Sequence[int] = PREFIX_WORDS) -> None:
     """Raise ValueError on the first bad option; ``counts`` are the sizes that must be >= 1
     (batch sizes, max_seq_len, epochs_per_task), by option name."""
     if facts not in FACT_SOURCES:

@@ -9,6 +9,8 @@ from collections.abc import Callable, Sequence
 from smf_lightning.data.facts import Fact, TrainingExample
 from smf_lightning.streams.encoding import FactEncoder
 
+PREFIX_WORDS = (8, 24)  # data.prefix_words when a config leaves it out (conf/data/facts_triviaqa.yaml)
+
 
 def prefixed_examples(facts: Sequence[Fact], *, k: int, words: tuple[int, int], passages: Sequence,
                       questions: Callable[[Fact], Sequence[str]], templates: Sequence[str], encoder: FactEncoder,
